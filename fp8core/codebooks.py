@@ -265,7 +265,7 @@ def _native(name: str) -> Codebook:
     return Codebook(name=fmt.name, format=fmt, table=fmt.decode().astype("<f4").tobytes())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None, typed=True)  # typed: 4.0 must not hit the cache of 4
 def create_fp8_map(
     signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2, total_bits: int = 8
 ) -> Codebook:

@@ -106,7 +106,8 @@ def round_to_codes(scaled: np.ndarray, codebook: Codebook) -> np.ndarray:
 def _quantize_groups(groups: np.ndarray, codebook: Codebook) -> tuple[np.ndarray, np.ndarray]:
     absmax = group_absmax(groups)                                     # §3.2
     finite, qscale, _ = group_scales(absmax, codebook)                # §3.3
-    scaled = groups * qscale[:, None]                                 # §3.4 fl(x * qscale)
+    with np.errstate(invalid="ignore"):  # inf * 0 in non-finite groups, replaced below
+        scaled = groups * qscale[:, None]                             # §3.4 fl(x * qscale)
     scaled = np.clip(scaled, -codebook.max, codebook.max)             # §3.4 saturate
     scaled = np.where(finite[:, None], scaled, _F32(0))
     codes = round_to_codes(scaled, codebook)                          # §3.5
@@ -117,7 +118,8 @@ def _quantize_groups(groups: np.ndarray, codebook: Codebook) -> tuple[np.ndarray
 def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook) -> np.ndarray:
     _, _, dscale = group_scales(absmax, codebook)                     # §4.1
     values = codebook.values256[codes]                                # §4.2
-    return values * dscale[:, None]                                   # §4.3 fl(v * dscale)
+    with np.errstate(invalid="ignore"):  # NaN/inf codes and NaN scales are expected here
+        return values * dscale[:, None]                               # §4.3 fl(v * dscale)
 
 
 def _blocks(x32: np.ndarray, blocksize: int) -> np.ndarray:
