@@ -253,7 +253,10 @@ def write_reports(results, report_dir, meta: dict) -> tuple[pathlib.Path, pathli
     report_dir.mkdir(parents=True, exist_ok=True)
     failed = [r for r in results if r.status == "failed"]
     js = report_dir / "conformance-report.json"
-    js.write_text(json.dumps({"meta": meta, "summary": summarize(results),
+    summary = {op: {pair: {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                           for k, v in cell.items()} for pair, cell in row.items()}
+               for op, row in summarize(results).items()}
+    js.write_text(json.dumps({"meta": meta, "summary": summary,
                               "results": [r.to_json() for r in results]}, indent=1, allow_nan=False))
     md = report_dir / "conformance-report.md"
     lines = ["# fp8core conformance report", ""]
