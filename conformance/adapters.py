@@ -103,7 +103,7 @@ class NumpyBackend:
             logits, cache2 = _np_linear(mode, h, p["w2"], p["b2"], fw)
             z = logits - logits.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            losses.append(float(-logp[np.arange(len(y)), y].mean()))
+            losses.append(-logp[np.arange(len(y)), y].mean())
             dlogits = np.exp(logp)
             dlogits[np.arange(len(y)), y] -= 1
             dlogits = (dlogits / len(y)).astype(np.float32)
@@ -112,7 +112,7 @@ class NumpyBackend:
             _, dw1, db1 = _np_linear_bwd(mode, dh.astype(np.float32), cache1, bw)
             for name, grad in (("w1", dw1), ("b1", db1), ("w2", dw2), ("b2", db2)):
                 p[name] = (p[name] - np.float32(lr) * grad).astype(np.float32)
-        return np.array(losses)
+        return np.array(losses, np.float32)
 
 
 def _np_linear(mode, x, w, b, fw):
@@ -141,9 +141,10 @@ class TorchBackend:
 
     def _t(self, x):
         import torch
+        x = np.array(x, order="C", copy=True)  # (np.ascontiguousarray would turn 0-d into 1-d)
         if x.dtype.name == "bfloat16":
-            return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(torch.bfloat16)
-        return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(x)
 
     def _np(self, t):
         import torch
@@ -216,7 +217,7 @@ class TorchBackend:
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        return np.array(losses)
+        return np.array(losses, np.float32)
 
 
 # ----------------------------------------------------------------------- jax
@@ -306,7 +307,7 @@ class JaxBackend:
         with jax.default_matmul_precision("highest"):
             for x, y in zip(batches, labels):
                 losses.append(float(step(model, x, y)))
-        return np.array(losses)
+        return np.array(losses, np.float32)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (NumpyBackend(), TorchBackend(), JaxBackend())}
