@@ -62,17 +62,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
-def _make_step(lr: float):
-    @nnx.jit
-    def train_step(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
-        loss, grads = nnx.value_and_grad(lambda m: cross_entropy(m(x), y))(model)
-        params = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.tree.map(lambda p, g: p - lr * g, params, grads))
-        return loss
+def _make_fns(graphdef: nnx.GraphDef, lr: float):
+    """Jitted pure functions over (params, rest) — ``jax.jit`` on split state dispatches
+    much faster than ``nnx.jit`` on the module, which matters for 300 tiny steps."""
 
-    @nnx.jit
-    def accuracy(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
-        return jnp.mean((jnp.argmax(model(x), axis=-1) == y).astype(jnp.float32))
+    @jax.jit
+    def train_step(params, rest, x, y):
+        def loss_of(p):
+            return cross_entropy(nnx.merge(graphdef, p, rest)(x), y)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), loss
+
+    @jax.jit
+    def accuracy(params, rest, x, y):
+        logits = nnx.merge(graphdef, params, rest)(x)
+        return jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
 
     return train_step, accuracy
 
@@ -88,7 +93,8 @@ def train(spec: RunSpec, cfg: TrainConfig, data: DigitsData, init: dict[str, np.
     start = time.perf_counter()
     with pinned_jax_numerics():
         model = build_model(spec, init, data.n_features, cfg.hidden, data.n_classes)
-        train_step, accuracy = _make_step(cfg.lr)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        train_step, accuracy = _make_fns(graphdef, cfg.lr)
         x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
         x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
         rows, records = [], []
@@ -98,14 +104,15 @@ def train(spec: RunSpec, cfg: TrainConfig, data: DigitsData, init: dict[str, np.
             idx = batches[step - 1]
             xb, yb = jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
             if spec.mode != "fp32" and cfg.is_stats_step(step):
+                nnx.update(model, params)
                 records.extend(collect_stats(model, xb, lambda out: cross_entropy(out, yb),
                                              step=step))
-            loss = train_step(model, xb, yb)
+            params, loss = train_step(params, rest, xb, yb)
             row = {"framework": "jax", "mode": spec.mode, "format": spec.format_label,
                    "step": step, "loss": float(loss), "train_acc": None, "test_acc": None}
             if cfg.is_eval_step(step):
-                row["train_acc"] = float(accuracy(model, x_train, y_train))
-                row["test_acc"] = float(accuracy(model, x_test, y_test))
+                row["train_acc"] = float(accuracy(params, rest, x_train, y_train))
+                row["test_acc"] = float(accuracy(params, rest, x_test, y_test))
                 bar.set_postfix(loss=f"{row['loss']:.4f}", test_acc=f"{row['test_acc']:.3f}")
             rows.append(row)
     return RunResult("jax", spec, rows, records, time.perf_counter() - start)
