@@ -152,3 +152,90 @@ def test_layer_stats_and_summary_table():
     assert lines[0].split()[:4] == ["layer", "operand", "format", "block"]
     assert len(lines) == 2 + 3
     assert "126.99" in lines[2] and "33.333" in lines[2]
+
+
+# --- framework collectors --------------------------------------------------------
+# One LinearFP8Mixed(4, 2) layer (block sizes 64/64: one block per operand here),
+# input X (the hand-worked tensor above), weight W with B = Wᵀ exactly representable,
+# loss = Σ out · R so that dL/d out = R exactly. Both collectors must return the same
+# records, equal to fp8core.stats on the same numpy operands.
+
+W = np.array([[1.0, -0.5, 0.25, 0.0], [0.125, 0.0, -1.0, 0.5]], F32)   # (out, in)
+R = np.array([[1e-3, -2e-3]], F32)                                       # dL/d out
+
+
+def expected_records(mode):
+    specs = stats.layer_operand_specs(mode, 4, 2)
+    return stats.layer_stats("fc", specs, {"activation": X.reshape(1, 4), "weight": W.T,
+                                           "gradient": R}, step=7)
+
+
+def check_records(records, mode):
+    assert [(r.layer, r.operand, r.step) for r in records] == [
+        ("fc", op, 7) for op in stats.OPERANDS]
+    assert records == expected_records(mode)
+    act = records[0].stats
+    if mode == "mixed" or mode == "global":  # one group either way: the hand-worked values
+        assert (act.n_underflow, act.n_saturated) == (1, 1)
+        assert act.sqnr_db == pytest.approx(126.9897, abs=1e-4)
+    assert records[1].stats.sqnr_db == math.inf          # W is exact in e4m3 (global)
+
+
+def torch_records(mode):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    fp8core_torch = pytest.importorskip("fp8core_torch", reason="fp8core_torch is not importable")
+    from fp8core_experiments.torch_stats import collect_stats
+
+    cls = fp8core_torch.LinearFP8Mixed if mode == "mixed" else fp8core_torch.LinearFP8Global
+    model = torch.nn.Sequential()
+    model.add_module("fc", cls(4, 2, fw_format="e4m3", bw_format="e5m2"))
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.from_numpy(W))
+        model.fc.bias.zero_()
+    with collect_stats(model, step=7) as records:
+        out = model(torch.from_numpy(X.reshape(1, 4)))
+        (out * torch.from_numpy(R)).sum().backward()
+    return records
+
+
+def jax_records(mode):
+    pytest.importorskip("jax", reason="jax is not installed")
+    pytest.importorskip("flax", reason="flax is not installed")
+    pytest.importorskip("fp8core_jax", reason="fp8core_jax is not importable")
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fp8core_experiments.jax_stats import collect_stats
+    from fp8core_jax import nn as fp8nn
+
+    cls = fp8nn.LinearFP8Mixed if mode == "mixed" else fp8nn.LinearFP8Global
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.fc = cls(4, 2, rngs=nnx.Rngs(0), fw_format="e4m3", bw_format="e5m2")
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    model = Model()
+    model.fc.kernel[...] = jnp.asarray(W.T)
+    model.fc.bias[...] = jnp.zeros(2, jnp.float32)
+    records = collect_stats(model, jnp.asarray(X.reshape(1, 4)),
+                            lambda out: jnp.sum(out * jnp.asarray(R)), step=7)
+    assert isinstance(model.fc, cls)  # the layer was put back
+    return records
+
+
+@pytest.mark.parametrize("mode", ["mixed", "global"])
+def test_torch_collector(mode):
+    check_records(torch_records(mode), mode)
+
+
+@pytest.mark.parametrize("mode", ["mixed", "global"])
+def test_jax_collector(mode):
+    check_records(jax_records(mode), mode)
+
+
+def test_collectors_print_the_same_table():
+    t, j = torch_records("mixed"), jax_records("mixed")
+    assert stats.summary_table(t) == stats.summary_table(j)
