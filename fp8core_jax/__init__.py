@@ -6,6 +6,7 @@ weight transfer from PyTorch state dicts (:mod:`fp8core_jax.transfer`, numpy
 only — torch is never imported here).
 """
 
+from fp8core_jax.matmul import matmul_fp8_global, matmul_fp8_mixed
 from fp8core_jax.quantize import (
     NATIVE_CAST_FORMATS,
     dequantize_blockwise,
@@ -20,6 +21,8 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_global",
     "fake_quantize",
+    "matmul_fp8_global",
+    "matmul_fp8_mixed",
     "quantize_blockwise",
     "quantize_global",
 ]

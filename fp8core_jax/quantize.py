@@ -112,10 +112,17 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def _resolve(codebook: Any) -> Codebook:
+def _resolve_named(codebook: Any, argname: str) -> Codebook:
+    """A hashable Codebook from a name, Codebook or table; errors name ``argname``."""
+    if isinstance(codebook, jax.core.Tracer):
+        raise TypeError(f"{argname}: a codebook table must be concrete (numpy), not a traced array")
     if isinstance(codebook, jax.Array):  # table given as a jax array: make it host data
         codebook = np.asarray(codebook)
-    return fp8core.resolve_codebook(codebook)
+    return fp8core.resolve_codebook(codebook, argname=argname)
+
+
+def _resolve(codebook: Any) -> Codebook:
+    return _resolve_named(codebook, "codebook")
 
 
 # ------------------------------------------------------------- group math
