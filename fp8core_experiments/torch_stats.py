@@ -42,8 +42,17 @@ def layer_specs(module: nn.Module, mode: str) -> dict[str, _stats.OperandSpec]:
     """The operand specs of one FP8 layer, from its formats and block sizes."""
     return _stats.layer_operand_specs(
         mode, module.in_features, module.out_features,
-        fw_format=module.fw_format, bw_format=module.bw_format,
+        fw_format=_first_attr(module, "fw_codebook", "fw_format", "fw_code"),
+        bw_format=_first_attr(module, "bw_codebook", "bw_format", "bw_code"),
         bsz=getattr(module, "bsz", None), bsz2=getattr(module, "bsz2", None))
+
+
+def _first_attr(module, *names):
+    for name in names:
+        value = getattr(module, name, None)
+        if value is not None:
+            return value
+    raise AttributeError(f"{type(module).__name__} has none of the attributes {names}")
 
 
 def _numpy(t: torch.Tensor):
