@@ -39,10 +39,20 @@ class MLP(nnx.Module):
 
 def load_torch_weights(model: nnx.Module, state_dict: dict[str, np.ndarray]) -> None:
     """Copy a torch-layout state_dict (``<layer>.weight`` (out, in), ``<layer>.bias``) into
-    the model's linear layers (kernel = weightᵀ)."""
+    the model's linear layers with ``fp8core_jax.transfer`` (kernel = weightᵀ), and
+    check that the round trip back to a state_dict gives the same bits.
+
+    Raises:
+      RuntimeError: the transferred weights differ from ``state_dict``.
+    """
     from fp8core_jax import transfer
 
-    transfer.load_torch_state_dict(model, state_dict)
+    transfer.load_state_dict(model, state_dict)
+    back = transfer.to_state_dict(model)
+    for key, value in state_dict.items():
+        if key not in back or not np.array_equal(np.asarray(back[key]).view(np.uint32),
+                                                 np.asarray(value, np.float32).view(np.uint32)):
+            raise RuntimeError(f"weight transfer changed {key!r}")
 
 
 def build_model(spec: RunSpec, init: dict[str, np.ndarray], n_in: int, hidden: int,
