@@ -50,9 +50,12 @@ def write_stats_csv(path: str, results: Sequence[RunResult]) -> None:
                 w.writerow([_cell(full[c]) for c in STATS_COLUMNS])
 
 
-def agreement(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+def agreement(results: Sequence[RunResult], noise: float = 1e-5) -> list[dict[str, Any]]:
     """For each configuration run in both frameworks: the largest per-step |loss difference|
-    and the step where it occurs, and the final test accuracies."""
+    (``max_abs_diff``) and its step (``at_step``), the difference at step 1
+    (``step1_diff``), how many leading steps agree within ``noise`` (``steps_within_noise``:
+    float32 accumulation-order noise, before any FP8 rounding decision flips), and the
+    final test accuracies."""
     by_key: dict[tuple[str, str], dict[str, RunResult]] = {}
     for res in results:
         by_key.setdefault((res.spec.mode, res.spec.format_label), {})[res.framework] = res
@@ -63,8 +66,11 @@ def agreement(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         lt, lj = np.asarray(runs["torch"].losses), np.asarray(runs["jax"].losses)
         diff = np.abs(lt - lj)
         i = int(np.argmax(diff)) if diff.size else 0
+        above = np.flatnonzero(diff > noise)
         out.append({"mode": mode, "format": fmt, "max_abs_diff": float(diff.max()) if diff.size
                     else 0.0, "at_step": i + 1,
+                    "step1_diff": float(diff[0]) if diff.size else 0.0,
+                    "steps_within_noise": int(above[0]) if above.size else int(diff.size),
                     "torch_test_acc": runs["torch"].final["test_acc"],
                     "jax_test_acc": runs["jax"].final["test_acc"]})
     return out

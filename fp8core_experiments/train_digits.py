@@ -26,11 +26,21 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["main", "run", "DEFAULT_TOLERANCE"]
+__all__ = ["main", "run", "DEFAULT_TOLERANCE", "STEP1_TOLERANCE"]
 
-#: Largest |loss_torch − loss_jax| allowed at any step, per mode (see README
-#: "Run an experiment" for the reasoning and the measured values).
-DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "mixed": 1e-3, "global": 1e-3}
+#: Largest |loss_torch − loss_jax| allowed at any step of a run, per mode.
+#: Both frameworks start from the same weights, see the same batches, and quantize
+#: bit-identically; only matmul/reduction accumulation order differs (≈ 1 float32
+#: ulp). In fp32 that stays at float32 noise (measured ≤ 5e-7 on a loss of 0.07–2.3).
+#: In FP8 runs the first time such a 1-ulp difference lands on an FP8 rounding
+#: midpoint, one element moves by a whole FP8 step (up to 2**-4 relative for e4m3)
+#: and the two trajectories then drift apart like two SGD runs with slightly
+#: different noise: measured ≤ 3e-3 over 300 steps, hence 1e-2 (loss curves'
+#: batch-to-batch noise is ~5e-2). Longer runs drift further: pass --tolerance.
+DEFAULT_TOLERANCE: dict[str, float] = {"fp32": 1e-5, "mixed": 1e-2, "global": 1e-2}
+#: Largest |loss_torch − loss_jax| at step 1 (same weights, one forward pass), every mode:
+#: a quantizer mismatch would show here as ~1e-4 or more.
+STEP1_TOLERANCE = 1e-5
 
 
 def _parse_formats(text: str) -> list[tuple[str, str]]:
@@ -174,11 +184,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print("\ntorch vs JAX: max |loss difference| over all steps")
     for a in agree:
         tol = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[a["mode"]]
-        ok = a["max_abs_diff"] <= tol
+        ok = a["max_abs_diff"] <= tol and a["step1_diff"] <= STEP1_TOLERANCE
         passed &= ok
         a["tolerance"], a["ok"] = tol, ok
-        print(f"  {a['mode']:6s} {a['format']:20s} {a['max_abs_diff']:.3e} at step "
-              f"{a['at_step']:4d}  (tolerance {tol:g}) {'OK' if ok else 'FAIL'}")
+        print(f"  {a['mode']:6s} {a['format']:20s} max {a['max_abs_diff']:.2e} at step "
+              f"{a['at_step']:4d} (tolerance {tol:g}); step 1 {a['step1_diff']:.1e} "
+              f"(tolerance {STEP1_TOLERANCE:g}); within 1e-5 for the first "
+              f"{a['steps_within_noise']} steps  {'OK' if ok else 'FAIL'}")
 
     seconds = time.perf_counter() - t0
     print(f"\nwrote {paths['log']}, {paths['plot']}, {paths['stats']}  ({seconds:.1f} s total)")
