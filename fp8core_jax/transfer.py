@@ -65,11 +65,13 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _set(param: nnx.Param, value: Any, shape: tuple[int, ...], key: str) -> None:
+def _set(param: nnx.Param, value: Any, key: str, transpose: bool = False) -> None:
     arr = np.asarray(value)
-    if arr.shape != shape:
-        raise ValueError(f"{key}: expected shape {shape}, got {arr.shape}")
-    param[...] = jnp.asarray(arr, dtype=param[...].dtype)
+    shape = tuple(param[...].shape)
+    expected = shape[::-1] if transpose else shape  # torch's (out, in) for weights
+    if arr.shape != expected:
+        raise ValueError(f"{key}: expected shape {expected}, got {arr.shape}")
+    param[...] = jnp.asarray(arr.T if transpose else arr, dtype=param[...].dtype)
 
 
 def load_linear_state_dict(module: nnx.Module, state_dict: Mapping[str, Any]) -> None:
@@ -122,10 +124,9 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *, strict:
     for layer, prefix in plan:
         w_key, b_key = _key(prefix, "weight"), _key(prefix, "bias")
         if w_key in keys:
-            w = np.asarray(state_dict[w_key])
-            _set(layer.kernel, w.T if w.ndim == 2 else w, tuple(layer.kernel[...].shape), w_key)
+            _set(layer.kernel, state_dict[w_key], w_key, transpose=True)
         if layer.bias is not None and b_key in keys:
-            _set(layer.bias, state_dict[b_key], tuple(layer.bias[...].shape), b_key)
+            _set(layer.bias, state_dict[b_key], b_key)
 
 
 def to_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
