@@ -22,3 +22,15 @@ __all__ = [
     "quantize_blockwise",
     "quantize_global",
 ]
+
+from fp8core_torch.matmul import matmul_fp8_global, matmul_fp8_mixed  # noqa: E402
+from fp8core_torch.linear import LinearFP8Global, LinearFP8Mixed  # noqa: E402
+from fp8core_torch.convert import convert_to_fp8  # noqa: E402
+
+__all__ += [
+    "LinearFP8Global",
+    "LinearFP8Mixed",
+    "convert_to_fp8",
+    "matmul_fp8_global",
+    "matmul_fp8_mixed",
+]

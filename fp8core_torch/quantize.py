@@ -87,7 +87,7 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     return finite, qscale, dscale
 
 
-def _round_native_(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _round_native_(s: torch.Tensor, spec: QuantSpec, k: torch.Tensor | None = None) -> torch.Tensor:
     """Round float32 ``s`` (already in [-M, M]) in place to the format, half to even.
 
     With e = max(binade of |s|, binade of the format's smallest normal) and
@@ -98,9 +98,13 @@ def _round_native_(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     K carries s's sign (round to nearest is symmetric), which makes a negative
     value rounding to zero come out +0 — right for fnuz formats; formats with −0
     then take the sign back from K (never zero). Verified bit for bit against
-    ml_dtypes on every float32 midpoint and its neighbours (tests).
+    ml_dtypes on every float32 midpoint and its neighbours (tests). ``k`` is an
+    optional int32 scratch tensor shaped like ``s``.
     """
-    k = torch.bitwise_and(s.view(torch.int32), _F32_EXP_MASK)
+    if k is None:
+        k = torch.bitwise_and(s.view(torch.int32), _F32_EXP_MASK)
+    else:
+        torch.bitwise_and(s.view(torch.int32), _F32_EXP_MASK, out=k)
     k.clamp_(spec.k_min_bits, spec.k_max_bits).add_(spec.k_shift_bits)
     kf = k.view(torch.float32).copysign_(s)
     s.add_(kf).sub_(kf)
@@ -126,19 +130,28 @@ def _kernel(
     vout: torch.Tensor | None,
     out_dtype: torch.dtype | None,
     want_codes: bool,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Quantize one piece ``xc`` (rows, cols) with per-row (or scalar) scales.
+    """Quantize one piece ``xc`` (rows, cols) with (rows, 1) scales.
 
     Returns (values, codes); values are written into ``vout`` when given.
+    ``scratch`` = (float32, int32) flat buffers of at least rows*cols elements
+    (eager chunk loop); without it temporaries are allocated (compile path).
+    The scales are never 0-d: a 0-d float32 operand would not promote a
+    bfloat16 ``xc`` and the multiply would round in bfloat16.
     """
-    if xc.dtype == torch.float32:
-        s = xc * qscale                                      # §3.4 fl(x * qscale)
+    if scratch is None:
+        s = torch.mul(xc, qscale)                            # §3.4 fl(x * qscale), in float32
+        k = None
     else:
-        s = xc.to(torch.float32, copy=True).mul_(qscale)     # exact upcast, then float32 mul
+        size = xc.numel()
+        s = scratch[0][:size].view(xc.shape)
+        k = scratch[1][:size].view(xc.shape)
+        torch.mul(xc, qscale, out=s)
     s.clamp_(-spec.max, spec.max)                            # §3.4 saturate before rounding
     codes = None
     if spec.plan == ARITH:
-        _round_native_(s, spec)                              # §3.5 half to even, −0 rule
+        _round_native_(s, spec, k)                            # §3.5 half to even, −0 rule
         vals = s
         if want_codes:
             if spec.torch_dtype is not None:                 # s is representable: exact cast
@@ -160,14 +173,10 @@ def _kernel(
         codes = codes.masked_fill_(~finite, spec.fill_code)  # §3.6
     if out_dtype is None:
         return None, codes
-    if vout is not None and vout.dtype == torch.float32:
-        torch.mul(vals, dscale, out=vout)                   # §4.3 fl(v * dscale)
+    if vout is not None:  # computed in float32, rounded once to vout's dtype (§4.3, §4.4)
+        torch.mul(vals, dscale, out=vout)
         return vout, codes
-    vals = vals * dscale if spec.plan != ARITH else vals.mul_(dscale)
-    if vout is not None:
-        vout.copy_(vals)                                     # §4.4 one final rounding
-        return vout, codes
-    return vals.to(out_dtype), codes
+    return torch.mul(vals, dscale).to(out_dtype), codes
 
 
 def _pieces_blockwise(n: int, blocksize: int, chunked: bool):
@@ -221,7 +230,7 @@ def _qdq(
     if compiling:  # functional: inductor fuses, no chunk loop in the graph
         vparts, cparts, aparts = [], [], []
         if blocksize is None:
-            fin, qs, ds = _scales(absmax, spec)
+            fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
             v, c = _kernel(flat.view(1, n), qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
             vparts.append(v), cparts.append(c)
         else:
@@ -239,24 +248,34 @@ def _qdq(
 
     vals = torch.empty(n, dtype=out_dtype, device=dev) if out_dtype is not None else None
     codes = torch.empty(n, dtype=torch.uint8, device=dev) if want_codes else None
+    scratch = None
+    if spec.plan == ARITH:
+        size = min(n, max(_CHUNK, blocksize or 0))
+        scratch = (torch.empty(size, dtype=torch.float32, device=dev),
+                   torch.empty(size, dtype=torch.int32, device=dev))
     if blocksize is None:
-        fin, qs, ds = _scales(absmax, spec)
+        fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
         for start, size in _pieces_global(n, chunked):
             xc = flat[start:start + size].view(1, size)
             vout = vals[start:start + size].view(1, size) if vals is not None else None
-            _, c = _kernel(xc, qs, ds, fin, spec, tabs, vout, out_dtype, want_codes)
+            _, c = _kernel(xc, qs, ds, fin, spec, tabs, vout, out_dtype, want_codes, scratch)
             if c is not None:
                 codes[start:start + size].view(1, size).copy_(c)
     else:
+        # all scales first (one amax + one amin pass, a few (n_blocks,) ops), so the
+        # chunk loop below is elementwise only
+        nfull = n // blocksize
+        if nfull:
+            absmax[:nfull] = _absmax_rows(flat[:nfull * blocksize].view(nfull, blocksize))
+        if n > nfull * blocksize:
+            absmax[nfull:] = _absmax_rows(flat[nfull * blocksize:].view(1, -1))
+        fin, qs, ds = (t[:, None] for t in _scales(absmax, spec))
         for r0, start, rows, cols in _pieces_blockwise(n, blocksize, chunked):
             size = rows * cols
             xc = flat[start:start + size].view(rows, cols)
-            am = _absmax_rows(xc)
-            absmax[r0:r0 + rows] = am
-            fin, qs, ds = _scales(am, spec)
             vout = vals[start:start + size].view(rows, cols) if vals is not None else None
-            _, c = _kernel(xc, qs[:, None], ds[:, None], fin[:, None], spec, tabs, vout,
-                           out_dtype, want_codes)
+            _, c = _kernel(xc, qs[r0:r0 + rows], ds[r0:r0 + rows], fin[r0:r0 + rows], spec, tabs,
+                           vout, out_dtype, want_codes, scratch)
             if c is not None:
                 codes[start:start + size].view(rows, cols).copy_(c)
     return vals, codes, absmax
