@@ -77,41 +77,68 @@ def agreement(results: Sequence[RunResult], noise: float = 1e-5) -> list[dict[st
 
 
 _COLORS = {"fp32": "tab:blue", "mixed": "tab:orange", "global": "tab:green"}
+_STYLES = {"torch": dict(ls="-", lw=2.2, alpha=0.55), "jax": dict(ls="--", lw=1.0, alpha=1.0)}
 
 
-def plot_runs(path: str, results: Sequence[RunResult], title: str = "") -> None:
-    """Three panels: training loss of every run (torch solid, JAX dashed), test accuracy,
-    and |torch − JAX| loss difference per step for each configuration (log scale;
-    exact agreement is drawn at the panel's floor)."""
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    if y.size < window or window <= 1:
+        return y
+    return np.convolve(y, np.ones(window) / window, mode="valid")
+
+
+def _by_config(results: Sequence[RunResult]) -> dict[tuple[str, str], dict[str, RunResult]]:
+    out: dict[tuple[str, str], dict[str, RunResult]] = {}
+    for res in results:
+        out.setdefault((res.spec.mode, res.spec.format_label), {})[res.framework] = res
+    return out
+
+
+def _label(res: RunResult) -> str:
+    fmt = "" if res.spec.mode == "fp32" else f" {res.spec.format_label}"
+    return f"{res.framework} {res.spec.mode}{fmt}"
+
+
+def plot_runs(path: str, results: Sequence[RunResult], title: str = "", smooth: int = 15) -> None:
+    """Four panels (2×2): training loss of every run (torch thick, JAX thin dashed on top);
+    FP8 − fp32 loss per framework (moving average over ``smooth`` steps); test accuracy;
+    |torch − JAX| loss difference per step for each configuration (log scale; exact
+    agreement is drawn at the panel's floor)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display needed; a no-op if already Agg
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc, ax_diff) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
-    styles = {"torch": "-", "jax": "--"}
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), dpi=100)
+    (ax_loss, ax_gap), (ax_acc, ax_diff) = axes
     for res in results:
         steps = [r["step"] for r in res.rows]
-        color = _COLORS.get(res.spec.mode)
-        fmt = "" if res.spec.mode == "fp32" else f" {res.spec.format_label}"
-        label = f"{res.framework} {res.spec.mode}{fmt}"
-        ax_loss.plot(steps, res.losses, styles.get(res.framework, "-"), color=color, lw=1,
-                     alpha=0.85, label=label)
+        kw = dict(color=_COLORS.get(res.spec.mode), **_STYLES.get(res.framework, {}))
+        ax_loss.plot(steps, res.losses, label=_label(res), **kw)
         ev = [(r["step"], r["test_acc"]) for r in res.rows if r["test_acc"] is not None]
         if ev:
-            ax_acc.plot(*zip(*ev), styles.get(res.framework, "-"), color=color, marker=".",
-                        lw=1, label=label)
+            ax_acc.plot(*zip(*ev), marker=".", label=_label(res), **kw)
     ax_loss.set(xlabel="step", ylabel="training loss (batch cross-entropy)", yscale="log",
-                title="loss: torch (solid) vs JAX (dashed)")
+                title="training loss, all runs")
     ax_loss.legend(fontsize=7)
-    ax_acc.set(xlabel="step", ylabel="test accuracy", title="test accuracy")
+    ax_acc.set(xlabel="step", ylabel="test accuracy", title="test accuracy (after the step)")
     ax_acc.legend(fontsize=7, loc="lower right")
 
-    floor = 1e-9
-    by_key: dict[tuple[str, str], dict[str, RunResult]] = {}
+    base = {res.framework: res for res in results if res.spec.mode == "fp32"}
     for res in results:
-        by_key.setdefault((res.spec.mode, res.spec.format_label), {})[res.framework] = res
-    for (mode, fmt), runs in by_key.items():
+        if res.spec.mode != "fp32" and res.framework in base:
+            gap = np.asarray(res.losses) - np.asarray(base[res.framework].losses)
+            g = _moving_average(gap, smooth)
+            steps = np.arange(1, gap.size + 1)[len(gap) - len(g):]
+            ax_gap.plot(steps, g, label=_label(res), color=_COLORS.get(res.spec.mode),
+                        **{k: v for k, v in _STYLES.get(res.framework, {}).items()})
+    ax_gap.axhline(0, color="0.5", lw=0.8)
+    ax_gap.set(xlabel="step", ylabel="loss − fp32 loss (same framework)",
+               title=f"FP8 effect on the loss (moving average, {smooth} steps)")
+    if ax_gap.lines[1:]:
+        ax_gap.legend(fontsize=7)
+
+    floor = 1e-9
+    for (mode, fmt), runs in _by_config(results).items():
         if "torch" in runs and "jax" in runs:
             d = np.abs(np.asarray(runs["torch"].losses) - np.asarray(runs["jax"].losses))
             steps = [r["step"] for r in runs["torch"].rows]
@@ -119,7 +146,7 @@ def plot_runs(path: str, results: Sequence[RunResult], title: str = "") -> None:
             ax_diff.plot(steps, np.maximum(d, floor), color=_COLORS.get(mode), lw=1,
                          label=f"{lab} (max {d.max():.1e})")
     ax_diff.set(xlabel="step", ylabel="|loss_torch − loss_jax|", yscale="log",
-                title=f"torch vs JAX loss difference (exact = {floor:g})")
+                title=f"torch vs JAX, same configuration (exact drawn at {floor:g})")
     if ax_diff.lines:
         ax_diff.legend(fontsize=7)
     if title:
