@@ -1,0 +1,368 @@
+"""JAX quantizers: the numerics contract (docs/numerics.md §3–§4) in jax.numpy.
+
+Every function here matches :mod:`fp8core.reference` bit for bit on codes
+(uint8), absmax (float32 bits; NaN stored as ``0x7FC00000``) and dequantized
+values, jitted or eager, on XLA:CPU (which flushes float32 subnormals: the
+contract's scale floor makes the results independent of that).
+
+Codebooks and block sizes are static: a :class:`fp8core.Codebook` is frozen and
+hashable, so it is passed to ``jax.jit`` as a static argument; the numpy
+constants derived from it (value table, thresholds) are built once per codebook
+(:func:`_constants`, an ``lru_cache`` of a pure function).
+
+XLA hazards and how this module meets them (each is pinned by a test in
+``tests/test_jax_quantize.py``):
+
+* ``x / c`` → ``x * (1/c)``: the contract never divides by a constant. The only
+  division is ``qscale = M / a`` (a constant divided by the per-group absmax);
+  ``dscale = a * INV_M`` is written as a multiplication.
+* float32 subnormals are flushed on CPU: the scale floor makes every subnormal
+  input quantize to a signed zero and every non-zero output a normal.
+* ``f32 → f8 → f32`` may be removed as "excess precision": the fused
+  fake-quantize path puts ``lax.optimization_barrier`` on the 8-bit value, and
+  the code paths go through a ``bitcast_convert_type`` to uint8.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import fp8core
+from fp8core import _validation
+from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
+
+__all__ = [
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_global",
+    "dequantize_global",
+    "fake_quantize",
+    "NATIVE_CAST_FORMATS",
+]
+
+#: 8-bit formats rounded with XLA's own ``convert`` (round half to even). Each was
+#: checked exhaustively against ml_dtypes over every float32 in [−M, M]
+#: (``tests/test_jax_exhaustive.py``, marked slow). Every other codebook (sub-byte
+#: formats, tables) rounds with ``searchsorted(thresholds)``, the contract's search form.
+NATIVE_CAST_FORMATS: frozenset[str] = frozenset(fp8core.NATIVE_8BIT_FORMATS)
+
+_CANONICAL_NAN = float(CANONICAL_NAN_BITS.view(np.float32))
+
+
+class _Constants(NamedTuple):
+    """Host constants of one codebook (read-only numpy arrays / Python scalars)."""
+
+    native_dtype: Any          # jnp dtype for XLA's convert, or None → search form
+    values256: np.ndarray      # f32[256]: value of every uint8 code
+    thresholds: np.ndarray     # f32[n-1]: searchsorted decision points
+    sorted_codes: np.ndarray   # u8[n]: code of each sorted entry
+    sorted_code_values: np.ndarray  # f32[n]: values256[sorted_codes]
+    m: np.float32
+    inv_m: np.float32
+    floor: np.float32
+    ceiling: np.float32
+    zero_code: int
+    negzero_code: int | None
+    fill_code: int
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(codebook: Codebook) -> _Constants:
+    native = None
+    if codebook.is_native and codebook.format.name in NATIVE_CAST_FORMATS:
+        native = jnp.dtype(getattr(jnp, codebook.format.jax_dtype))
+    return _Constants(
+        native_dtype=native,
+        values256=codebook.values256,
+        thresholds=codebook.thresholds,
+        sorted_codes=codebook.sorted_codes,
+        sorted_code_values=codebook.values256[codebook.sorted_codes],
+        m=np.float32(codebook.max),
+        inv_m=np.float32(codebook.inv_max),
+        floor=np.float32(codebook.scale_floor),
+        ceiling=np.float32(codebook.scale_ceiling),
+        zero_code=int(codebook.zero_code),
+        negzero_code=codebook.negzero_code,
+        fill_code=int(codebook.fill_code),
+    )
+
+
+# --------------------------------------------------------------- validation
+def _check_x(x: Any, argname: str = "x") -> jax.Array:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = jnp.asarray(x)
+        dtype = x.dtype
+    _validation.check_float_dtype(np.dtype(dtype).name, argname=argname)
+    return x
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}") from None
+    _validation.check_float_dtype(name, argname="dtype")
+    return name
+
+
+def _resolve_named(codebook: Any, argname: str) -> Codebook:
+    """A hashable Codebook from a name, Codebook or table; errors name ``argname``."""
+    if isinstance(codebook, jax.core.Tracer):
+        raise TypeError(f"{argname}: a codebook table must be concrete (numpy), not a traced array")
+    if isinstance(codebook, jax.Array):  # table given as a jax array: make it host data
+        codebook = np.asarray(codebook)
+    return fp8core.resolve_codebook(codebook, argname=argname)
+
+
+def _resolve(codebook: Any) -> Codebook:
+    return _resolve_named(codebook, "codebook")
+
+
+# ------------------------------------------------------------- group math
+def _group_absmax(groups: jax.Array) -> jax.Array:
+    """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
+
+    XLA's ``max`` propagates NaN (pinned by a test), so NaN > inf is automatic;
+    NaN is then stored canonically and a subnormal maximum as +0.
+    """
+    if groups.shape[-1] == 0:
+        return jnp.zeros(groups.shape[:-1], jnp.float32)
+    absmax = jnp.max(jnp.abs(groups), axis=-1)
+    absmax = jnp.where(absmax < F32_SMALLEST_NORMAL, jnp.float32(0), absmax)
+    return jnp.where(jnp.isnan(absmax), jnp.float32(_CANONICAL_NAN), absmax)
+
+
+def _group_scales(absmax: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """§3.3: ``(finite, qscale, dscale)``.
+
+    ``a = clip(absmax, FLOOR, CEIL)``; ``qscale = fl(M / a)`` (a division of a
+    constant by a variable — XLA does not turn it into a reciprocal);
+    ``dscale = fl(a * INV_M)`` (a multiplication by the host constant
+    ``fl(1/M)``, never a division by M). Non-finite groups: ``qscale = 0``
+    (unused), ``dscale = NaN``.
+    """
+    finite = jnp.isfinite(absmax)
+    a = jnp.clip(jnp.where(finite, absmax, jnp.float32(1)), c.floor, c.ceiling)
+    qscale = jnp.where(finite, jnp.float32(c.m) / a, jnp.float32(0))
+    dscale = jnp.where(finite, a * jnp.float32(c.inv_m), jnp.float32(np.nan))
+    return finite, qscale, dscale
+
+
+def _scale_and_saturate(groups: jax.Array, qscale: jax.Array, c: _Constants) -> jax.Array:
+    """§3.4: ``clip(fl(x * qscale), -M, M)`` — the clamp precedes any cast."""
+    return jnp.clip(groups * qscale[..., None], -jnp.float32(c.m), jnp.float32(c.m))
+
+
+def _search_index(s: jax.Array, c: _Constants) -> jax.Array:
+    """Index into the sorted entries: number of thresholds strictly below ``s``."""
+    return jnp.searchsorted(jnp.asarray(c.thresholds), s, side="left").astype(jnp.int32)
+
+
+def _round_to_codes(s: jax.Array, c: _Constants) -> jax.Array:
+    """§3.5: codes of float32 values already clamped to [−M, M]."""
+    if c.native_dtype is not None:
+        return lax.bitcast_convert_type(s.astype(c.native_dtype), jnp.uint8)
+    codes = jnp.asarray(c.sorted_codes)[_search_index(s, c)]
+    if c.negzero_code is not None:  # −0 rule for native formats rounded by search
+        codes = jnp.where((codes == c.zero_code) & jnp.signbit(s), jnp.uint8(c.negzero_code), codes)
+    return codes
+
+
+def _decode(codes: jax.Array, c: _Constants) -> jax.Array:
+    """§4.2: float32 value of each uint8 code (NaN for codes without a value)."""
+    if c.native_dtype is not None:
+        return lax.bitcast_convert_type(codes, c.native_dtype).astype(jnp.float32)
+    return jnp.asarray(c.values256)[codes.astype(jnp.int32)]
+
+
+def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
+    """§3.5 + §4.2 fused: the float32 value of the code ``s`` rounds to."""
+    if c.native_dtype is not None:
+        # the barrier keeps XLA from dropping f32→f8→f32 as "excess precision"
+        return lax.optimization_barrier(s.astype(c.native_dtype)).astype(jnp.float32)
+    return _decode(_round_to_codes(s, c), c)
+
+
+def _quantize_groups(groups: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array]:
+    absmax = _group_absmax(groups)                                     # §3.2
+    finite, qscale, _ = _group_scales(absmax, c)                       # §3.3
+    s = _scale_and_saturate(groups, qscale, c)                         # §3.4
+    s = jnp.where(finite[..., None], s, jnp.float32(0))
+    codes = _round_to_codes(s, c)                                      # §3.5
+    codes = jnp.where(finite[..., None], codes, jnp.uint8(c.fill_code))  # §3.6
+    return codes, absmax
+
+
+def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants) -> jax.Array:
+    _, _, dscale = _group_scales(absmax, c)                            # §4.1
+    return _decode(codes, c) * dscale[..., None]                       # §4.2–4.3
+
+
+def _fake_groups(groups: jax.Array, c: _Constants) -> jax.Array:
+    """dequantize(quantize(groups)) without materialising codes.
+
+    Same float32 operations: non-finite groups get ``dscale = NaN`` so every
+    element becomes NaN, as the fill code dequantizes in §4.
+    """
+    absmax = _group_absmax(groups)
+    _, qscale, dscale = _group_scales(absmax, c)
+    s = _scale_and_saturate(groups, qscale, c)
+    return _round_to_values(s, c) * dscale[..., None]
+
+
+def _to_blocks(flat: jax.Array, plan: fp8core.BlockPlan) -> jax.Array:
+    if plan.pad:
+        flat = jnp.concatenate([flat, jnp.zeros((plan.pad,), flat.dtype)])
+    return flat.reshape(plan.n_blocks, plan.blocksize)
+
+
+def _from_blocks(blocks: jax.Array, plan: fp8core.BlockPlan, shape: tuple[int, ...]) -> jax.Array:
+    flat = blocks.reshape(-1)
+    if plan.pad:
+        flat = flat[: plan.numel]
+    return flat.reshape(shape)
+
+
+# ------------------------------------------------------------ jitted cores
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_blockwise(x, codebook: Codebook, blocksize: int):
+    c = _constants(codebook)
+    plan = fp8core.plan_blocks(x.size, blocksize)
+    groups = _to_blocks(x.astype(jnp.float32).reshape(-1), plan)      # §3.1
+    codes, absmax = _quantize_groups(groups, c)
+    return _from_blocks(codes, plan, x.shape), absmax
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize_blockwise(codes, absmax, codebook: Codebook, blocksize: int, dtype: str):
+    c = _constants(codebook)
+    plan = fp8core.plan_blocks(codes.size, blocksize)
+    groups = _to_blocks(codes.reshape(-1), plan)
+    y = _dequantize_groups(groups, absmax, c)
+    return _from_blocks(y, plan, codes.shape).astype(dtype)           # §4.4
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_global(x, codebook: Codebook):
+    c = _constants(codebook)
+    codes, absmax = _quantize_groups(x.astype(jnp.float32).reshape(1, -1), c)
+    return codes.reshape(x.shape), absmax.reshape(())
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dequantize_global(codes, absmax, codebook: Codebook, dtype: str):
+    c = _constants(codebook)
+    y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c)
+    return y.reshape(codes.shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quantize(x, codebook: Codebook, blocksize: int | None):
+    c = _constants(codebook)
+    x32 = x.astype(jnp.float32)
+    if blocksize is None:
+        y = _fake_groups(x32.reshape(1, -1), c).reshape(x.shape)
+    else:
+        plan = fp8core.plan_blocks(x.size, blocksize)
+        y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
+    return y.astype(x.dtype)
+
+
+# ------------------------------------------------------------- public API
+def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[jax.Array, jax.Array]:
+    """Quantize with one absmax per block of the row-major flattening of ``x``.
+
+    Args:
+      x: float16 / bfloat16 / float32 (float64 with x64) array, any shape.
+      codebook: format name or alias (``"e4m3"``), legacy name (``"bnb_e4m3"``),
+        :class:`fp8core.Codebook`, or 256 table values. Static under ``jax.jit``
+        (resolve tables to a Codebook before jitting).
+      blocksize: elements per block, a positive int (static); the last block
+        may be partial and is padded with zeros.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes shaped like ``x`` and float32 absmax of
+      shape ``(ceil(x.size / blocksize),)``.
+
+    Numerics (docs/numerics.md §3): upcast to float32; absmax NaN-propagating
+    (NaN stored as ``0x7FC00000``), a subnormal absmax stored as +0;
+    ``qscale = fl(M / clip(absmax, FLOOR, CEIL))`` once per block;
+    ``clip(fl(x * qscale), -M, M)``; round to nearest, ties to even (native
+    formats, −0 kept) or to the lower entry (tables); blocks whose absmax is
+    NaN/inf store the fill code. Bit-identical to :func:`fp8core.quantize_blockwise`.
+
+    Raises:
+      TypeError: ``x`` is not floating point, ``blocksize`` is not an int, or
+        ``codebook`` is not a codebook.
+      ValueError: ``blocksize`` ≤ 0 or an unknown format name.
+    """
+    x = _check_x(x)
+    codebook = _resolve(codebook)
+    _validation.check_blocksize(blocksize)
+    return _quantize_blockwise(x, codebook, blocksize)
+
+
+def dequantize_blockwise(codes: Any, absmax: Any, codebook: Any, blocksize: int,
+                         dtype: Any = jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_blockwise`: ``fl(value[code] * dscale)``, cast once to ``dtype``.
+
+    ``dscale = fl(clip(absmax, FLOOR, CEIL) * fl(1/M))``; blocks whose absmax is
+    NaN or ±inf dequantize to NaN; codes without a value decode to NaN. The final
+    cast rounds to nearest even (no intermediate reduced-precision rounding).
+
+    Raises:
+      TypeError: ``codes`` not uint8, ``absmax`` not float32, ``dtype`` not a float dtype.
+      ValueError: ``absmax`` has the wrong shape, bad ``blocksize``.
+    """
+    codes = jnp.asarray(codes) if not hasattr(codes, "dtype") else codes
+    absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
+    codebook = _resolve(codebook)
+    _validation.check_codes_dtype(np.dtype(codes.dtype).name)
+    plan = fp8core.plan_blocks(int(np.prod(codes.shape)), blocksize)
+    _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), (plan.n_blocks,))
+    return _dequantize_blockwise(codes, absmax, codebook, blocksize, _dtype_name(dtype))
+
+
+def quantize_global(x: Any, codebook: Any) -> tuple[jax.Array, jax.Array]:
+    """Quantize with one absmax for the whole array.
+
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``x`` and a 0-d float32
+    absmax (0 for an empty array). Numerics as :func:`quantize_blockwise`; the
+    absmax is a NaN-propagating max, exact in any reduction order (sharding).
+    """
+    x = _check_x(x)
+    codebook = _resolve(codebook)
+    return _quantize_global(x, codebook)
+
+
+def dequantize_global(codes: Any, absmax: Any, codebook: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_global` (numerics as :func:`dequantize_blockwise`)."""
+    codes = jnp.asarray(codes) if not hasattr(codes, "dtype") else codes
+    absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
+    codebook = _resolve(codebook)
+    _validation.check_codes_dtype(np.dtype(codes.dtype).name)
+    _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), ())
+    return _dequantize_global(codes, absmax, codebook, _dtype_name(dtype))
+
+
+def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> jax.Array:
+    """Quantize then dequantize, returning ``x``'s dtype.
+
+    ``blocksize=None`` uses one absmax for the array; an int quantizes blockwise.
+    Bit-identical to ``dequantize(quantize(x))`` and to
+    :func:`fp8core.fake_quantize`. For natively castable formats it is fused
+    (no uint8 codes are materialised): ``fl(f32(f8(s)) * dscale)`` with an
+    optimization barrier on the 8-bit value so XLA keeps the rounding.
+    """
+    x = _check_x(x)
+    codebook = _resolve(codebook)
+    if blocksize is not None:
+        _validation.check_blocksize(blocksize)
+    return _fake_quantize(x, codebook, blocksize)

@@ -1,0 +1,411 @@
+"""Blockwise / global FP8 quantizers for torch, bit-identical to ``fp8core.reference``.
+
+Numerics (docs/numerics.md), shared by every function here:
+
+* inputs are upcast to float32 first (float64 rounds to nearest-even float32);
+* absmax per group, NaN-propagating (canonical NaN ``0x7FC00000``), a subnormal
+  absmax is stored as +0; ``a = clip(absmax, FLOOR, CEIL)``;
+  ``qscale = fl(M / a)`` — one float32 tensor/tensor division per group (never
+  ``python_float / tensor``: torch evaluates that as ``reciprocal(a) * M``, a
+  double rounding) — and ``dscale = fl(a * fl(1/M))``;
+* ``s = clip(fl(x * qscale), -M, M)``, then round: native formats round half to
+  even (see :func:`_round_native_`), tables go to the nearest entry with ties to
+  the lower entry (``searchsorted`` over :attr:`Codebook.thresholds`);
+* non-finite groups store the fill code and dequantize to NaN;
+* dequantized values are ``fl(value[code] * dscale)`` in float32, cast once to
+  the output dtype.
+
+Memory is O(n): no (n x 256) distance tensor. In eager mode large tensors are
+processed in cache-sized chunks so that the only full-size allocations are the
+outputs; under ``torch.compile`` the same float32 ops run unchunked and inductor
+fuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fp8core import _validation
+from fp8core.blocks import plan_blocks
+from fp8core_torch.config import (
+    ARITH,
+    CodebookTensors,
+    QuantSpec,
+    check_float_tensor,
+    check_tensor,
+    codebook_tensors,
+    dtype_name,
+    resolve_spec,
+)
+
+__all__ = [
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_global",
+    "dequantize_global",
+    "fake_quantize",
+]
+
+#: Elements per eager chunk: the float32 and int32 temporaries of one chunk
+#: (2 x 1 MiB) stay in L2 and are reused by the allocator.
+_CHUNK = 1 << 18
+_F32_SMALLEST_NORMAL = 2.0**-126
+_F32_EXP_MASK = 0x7F800000
+
+
+# ------------------------------------------------------------------ primitives
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """§2: float64 is rounded to float32 before anything else; others stay (exact later)."""
+    return x.to(torch.float32) if x.dtype == torch.float64 else x
+
+
+def _absmax_rows(x2d: torch.Tensor) -> torch.Tensor:
+    """§3.2 for each row: max |x| (NaN-propagating), subnormal -> +0, NaN -> 0x7FC00000.
+
+    ``max(amax, -amin)`` reads the data twice without an |x| temporary; both
+    reductions are exact in x's own dtype and propagate NaN.
+    """
+    a = torch.maximum(torch.amax(x2d, dim=1), torch.amin(x2d, dim=1).neg())
+    a = a.to(torch.float32)
+    a = torch.where(a < _F32_SMALLEST_NORMAL, 0.0, a)
+    return a.masked_fill(torch.isnan(a), float("nan"))  # float32(nan) is 0x7FC00000
+
+
+def _absmax_all(flat: torch.Tensor) -> torch.Tensor:
+    return _absmax_rows(flat.view(1, -1)).view(())
+
+
+def _scales(absmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """§3.3 / §4.1: ``(finite, qscale, dscale)``; non-finite groups get dscale = NaN."""
+    finite = torch.isfinite(absmax)
+    a = torch.where(finite, absmax, 1.0).clamp(spec.scale_floor, spec.scale_ceiling)
+    # fl(M / a): a tensor/tensor division. `spec.max / a` would be reciprocal(a) * M.
+    qscale = torch.div(torch.full_like(a, spec.max), a)
+    dscale = torch.where(finite, a * spec.inv_max, float("nan"))
+    return finite, qscale, dscale
+
+
+def _round_native_(s: torch.Tensor, spec: QuantSpec, k: torch.Tensor | None = None) -> torch.Tensor:
+    """Round float32 ``s`` (already in [-M, M]) in place to the format, half to even.
+
+    With e = max(binade of |s|, binade of the format's smallest normal) and
+    K = 2**(e + 23 - mantissa_bits), the float32 ulp on [K, 2K) is exactly the
+    format's quantum at |s|, and |s| < 2K, so ``fl(|s| + K) - K`` is |s| rounded to
+    the format by float32's own round-half-to-even (K is an even multiple of the
+    quantum, so float32's "even" is the format's "even"); the subtraction is exact.
+    K carries s's sign (round to nearest is symmetric), which makes a negative
+    value rounding to zero come out +0 — right for fnuz formats; formats with −0
+    then take the sign back from K (never zero). Verified bit for bit against
+    ml_dtypes on every float32 midpoint and its neighbours (tests). ``k`` is an
+    optional int32 scratch tensor shaped like ``s``.
+    """
+    if k is None:
+        k = torch.bitwise_and(s.view(torch.int32), _F32_EXP_MASK)
+    else:
+        torch.bitwise_and(s.view(torch.int32), _F32_EXP_MASK, out=k)
+    k.clamp_(spec.k_min_bits, spec.k_max_bits).add_(spec.k_shift_bits)
+    kf = k.view(torch.float32).copysign_(s)
+    s.add_(kf).sub_(kf)
+    if spec.has_negative_zero:
+        s.copysign_(kf)
+    return s
+
+
+def _decode(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None) -> torch.Tensor:
+    """§4.2: float32 value of each uint8 code (NaN for codes without a value)."""
+    if spec.torch_dtype is not None:
+        return codes.view(spec.torch_dtype).to(torch.float32)
+    return tabs.values256[codes.to(torch.int64)]
+
+
+def _kernel(
+    xc: torch.Tensor,
+    qscale: torch.Tensor,
+    dscale: torch.Tensor,
+    finite: torch.Tensor,
+    spec: QuantSpec,
+    tabs: CodebookTensors | None,
+    vout: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    want_codes: bool,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Quantize one piece ``xc`` (rows, cols) with (rows, 1) scales.
+
+    Returns (values, codes); values are written into ``vout`` when given.
+    ``scratch`` = (float32, int32) flat buffers of at least rows*cols elements
+    (eager chunk loop); without it temporaries are allocated (compile path).
+    The scales are never 0-d: a 0-d float32 operand would not promote a
+    bfloat16 ``xc`` and the multiply would round in bfloat16.
+    """
+    if scratch is None:
+        s = torch.mul(xc, qscale)                            # §3.4 fl(x * qscale), in float32
+        k = None
+    else:
+        size = xc.numel()
+        s = scratch[0][:size].view(xc.shape)
+        k = scratch[1][:size].view(xc.shape)
+        torch.mul(xc, qscale, out=s)
+    s.clamp_(-spec.max, spec.max)                            # §3.4 saturate before rounding
+    codes = None
+    if spec.plan == ARITH:
+        _round_native_(s, spec, k)                            # §3.5 half to even, −0 rule
+        vals = s
+        if want_codes:
+            if spec.torch_dtype is not None:                 # s is representable: exact cast
+                codes = s.to(spec.torch_dtype).view(torch.uint8)
+            else:
+                idx = torch.searchsorted(tabs.thresholds, s)
+                codes = tabs.sorted_codes[idx]
+                if spec.negzero_code is not None:
+                    codes = torch.where(
+                        torch.signbit(s) & (codes == spec.zero_code), spec.negzero_code, codes
+                    )
+                codes = codes.to(torch.uint8)
+    else:
+        idx = torch.searchsorted(tabs.thresholds, s)         # §3.5 nearest, ties to lower
+        vals = tabs.sorted_values[idx] if out_dtype is not None else None
+        if want_codes:
+            codes = tabs.sorted_codes[idx].to(torch.uint8)
+    if codes is not None:
+        codes = codes.masked_fill_(~finite, spec.fill_code)  # §3.6
+    if out_dtype is None:
+        return None, codes
+    if vout is not None:  # computed in float32, rounded once to vout's dtype (§4.3, §4.4)
+        torch.mul(vals, dscale, out=vout)
+        return vout, codes
+    return torch.mul(vals, dscale).to(out_dtype), codes
+
+
+def _pieces_blockwise(n: int, blocksize: int, chunked: bool):
+    """(start, rows, cols) pieces of the row-major flattening: full blocks as rows,
+    then the partial tail as one row (no padding copy)."""
+    nfull = n // blocksize
+    rows_per = max(1, _CHUNK // blocksize) if chunked else max(nfull, 1)
+    for r0 in range(0, nfull, rows_per):
+        rows = min(rows_per, nfull - r0)
+        yield r0, r0 * blocksize, rows, blocksize
+    tail = n - nfull * blocksize
+    if tail:
+        yield nfull, nfull * blocksize, 1, tail
+
+
+def _pieces_global(n: int, chunked: bool):
+    step = _CHUNK if chunked else n
+    for start in range(0, n, step):
+        yield start, min(step, n - start)
+
+
+def _qdq(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    tabs: CodebookTensors | None,
+    blocksize: int | None,
+    *,
+    out_dtype: torch.dtype | None,
+    want_codes: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The quantizer. ``x``: float16/bfloat16/float32 (float64 already rounded).
+
+    Returns ``(values in out_dtype or None, uint8 codes or None, absmax)``, values and
+    codes flat. ``blocksize=None`` is global quantization (0-d absmax).
+    """
+    x = x.detach()
+    flat = x.reshape(-1)
+    n = flat.numel()
+    dev = x.device
+    compiling = torch.compiler.is_compiling()
+    chunked = not compiling and n > _CHUNK
+    if blocksize is None:
+        absmax = _absmax_all(flat) if n else torch.zeros((), dtype=torch.float32, device=dev)
+    else:
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
+    if n == 0:
+        vals = torch.empty(0, dtype=out_dtype, device=dev) if out_dtype is not None else None
+        codes = torch.empty(0, dtype=torch.uint8, device=dev) if want_codes else None
+        return vals, codes, absmax
+
+    if compiling:  # functional: inductor fuses, no chunk loop in the graph
+        vparts, cparts, aparts = [], [], []
+        if blocksize is None:
+            fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
+            v, c = _kernel(flat.view(1, n), qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
+            vparts.append(v), cparts.append(c)
+        else:
+            for _, start, rows, cols in _pieces_blockwise(n, blocksize, False):
+                xc = flat[start:start + rows * cols].view(rows, cols)
+                am = _absmax_rows(xc)
+                fin, qs, ds = _scales(am, spec)
+                v, c = _kernel(xc, qs[:, None], ds[:, None], fin[:, None], spec, tabs, None,
+                               out_dtype, want_codes)
+                vparts.append(v), cparts.append(c), aparts.append(am)
+            absmax = torch.cat(aparts)
+        vals = torch.cat([v.reshape(-1) for v in vparts]) if out_dtype is not None else None
+        codes = torch.cat([c.reshape(-1) for c in cparts]) if want_codes else None
+        return vals, codes, absmax
+
+    vals = torch.empty(n, dtype=out_dtype, device=dev) if out_dtype is not None else None
+    codes = torch.empty(n, dtype=torch.uint8, device=dev) if want_codes else None
+    scratch = None
+    if spec.plan == ARITH:
+        size = min(n, max(_CHUNK, blocksize or 0))
+        scratch = (torch.empty(size, dtype=torch.float32, device=dev),
+                   torch.empty(size, dtype=torch.int32, device=dev))
+    if blocksize is None:
+        fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
+        for start, size in _pieces_global(n, chunked):
+            xc = flat[start:start + size].view(1, size)
+            vout = vals[start:start + size].view(1, size) if vals is not None else None
+            _, c = _kernel(xc, qs, ds, fin, spec, tabs, vout, out_dtype, want_codes, scratch)
+            if c is not None:
+                codes[start:start + size].view(1, size).copy_(c)
+    else:
+        # all scales first (one amax + one amin pass, a few (n_blocks,) ops), so the
+        # chunk loop below is elementwise only
+        nfull = n // blocksize
+        if nfull:
+            absmax[:nfull] = _absmax_rows(flat[:nfull * blocksize].view(nfull, blocksize))
+        if n > nfull * blocksize:
+            absmax[nfull:] = _absmax_rows(flat[nfull * blocksize:].view(1, -1))
+        fin, qs, ds = (t[:, None] for t in _scales(absmax, spec))
+        for r0, start, rows, cols in _pieces_blockwise(n, blocksize, chunked):
+            size = rows * cols
+            xc = flat[start:start + size].view(rows, cols)
+            vout = vals[start:start + size].view(rows, cols) if vals is not None else None
+            _, c = _kernel(xc, qs[r0:r0 + rows], ds[r0:r0 + rows], fin[r0:r0 + rows], spec, tabs,
+                           vout, out_dtype, want_codes, scratch)
+            if c is not None:
+                codes[start:start + size].view(rows, cols).copy_(c)
+    return vals, codes, absmax
+
+
+def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
+                tabs: CodebookTensors | None, blocksize: int | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    _, _, dscale = _scales(absmax.reshape(-1), spec)
+    v = _decode(flat, spec, tabs)
+    if blocksize is None:
+        y = v * dscale
+    else:
+        nfull = n // blocksize
+        parts = []
+        if nfull:
+            parts.append((v[:nfull * blocksize].view(nfull, blocksize) * dscale[:nfull, None]).view(-1))
+        if n > nfull * blocksize:
+            parts.append(v[nfull * blocksize:] * dscale[nfull])
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return y.to(dtype).view(codes.shape)
+
+
+# -------------------------------------------------------------- public helpers
+def _tables(spec: QuantSpec, device: torch.device) -> CodebookTensors | None:
+    return codebook_tensors(spec.codebook, device) if spec.needs_tables else None
+
+
+def _check_out_dtype(dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}: {dtype!r}")
+    _validation.check_float_dtype(dtype_name(dtype), argname="dtype")
+    return dtype
+
+
+def _check_codes(codes: Any) -> None:
+    check_tensor(codes, "codes")
+    _validation.check_codes_dtype(dtype_name(codes.dtype))
+
+
+def _check_absmax_tensor(absmax: Any, expected: tuple[int, ...]) -> None:
+    check_tensor(absmax, "absmax")
+    _validation.check_absmax(dtype_name(absmax.dtype), tuple(absmax.shape), expected)
+
+
+# ------------------------------------------------------------------ public API
+def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize with one absmax per ``blocksize`` run of the row-major flattening.
+
+    Args:
+      x: float16 / bfloat16 / float32 / float64 tensor, any shape, any device.
+      codebook: format name or alias (``"e4m3"``), legacy name (``"bnb_e4m3"``),
+        :class:`fp8core.Codebook`, or 256 code values (tensor or array).
+      blocksize: elements per block; the last block may be partial.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
+      ``(ceil(x.numel() / blocksize),)``. Bit-identical to
+      :func:`fp8core.reference.quantize_blockwise` (see the module docstring).
+
+    Raises:
+      TypeError: ``x`` is not a real floating tensor; ``blocksize`` not an int.
+      ValueError: ``blocksize <= 0``; unknown format; bad code table.
+    """
+    check_float_tensor(x, "x")
+    spec = resolve_spec(codebook)
+    _validation.check_blocksize(blocksize)
+    _, codes, absmax = _qdq(_upcast(x), spec, _tables(spec, x.device), blocksize,
+                            out_dtype=None, want_codes=True)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, codebook: Any,
+                         blocksize: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``fl(value[code] * dscale)`` cast to ``dtype``.
+
+    Groups whose absmax is NaN or ±inf dequantize to NaN; codes without a value
+    decode to NaN.
+    """
+    _check_codes(codes)
+    spec = resolve_spec(codebook)
+    plan = plan_blocks(codes.numel(), blocksize)
+    _check_absmax_tensor(absmax, (plan.n_blocks,))
+    dtype = _check_out_dtype(dtype)
+    return _dequantize(codes, absmax, spec, _tables(spec, codes.device), blocksize, dtype)
+
+
+def quantize_global(x: torch.Tensor, codebook: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize with one absmax for the whole tensor.
+
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``x``, a 0-d float32
+    absmax (0 for an empty tensor). Numerics as :func:`quantize_blockwise`.
+    """
+    check_float_tensor(x, "x")
+    spec = resolve_spec(codebook)
+    _, codes, absmax = _qdq(_upcast(x), spec, _tables(spec, x.device), None,
+                            out_dtype=None, want_codes=True)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_global(codes: torch.Tensor, absmax: torch.Tensor, codebook: Any,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_global`."""
+    _check_codes(codes)
+    spec = resolve_spec(codebook)
+    _check_absmax_tensor(absmax, ())
+    dtype = _check_out_dtype(dtype)
+    return _dequantize(codes, absmax, spec, _tables(spec, codes.device), None, dtype)
+
+
+def fake_quantize(x: torch.Tensor, codebook: Any, blocksize: int | None = None) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype, fused: codes are never materialized.
+
+    ``blocksize=None`` uses one absmax for the tensor; an int quantizes blockwise.
+    Bit-identical to :func:`fp8core.reference.fake_quantize`. Not differentiable
+    (the matmul functions implement the straight-through gradients).
+    """
+    check_float_tensor(x, "x")
+    spec = resolve_spec(codebook)
+    if blocksize is not None:
+        _validation.check_blocksize(blocksize)
+    return _fake_quantize(x, spec, _tables(spec, x.device), blocksize)
+
+
+def _fake_quantize(x: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
+                   blocksize: int | None) -> torch.Tensor:
+    vals, _, _ = _qdq(_upcast(x), spec, tabs, blocksize, out_dtype=x.dtype, want_codes=False)
+    return vals.view(x.shape)
