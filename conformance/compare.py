@@ -91,11 +91,13 @@ def accumulation_bound(x: np.ndarray, y: np.ndarray, oracle: np.ndarray, compute
     return (k + 2) * 2.0**-24 * absprod + rounding + tiny
 
 
-def compare_tolerance(name: str, oracle: np.ndarray, actual: np.ndarray, bound: np.ndarray) -> Outcome:
+def compare_tolerance(name: str, oracle: np.ndarray, actual: np.ndarray, bound: np.ndarray,
+                      ulp_dtype=None) -> Outcome:
     """``|actual − oracle| ≤ bound`` elementwise.
 
-    Reports the worst error in ulps *at the output's scale* (the ulp, in the
-    actual dtype, of the largest |oracle| value) and relative to that scale.
+    Reports the worst error in ulps *at the output's scale* (the ulp, in
+    ``ulp_dtype`` — default the actual dtype — of the largest |oracle| value) and
+    relative to that scale.
     """
     actual = np.asarray(actual)
     if oracle.shape != actual.shape:
@@ -106,7 +108,8 @@ def compare_tolerance(name: str, oracle: np.ndarray, actual: np.ndarray, bound: 
     bad = ~(err <= bound)
     finite = np.abs(oracle[np.isfinite(oracle)])
     scale = float(finite.max()) if finite.size else 0.0
-    ulp = float(np.spacing(np.array(scale, actual.dtype))) if scale else 1.0
+    ulp_dtype = np.dtype(ulp_dtype or actual.dtype)
+    ulp = float(np.spacing(np.array(scale).astype(ulp_dtype)).astype(np.float64)) if scale else 1.0
     worst = float(np.nanmax(err)) if err.size else 0.0
     ulps, rel = worst / ulp, (worst / scale if scale else worst)
     if not bad.any():

@@ -148,9 +148,9 @@ def _compare(case: Case, name_a: str, out_a: dict, name_b: str, out_b: dict, bou
             outcomes.append(compare.compare_tolerance(key, np.asarray(out_a[key], np.float64), out_b[key], bound))
         else:
             # vs the oracle: the bound; between two backends: the sum of both bounds
-            factor = 1.0 if name_a == "numpy" else 2.0
+            factor = 1.0 if name_a == "numpy" else 2.0  # ulps in the compute dtype (A's dtype)
             outcomes.append(compare.compare_tolerance(key, np.asarray(out_a[key], np.float64), out_b[key],
-                                                      factor * bounds[key]))
+                                                      factor * bounds[key], NP_DTYPES[case.dtype]))
     return compare.Outcome(
         passed=all(o.passed for o in outcomes),
         worst_ulps=max((o.worst_ulps for o in outcomes), default=0.0),
