@@ -108,7 +108,6 @@ class _MatMulFP8Mixed(torch.autograd.Function):
     def backward(ctx, grad_out):
         qb, A = ctx.saved_tensors
         bw, bw_tabs, bsz2, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
-        ctx.meta = None
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g = grad_out.to(a_dtype)
         n = g.shape[-1]
@@ -146,7 +145,6 @@ class _MatMulFP8Global(torch.autograd.Function):
     def backward(ctx, grad_out):
         qb, codes_a, absmax_a = ctx.saved_tensors
         fw, fw_tabs, bw, bw_tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
-        ctx.meta = None
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g = grad_out.to(a_dtype)
         n = g.shape[-1]
