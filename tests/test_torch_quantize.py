@@ -197,14 +197,20 @@ def rounding_candidates(cb: fp8core.Codebook) -> np.ndarray:
     return s[(s >= -m) & (s <= m)]
 
 
+@pytest.mark.parametrize("sign_form", ["signed_k", "copysign_x", "scratch"])
 @pytest.mark.parametrize("fmt", [n for n in fp8core.ELEMENT_FORMATS])
-def test_round_native_exhaustive(fmt):
+def test_round_native_exhaustive(fmt, sign_form):
     """The float32 arithmetic rounding equals ml_dtypes' cast on every decision point."""
     cb = fp8core.resolve_codebook(fmt)
     spec = resolve_spec(fmt)
+    if sign_form == "copysign_x" and not spec.has_negative_zero:
+        pytest.skip("the copysign form is only used for formats with -0")
     s = rounding_candidates(cb)
     want = s.astype(cb.format.ml_dtype).astype(np.float32)
-    got = TQ._round_native_(torch.from_numpy(s.copy()), spec).numpy()
+    st = torch.from_numpy(s.copy())
+    k = torch.empty(st.shape, dtype=torch.int32) if sign_form != "signed_k" else None
+    sign_src = torch.from_numpy(s.copy()) if sign_form == "copysign_x" else None
+    got = TQ._round_native_(st, spec, k, sign_src).numpy()
     bad = np.flatnonzero(f32_bits(got) != f32_bits(want))
     assert bad.size == 0, f"{fmt}: s={s[bad[:5]]} got {got[bad[:5]]} want {want[bad[:5]]}"
 
