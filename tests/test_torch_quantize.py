@@ -151,8 +151,8 @@ def test_chunked_paths(cb, bs, monkeypatch):
 
 
 def test_large_default_chunk():
-    """More than one real chunk (2**18 elements) with a partial tail."""
-    x = random_input(np.random.default_rng(3), (300_001,), "float32")
+    """More than one real chunk (2**20 elements) with a partial tail."""
+    x = random_input(np.random.default_rng(3), (1_200_001,), "float32")
     check_all(x, "e4m3", 1024)
     check_all(x, "e5m2", None)
 
