@@ -82,21 +82,29 @@ def bench_quant(args):
     n = 16 * 1024 * 1024
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(n).to(dtype)
-        for label, fn in (("fake_quantize e4m3 bs=1024", lambda: T.fake_quantize(x, "e4m3", 1024)),
-                          ("fake_quantize e5m2 global", lambda: T.fake_quantize(x, "e5m2")),
-                          ("quantize_blockwise e4m3 bs=1024 (codes)",
-                           lambda: T.quantize_blockwise(x, "e4m3", 1024))):
+        cases = [("fake_quantize e4m3 bs=1024", lambda: T.fake_quantize(x, "e4m3", 1024)),
+                 ("fake_quantize e5m2 global", lambda: T.fake_quantize(x, "e5m2")),
+                 ("quantize_blockwise e4m3 bs=1024 (codes)",
+                  lambda: T.quantize_blockwise(x, "e4m3", 1024))]
+        if not args.no_compile:
+            fq_c = torch.compile(lambda t: T.fake_quantize(t, "e4m3", 1024))
+            cases.append(("fake_quantize e4m3 bs=1024, compiled", lambda: fq_c(x)))
+        for label, fn in cases:
             tb, tc, ratio = paired(lambda: x.clone(), fn, args.repeats)
             gbs = x.numel() * x.element_size() / tc / 1e9
             rows.append((label, str(dtype).removeprefix("torch."), tb * 1e3, tc * 1e3, ratio, gbs))
     return rows
 
 
-def saved_bytes(fn) -> int:
+def saved_bytes(fn, params) -> int:
+    """Bytes of saved tensors that are not views of a parameter (a saved parameter
+    costs no memory: the model holds it anyway)."""
     sizes = []
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t):
-        sizes.append(t.numel() * t.element_size())
+        if t.untyped_storage().data_ptr() not in param_ptrs:
+            sizes.append(t.numel() * t.element_size())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -108,10 +116,11 @@ def bench_memory(args):
     k, n = 1024, 4096
     ref = nn.Linear(k, n)
     x = torch.randn(args.tokens, k, requires_grad=True)
-    out = [("nn.Linear", saved_bytes(lambda: ref(x)))]
+    params = list(ref.parameters())
+    out = [("nn.Linear", saved_bytes(lambda: ref(x), params))]
     for cls in (T.LinearFP8Mixed, T.LinearFP8Global):
         layer = cls.from_linear(ref)
-        out.append((cls.__name__, saved_bytes(lambda: layer(x))))
+        out.append((cls.__name__, saved_bytes(lambda: layer(x), params)))
     return out
 
 
@@ -138,7 +147,8 @@ def main() -> None:
         for r in bench_quant(args):
             print(f"{r[0]:42} {r[1]:9} {r[2]:9.1f} {r[3]:8.1f} {r[4]:6.2f} {r[5]:6.2f}")
     if args.only in (None, "memory"):
-        print(f"\nsaved for backward (non-parameter bytes), fp32, {args.tokens} x 1024 -> 4096")
+        print(f"\nsaved for backward (bytes not owned by parameters), fp32, "
+              f"{args.tokens} x 1024 -> 4096")
         for name, b in bench_memory(args):
             print(f"{name:16} {b / 2**20:8.2f} MiB")
     try:
