@@ -3,9 +3,16 @@
 Quantizers bit-identical to :mod:`fp8core.reference`, the bitsandbytes-shaped
 autograd matmuls and ``nn.Linear`` drop-ins. Device-agnostic: every tensor is
 created on its input's device.
+
+Layout (after torchao.float8): ``config`` (per-codebook constants, frozen),
+``quantize`` (the quantizers), ``matmul`` (autograd functions), ``linear``
+(modules), ``convert`` (``convert_to_fp8``).
 """
 
 from fp8core_torch.config import QuantSpec
+from fp8core_torch.convert import convert_to_fp8
+from fp8core_torch.linear import LinearFP8Global, LinearFP8Mixed
+from fp8core_torch.matmul import matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
     dequantize_blockwise,
     dequantize_global,
@@ -15,22 +22,15 @@ from fp8core_torch.quantize import (
 )
 
 __all__ = [
+    "LinearFP8Global",
+    "LinearFP8Mixed",
     "QuantSpec",
+    "convert_to_fp8",
     "dequantize_blockwise",
     "dequantize_global",
     "fake_quantize",
-    "quantize_blockwise",
-    "quantize_global",
-]
-
-from fp8core_torch.matmul import matmul_fp8_global, matmul_fp8_mixed  # noqa: E402
-from fp8core_torch.linear import LinearFP8Global, LinearFP8Mixed  # noqa: E402
-from fp8core_torch.convert import convert_to_fp8  # noqa: E402
-
-__all__ += [
-    "LinearFP8Global",
-    "LinearFP8Mixed",
-    "convert_to_fp8",
     "matmul_fp8_global",
     "matmul_fp8_mixed",
+    "quantize_blockwise",
+    "quantize_global",
 ]

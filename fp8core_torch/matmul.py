@@ -88,6 +88,13 @@ def _grad_b(a: torch.Tensor, g: torch.Tensor, b_transposed: bool) -> torch.Tenso
     return a.t() @ g
 
 
+def _sum_rows(g2: torch.Tensor) -> torch.Tensor:
+    """Σ over rows as a GEMM (ones @ g): the same BLAS call eager and under
+    torch.compile, so the bias gradient has the same bits in both (a ``sum`` is
+    reduced in a different order by inductor)."""
+    return torch.mm(torch.ones(1, g2.shape[0], dtype=g2.dtype, device=g2.device), g2).view(-1)
+
+
 def _tables(spec: QuantSpec, device: torch.device) -> CodebookTensors | None:
     return codebook_tensors(spec.codebook, device) if spec.needs_tables else None
 
@@ -108,7 +115,6 @@ class _MatMulFP8Mixed(torch.autograd.Function):
     def backward(ctx, grad_out):
         qb, A = ctx.saved_tensors
         bw, bw_tabs, bsz2, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
-        ctx.meta = None
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g = grad_out.to(a_dtype)
         n = g.shape[-1]
@@ -121,7 +127,7 @@ class _MatMulFP8Mixed(torch.autograd.Function):
             if need_b:
                 grad_b = _grad_b(A.reshape(-1, A.shape[-1]), g2, b_t).to(b_dtype)
             if need_bias:
-                grad_bias = g2.sum(0).to(bias_dtype)
+                grad_bias = _sum_rows(g2).to(bias_dtype)
         return grad_a, grad_b, grad_bias, None, None, None, None, None, None
 
 
@@ -146,7 +152,6 @@ class _MatMulFP8Global(torch.autograd.Function):
     def backward(ctx, grad_out):
         qb, codes_a, absmax_a = ctx.saved_tensors
         fw, fw_tabs, bw, bw_tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
-        ctx.meta = None
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g = grad_out.to(a_dtype)
         n = g.shape[-1]
@@ -163,7 +168,7 @@ class _MatMulFP8Global(torch.autograd.Function):
                 qa = (_decode(codes_a.reshape(-1), fw, fw_tabs) * dscale).to(a_dtype)
                 grad_b = _grad_b(qa.view(-1, codes_a.shape[-1]), qg, b_t).to(b_dtype)
             if need_bias:
-                grad_bias = g2.sum(0).to(bias_dtype)
+                grad_bias = _sum_rows(g2).to(bias_dtype)
         return grad_a, grad_b, grad_bias, None, None, None, None, None, None
 
 

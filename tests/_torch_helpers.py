@@ -1,0 +1,86 @@
+"""Shared helpers for the torch backend tests (inputs from numpy, bit comparisons)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+NP_DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+
+
+@pytest.fixture(autouse=True)
+def pinned_numerics():
+    """TF32 / reduced-precision fp32 matmuls off for the test, restored afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])
+
+
+def to_torch(a: np.ndarray) -> torch.Tensor:
+    """numpy (incl. ml_dtypes bfloat16) -> torch, exactly."""
+    if a.dtype == NP_DTYPES["bfloat16"]:
+        return torch.from_numpy(a.view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a, copy=True, order="C"))
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16).view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def f32_bits(a) -> np.ndarray:
+    """float32 bit patterns with every NaN canonicalised to 0x7FC00000."""
+    a = np.asarray(a).astype(np.float32)
+    b = a.view(np.uint32).copy()
+    b[np.isnan(a)] = 0x7FC00000
+    return b
+
+
+def value_bits(a) -> np.ndarray:
+    """Bits of a float array in its own width (fp16/bf16 as uint16), NaNs equal."""
+    a = np.asarray(a)
+    if a.dtype.itemsize == 8:
+        b = a.view(np.uint64).copy()
+        b[np.isnan(a)] = 0x7FF8000000000000
+        return b
+    if a.dtype.itemsize == 2:
+        b = a.view(np.uint16).copy()
+        b[np.isnan(a.astype(np.float32))] = 0x7FFF
+        return b
+    return f32_bits(a)
+
+
+def assert_bits_equal(actual, expected, what: str) -> None:
+    a, e = value_bits(actual), value_bits(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    bad = np.flatnonzero(a.reshape(-1) != e.reshape(-1))
+    assert bad.size == 0, (
+        f"{what}: {bad.size} of {a.size} differ; first at {bad[:5]}: "
+        f"got {np.asarray(actual).reshape(-1)[bad[:5]]} want {np.asarray(expected).reshape(-1)[bad[:5]]}"
+    )
+
+
+def random_input(rng: np.random.Generator, shape, dtype: str, spread: float = 6.0) -> np.ndarray:
+    """Normal values with a log-uniform magnitude spread, some exact ±0, in ``dtype``."""
+    x = rng.standard_normal(shape) * np.exp(rng.uniform(-spread, spread, shape))
+    x = x.astype(np.float64)
+    flat = x.reshape(-1)
+    flat[::53] = 0.0
+    flat[7::53] = -0.0
+    if dtype == "float16":
+        x = np.clip(x, -60000, 60000)
+    return x.astype(NP_DTYPES[dtype])
