@@ -129,14 +129,18 @@ def _resolve(codebook: Any) -> Codebook:
 def _group_absmax(groups: jax.Array) -> jax.Array:
     """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
 
-    XLA's ``max`` propagates NaN (pinned by a test), so NaN > inf is automatic;
-    NaN is then stored canonically and a subnormal maximum as +0.
+    NaN is detected with an explicit ``any(isnan)``: XLA's element-wise ``max``
+    propagates NaN, but a cross-device all-reduce max of a sharded array does
+    not (found by tests/test_jax_sharding.py). OR and max are exact in any
+    reduction order, so sharded and single-device results are the same bits.
+    NaN is stored canonically and a subnormal maximum as +0.
     """
     if groups.shape[-1] == 0:
         return jnp.zeros(groups.shape[:-1], jnp.float32)
+    has_nan = jnp.any(jnp.isnan(groups), axis=-1)
     absmax = jnp.max(jnp.abs(groups), axis=-1)
     absmax = jnp.where(absmax < F32_SMALLEST_NORMAL, jnp.float32(0), absmax)
-    return jnp.where(jnp.isnan(absmax), jnp.float32(_CANONICAL_NAN), absmax)
+    return jnp.where(has_nan | jnp.isnan(absmax), jnp.float32(_CANONICAL_NAN), absmax)
 
 
 def _group_scales(absmax: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -335,7 +339,8 @@ def quantize_global(x: Any, codebook: Any) -> tuple[jax.Array, jax.Array]:
 
     Returns ``(codes, absmax)``: uint8 codes shaped like ``x`` and a 0-d float32
     absmax (0 for an empty array). Numerics as :func:`quantize_blockwise`; the
-    absmax is a NaN-propagating max, exact in any reduction order (sharding).
+    absmax is a NaN-propagating max, exact in any reduction order (sharding:
+    NaN is found with ``any(isnan)``, since an all-reduce max drops NaN).
     """
     x = _check_x(x)
     codebook = _resolve(codebook)
