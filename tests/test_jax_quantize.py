@@ -331,3 +331,18 @@ def test_bad_input(call, exc, match):
 def test_bad_input_raises_at_trace_time():
     with pytest.raises(TypeError, match="x must be a floating"):
         jax.jit(lambda v: jq.fake_quantize(v, "e4m3", 64)).trace(np.ones(8, np.int32))
+
+
+def test_bfloat16_output_cast_is_round_half_to_even():
+    """The integer f32→bf16 cast equals ml_dtypes on ties, overflow, ±inf, NaN, ±0."""
+    rng = np.random.default_rng(6)
+    hi = rng.integers(0, 1 << 16, 1 << 20, dtype=np.uint32) << 16
+    ties = hi | 0x8000                                     # exact ties
+    near = hi | rng.integers(0, 1 << 16, hi.size, dtype=np.uint32)
+    special = np.array([0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0xFF7F8000, 0x7F800000, 0xFF800000,
+                        0x80000000, 0, 0x7FC00000, 0xFFC00001, 0x00800000, 0x3F808000], np.uint32)
+    b = np.concatenate([ties, near, special])
+    y = b.view(F32)
+    y = y[~((np.abs(y) < np.finfo(F32).smallest_normal) & (y != 0))]  # inputs are never subnormal
+    got = np.asarray(jax.jit(lambda v: jq._cast_out(v, jnp.bfloat16))(y))
+    assert_bits_equal(got, y.astype(ml_dtypes.bfloat16), "f32 -> bf16")
