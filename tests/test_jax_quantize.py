@@ -139,11 +139,14 @@ def _check_all(x_np, cb_name, vname, blocksize=BS, want=None):
     assert_bits_equal(gdeq, want_gdeq, f"dequantize global {what}")
 
 
-# every codebook x dtype jitted; eager (op by op) for float32 and, for the
-# formats training uses, the half-precision inputs too.
+# every codebook x dtype jitted; eager (op by op) for one codebook per code path
+# (XLA convert e4m3/e5m2, table search, sub-byte search) in float32 and bfloat16
+# — every other eager combination runs with the slow tests.
+_EAGER_FAST = ("e4m3", "e5m2", "bnb_e4m3", "float4_e2m1fn")
 EDGE_CASES = [(cb, dt, "jit") for cb in CODEBOOKS for dt in DTYPES] + [
-    (cb, dt, "eager") for cb in CODEBOOKS for dt in DTYPES
-    if dt == "float32" or cb in ("e4m3", "e5m2", "bnb_e4m3", "float4_e2m1fn")
+    (cb, dt, "eager") if cb in _EAGER_FAST and dt != "float16"
+    else pytest.param(cb, dt, "eager", marks=pytest.mark.slow)
+    for cb in CODEBOOKS for dt in DTYPES
 ]
 
 
@@ -345,4 +348,6 @@ def test_bfloat16_output_cast_is_round_half_to_even():
     y = b.view(F32)
     y = y[~((np.abs(y) < np.finfo(F32).smallest_normal) & (y != 0))]  # inputs are never subnormal
     got = np.asarray(jax.jit(lambda v: jq._cast_out(v, jnp.bfloat16))(y))
-    assert_bits_equal(got, y.astype(ml_dtypes.bfloat16), "f32 -> bf16")
+    with np.errstate(invalid="ignore"):
+        want = y.astype(ml_dtypes.bfloat16)
+    assert_bits_equal(got, want, "f32 -> bf16")
