@@ -243,6 +243,15 @@ def test_jit_keeps_the_rounding_113_to_112():
 
     y, z = graph(x, F32(1.0))
     assert float(y[0]) == 112.0 and float(z[0, 0]) == 112.0
+    # the code path: convert → bitcast to uint8 → bitcast back → convert, in one graph
+    # (XLA could fold the bitcast pair and then the convert pair)
+    via_codes = jax.jit(lambda v: jq.dequantize_global(*jq.quantize_global(v, "e4m3"), "e4m3") * 2.0)
+    assert float(via_codes(x)[0]) == 224.0
+    via_blocks = jax.jit(
+        lambda v: jq.dequantize_blockwise(*jq.quantize_blockwise(v, "e5m2", 64), "e5m2", 64) * w2)
+    w2 = F32(1.0)
+    want = ref.fake_quantize(x, "e5m2", 64)
+    assert_bits_equal(via_blocks(x), want, "e5m2 via codes in one graph")
     # round trip by itself, where convert(convert(x)) is the whole computation
     rt = jax.jit(lambda s: jq._round_to_values(s, c) * F32(2.0))
     assert float(rt(F32(113.0))) == 224.0
