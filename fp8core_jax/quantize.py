@@ -19,8 +19,9 @@ XLA hazards and how this module meets them (each is pinned by a test in
 * float32 subnormals are flushed on CPU: the scale floor makes every subnormal
   input quantize to a signed zero and every non-zero output a normal.
 * ``f32 → f8 → f32`` may be removed as "excess precision": the fused
-  fake-quantize path puts ``lax.optimization_barrier`` on the 8-bit value, and
-  the code paths go through a ``bitcast_convert_type`` to uint8.
+  fake-quantize path never converts to an 8-bit type (it rounds with integer
+  arithmetic on the float32 bits, :func:`_rne_values`), and the code paths go
+  through a ``bitcast_convert_type`` to uint8.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _Constants(NamedTuple):
     """Host constants of one codebook (read-only numpy arrays / Python scalars)."""
 
     native_dtype: Any          # jnp dtype for XLA's convert, or None → search form
+    rne: tuple[int, int, bool] | None  # (mantissa bits, log2 min normal, has −0): integer RNE
     values256: np.ndarray      # f32[256]: value of every uint8 code
     thresholds: np.ndarray     # f32[n-1]: searchsorted decision points
     sorted_codes: np.ndarray   # u8[n]: code of each sorted entry
@@ -77,8 +79,13 @@ def _constants(codebook: Codebook) -> _Constants:
     native = None
     if codebook.is_native and codebook.format.name in NATIVE_CAST_FORMATS:
         native = jnp.dtype(getattr(jnp, codebook.format.jax_dtype))
+    rne = None
+    if codebook.is_native:
+        fmt = codebook.format
+        rne = (int(fmt.mantissa_bits), int(np.log2(fmt.smallest_normal)), bool(fmt.has_negative_zero))
     return _Constants(
         native_dtype=native,
+        rne=rne,
         values256=codebook.values256,
         thresholds=codebook.thresholds,
         sorted_codes=codebook.sorted_codes,
@@ -129,14 +136,21 @@ def _resolve(codebook: Any) -> Codebook:
 def _group_absmax(groups: jax.Array) -> jax.Array:
     """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
 
-    XLA's ``max`` propagates NaN (pinned by a test), so NaN > inf is automatic;
-    NaN is then stored canonically and a subnormal maximum as +0.
+    Computed as an integer max of the bit patterns of |x| (sign bit cleared):
+    for non-negative floats the integer order is the float order, and every NaN
+    pattern is above +inf, so NaN wins without a separate test. An integer max
+    is exact in any reduction order — a float all-reduce max of a sharded array
+    drops NaN (found by tests/test_jax_sharding.py), this does not. NaN is stored
+    canonically and a subnormal maximum as +0 (also when XLA flushes subnormals:
+    the bit patterns are never flushed).
     """
     if groups.shape[-1] == 0:
         return jnp.zeros(groups.shape[:-1], jnp.float32)
-    absmax = jnp.max(jnp.abs(groups), axis=-1)
-    absmax = jnp.where(absmax < F32_SMALLEST_NORMAL, jnp.float32(0), absmax)
-    return jnp.where(jnp.isnan(absmax), jnp.float32(_CANONICAL_NAN), absmax)
+    mag = lax.bitcast_convert_type(groups, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    top = jnp.max(mag, axis=-1)
+    top = jnp.where(top < jnp.int32(0x00800000), jnp.int32(0), top)           # subnormal → +0
+    top = jnp.where(top > jnp.int32(0x7F800000), jnp.int32(CANONICAL_NAN_BITS.view(np.int32)), top)
+    return lax.bitcast_convert_type(top, jnp.float32)
 
 
 def _group_scales(absmax: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -182,11 +196,45 @@ def _decode(codes: jax.Array, c: _Constants) -> jax.Array:
     return jnp.asarray(c.values256)[codes.astype(jnp.int32)]
 
 
+def _rne_values(s: jax.Array, mant: int, emin: int, negzero: bool) -> jax.Array:
+    """Round float32 ``s`` (finite, |s| ≤ M) to a binary format with ``mant``
+    mantissa bits and smallest normal ``2**emin``, half to even, in float32.
+
+    Normal range: integer round-half-to-even on the bit pattern (drop
+    ``23 - mant`` bits; a carry into the exponent is the next binade).
+    Subnormal range (|s| < 2**emin): the grid is uniform, ``2**(emin - mant)``;
+    scale by a power of two (exact), ``round`` half to even, scale back (exact).
+    The sign is OR-ed back, so negatives rounding to zero give −0; formats
+    without −0 (fnuz) get +0. No float8 ``convert`` is involved, so XLA has no
+    reduced-precision round trip to remove; exhaustively checked against
+    ml_dtypes (tests/test_jax_exhaustive.py).
+    """
+    b = lax.bitcast_convert_type(s, jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    a = b & jnp.uint32(0x7FFFFFFF)
+    d = 23 - mant
+    r_norm = (a + jnp.uint32((1 << (d - 1)) - 1) + ((a >> d) & jnp.uint32(1))) & jnp.uint32(
+        (0xFFFFFFFF << d) & 0xFFFFFFFF)
+    mag = lax.bitcast_convert_type(a, jnp.float32)
+    sub = jnp.round(mag * jnp.float32(2.0 ** (mant - emin))) * jnp.float32(2.0 ** (emin - mant))
+    r_sub = lax.bitcast_convert_type(sub, jnp.uint32)
+    small = a < jnp.uint32(int(np.float32(2.0**emin).view(np.uint32)))
+    r = jnp.where(small, r_sub, r_norm)
+    if negzero:
+        r = r | sign
+    else:
+        r = jnp.where(r == 0, r, r | sign)
+    return lax.bitcast_convert_type(r, jnp.float32)
+
+
 def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
-    """§3.5 + §4.2 fused: the float32 value of the code ``s`` rounds to."""
-    if c.native_dtype is not None:
-        # the barrier keeps XLA from dropping f32→f8→f32 as "excess precision"
-        return lax.optimization_barrier(s.astype(c.native_dtype)).astype(jnp.float32)
+    """§3.5 + §4.2 fused: the float32 value of the code ``s`` rounds to.
+
+    Native formats: :func:`_rne_values` (pure integer/float32 arithmetic that
+    fuses with the scaling). Tables: search, then the value table.
+    """
+    if c.rne is not None:
+        return _rne_values(s, *c.rne)
     return _decode(_round_to_codes(s, c), c)
 
 
@@ -215,6 +263,23 @@ def _fake_groups(groups: jax.Array, c: _Constants) -> jax.Array:
     _, qscale, dscale = _group_scales(absmax, c)
     s = _scale_and_saturate(groups, qscale, c)
     return _round_to_values(s, c) * dscale[..., None]
+
+
+def _cast_out(y: jax.Array, dtype: Any) -> jax.Array:
+    """§4.4: the one final cast of float32 results, round to nearest even.
+
+    bfloat16 is rounded with integer arithmetic on the float32 bits (XLA:CPU's
+    own f32→bf16 convert is ~1.7x slower here); identical bits for every finite
+    value and ±inf (overflow rounds to inf, as IEEE RNE does); NaN stays NaN
+    (canonical payload — NaN payloads are unspecified by the contract). Inputs
+    are float32 normals, zeros, ±inf or NaN (never subnormal, by the scale floor).
+    """
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return y.astype(dtype)
+    b = lax.bitcast_convert_type(y, jnp.uint32)
+    r = (b + jnp.uint32(0x7FFF) + ((b >> 16) & jnp.uint32(1))) >> 16
+    r = jnp.where(jnp.isnan(y), jnp.uint32(0x7FC0), r)
+    return lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.bfloat16)
 
 
 def _to_blocks(flat: jax.Array, plan: fp8core.BlockPlan) -> jax.Array:
@@ -246,7 +311,7 @@ def _dequantize_blockwise(codes, absmax, codebook: Codebook, blocksize: int, dty
     plan = fp8core.plan_blocks(codes.size, blocksize)
     groups = _to_blocks(codes.reshape(-1), plan)
     y = _dequantize_groups(groups, absmax, c)
-    return _from_blocks(y, plan, codes.shape).astype(dtype)           # §4.4
+    return _cast_out(_from_blocks(y, plan, codes.shape), dtype)       # §4.4
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -260,7 +325,7 @@ def _quantize_global(x, codebook: Codebook):
 def _dequantize_global(codes, absmax, codebook: Codebook, dtype: str):
     c = _constants(codebook)
     y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c)
-    return y.reshape(codes.shape).astype(dtype)
+    return _cast_out(y.reshape(codes.shape), dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -272,7 +337,7 @@ def _fake_quantize(x, codebook: Codebook, blocksize: int | None):
     else:
         plan = fp8core.plan_blocks(x.size, blocksize)
         y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
-    return y.astype(x.dtype)
+    return _cast_out(y, x.dtype)
 
 
 # ------------------------------------------------------------- public API
@@ -335,7 +400,8 @@ def quantize_global(x: Any, codebook: Any) -> tuple[jax.Array, jax.Array]:
 
     Returns ``(codes, absmax)``: uint8 codes shaped like ``x`` and a 0-d float32
     absmax (0 for an empty array). Numerics as :func:`quantize_blockwise`; the
-    absmax is a NaN-propagating max, exact in any reduction order (sharding).
+    absmax is a NaN-propagating max, exact in any reduction order (sharding:
+    an integer max of the bit patterns, since a float all-reduce max drops NaN).
     """
     x = _check_x(x)
     codebook = _resolve(codebook)
@@ -357,9 +423,10 @@ def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> jax.Ar
 
     ``blocksize=None`` uses one absmax for the array; an int quantizes blockwise.
     Bit-identical to ``dequantize(quantize(x))`` and to
-    :func:`fp8core.fake_quantize`. For natively castable formats it is fused
-    (no uint8 codes are materialised): ``fl(f32(f8(s)) * dscale)`` with an
-    optimization barrier on the 8-bit value so XLA keeps the rounding.
+    :func:`fp8core.fake_quantize`. For native formats it is fused (no uint8
+    codes are materialised): ``fl(rne(s) * dscale)`` where ``rne`` rounds half
+    to even with integer arithmetic on the float32 bits (no 8-bit cast that XLA
+    could drop as excess precision).
     """
     x = _check_x(x)
     codebook = _resolve(codebook)

@@ -37,8 +37,10 @@ def assert_bits_equal(got, want, what: str = "") -> None:
 
 @contextlib.contextmanager
 def variant(name: str):
-    """'eager': op by op (jax.disable_jit); 'jit': the caller jits."""
-    if name == "eager":
+    """'jit': the caller jits the whole computation; 'eager': public functions are
+    called directly (each runs its own internal jit — what a user gets without
+    jax.jit); 'opbyop': jax.disable_jit, every primitive dispatched on its own."""
+    if name == "opbyop":
         with jax.disable_jit():
             yield
     else:
