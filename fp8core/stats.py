@@ -50,6 +50,7 @@ __all__ = [
     "OperandSpec",
     "quantization_stats",
     "layer_operand_specs",
+    "specs_of_layer",
     "layer_stats",
     "merge_stats",
     "summary_rows",
@@ -238,6 +239,18 @@ def layer_operand_specs(mode: str, in_features: int, out_features: int, *,
         return {"activation": OperandSpec(fw, None), "weight": OperandSpec(fw, None),
                 "gradient": OperandSpec(bw, None)}
     raise ValueError(f"mode must be 'mixed' or 'global', got {mode!r}")
+
+
+def specs_of_layer(layer: Any) -> dict[str, OperandSpec]:
+    """:func:`layer_operand_specs` of an FP8 layer of either framework.
+
+    Both ``fp8core_torch`` and ``fp8core_jax.nn`` layers expose the same attributes:
+    ``mode``, ``in_features``, ``out_features``, ``fw_codebook``, ``bw_codebook``,
+    ``bsz``, ``bsz2``.
+    """
+    return layer_operand_specs(layer.mode, layer.in_features, layer.out_features,
+                               fw_format=layer.fw_codebook, bw_format=layer.bw_codebook,
+                               bsz=layer.bsz, bsz2=layer.bsz2)
 
 
 def layer_stats(layer: str, specs: Mapping[str, OperandSpec], operands: Mapping[str, Any], *,

@@ -38,23 +38,11 @@ def fp8_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
-def layer_specs(module: nn.Module, mode: str) -> dict[str, _stats.OperandSpec]:
-    """The operand specs of one FP8 layer, from its formats and block sizes."""
-    return _stats.layer_operand_specs(
-        mode, module.in_features, module.out_features,
-        fw_format=_first_attr(module, "fw_codebook", "fw_spec", "fw_format"),
-        bw_format=_first_attr(module, "bw_codebook", "bw_spec", "bw_format"),
-        bsz=getattr(module, "bsz", None), bsz2=getattr(module, "bsz2", None))
-
-
-def _first_attr(module, *names):
-    """The first attribute present; a spec object holding a ``codebook`` gives that codebook
-    (torch layers keep a ``QuantSpec`` in ``fw_spec``, JAX layers a ``Codebook``)."""
-    for name in names:
-        value = getattr(module, name, None)
-        if value is not None:
-            return getattr(value, "codebook", value)
-    raise AttributeError(f"{type(module).__name__} has none of the attributes {names}")
+def layer_specs(module, mode: str) -> dict[str, _stats.OperandSpec]:
+    """The operand specs of one FP8 layer (``mode`` is checked against the layer's own)."""
+    if module.mode != mode:
+        raise ValueError(f"{type(module).__name__} is a {module.mode!r} layer, not {mode!r}")
+    return _stats.specs_of_layer(module)
 
 
 def _numpy(t: torch.Tensor):

@@ -128,6 +128,7 @@ class LinearFP8Mixed(_LinearFP8):
       TypeError / ValueError: bad features, dtypes, formats or block sizes.
     """
 
+    mode: tp.ClassVar[str] = "mixed"
     _matmul = staticmethod(matmul_fp8_mixed)
 
 
@@ -137,6 +138,7 @@ class LinearFP8Global(_LinearFP8):
     Arguments as :class:`LinearFP8Mixed`; ``bsz``/``bsz2`` are kept for parity and unused.
     """
 
+    mode: tp.ClassVar[str] = "global"
     _matmul = staticmethod(matmul_fp8_global)
 
 

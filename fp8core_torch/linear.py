@@ -29,7 +29,8 @@ __all__ = ["LinearFP8Mixed", "LinearFP8Global"]
 
 class _LinearFP8Base(nn.Linear):
     _function: type[torch.autograd.Function]
-    _mode: str
+    #: "mixed" or "global" (same attribute on the NNX layers)
+    mode: str
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  device: Any = None, dtype: Any = None, *, fw_format: Any = "e4m3",
@@ -61,8 +62,18 @@ class _LinearFP8Base(nn.Linear):
                              self.fw_spec, self.bw_spec, self._tabs("fw", self.fw_spec),
                              self._tabs("bw", self.bw_spec), self.bsz, self.bsz2)
 
+    @property
+    def fw_codebook(self) -> fp8core.Codebook:
+        """The forward codebook (attribute shared with the NNX layers)."""
+        return self.fw_spec.codebook
+
+    @property
+    def bw_codebook(self) -> fp8core.Codebook:
+        """The backward codebook (attribute shared with the NNX layers)."""
+        return self.bw_spec.codebook
+
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, mode={self._mode}, fw_format={self.fw_spec.name}, "
+        return (f"{super().extra_repr()}, mode={self.mode}, fw_format={self.fw_spec.name}, "
                 f"bw_format={self.bw_spec.name}, bsz={self.bsz}, bsz2={self.bsz2}")
 
     @classmethod
@@ -94,11 +105,11 @@ class LinearFP8Mixed(_LinearFP8Base):
     """
 
     _function = _MatMulFP8Mixed
-    _mode = "mixed"
+    mode = "mixed"
 
 
 class LinearFP8Global(_LinearFP8Base):
     """nn.Linear with ``matmul_fp8_global``: every operand quantized with one scale."""
 
     _function = _MatMulFP8Global
-    _mode = "global"
+    mode = "global"
