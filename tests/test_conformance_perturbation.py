@@ -1,0 +1,76 @@
+"""A deliberately broken backend makes the suite fail, naming the cases.
+
+Each test breaks one backend the way an implementation could plausibly go wrong
+— unscaling by dividing by ``qscale`` (``v / fl(M/a)``, here as ``v · fl(1/qscale)``)
+instead of the contract's ``v · fl(a · fl(1/M))`` — runs a slice of the quick suite through the same runner as
+``python -m conformance``, and checks that the failures name the case ids, the
+broken backend's pairs, and the first differing element.
+"""
+
+import pytest
+
+from conformance import runner
+from conformance.cases import all_cases, select
+
+# one codebook per rounding path: a native cast and a table search
+SLICE = [c for c in all_cases(0, quick=True)
+         if c.op == "fake_quantize_blockwise" and c.dtype == "float32" and c.distribution == "normal"]
+
+
+def _failures(backend_names=("numpy", "torch", "jax")):
+    results = [r for case in SLICE for r in runner.run_case(case, backend_names)]
+    return results, [r for r in results if r.status == "failed"]
+
+
+def test_slice_passes_unperturbed():
+    pytest.importorskip("fp8core_torch")
+    pytest.importorskip("fp8core_jax")
+    assert SLICE
+    results, failed = _failures()
+    assert not failed, [r.message for r in failed]
+
+
+def test_torch_dividing_instead_of_multiplying_is_caught(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fp8core_torch")
+    from fp8core_torch import quantize as tq
+
+    original = tq._scales
+
+    def divided(absmax, spec):
+        finite, qscale, dscale = original(absmax, spec)
+        return finite, qscale, torch.where(finite, torch.reciprocal(qscale), dscale)
+
+    monkeypatch.setattr(tq, "_scales", divided)
+    results, failed = _failures(("numpy", "torch"))
+    assert failed, "a torch backend that divides went unnoticed"
+    assert {r.pair for r in failed} == {"numpy~torch"}
+    assert {r.case_id for r in failed} <= {c.id for c in SLICE}
+    assert all(r.case_id.startswith("fake_quantize_blockwise[") for r in failed)
+    assert "first at index" in failed[0].message and "expected" in failed[0].message
+
+
+def test_jax_dividing_instead_of_multiplying_is_caught(monkeypatch):
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("fp8core_jax")
+    import jax.numpy as jnp
+    from fp8core_jax import quantize as jq
+
+    original = jq._group_scales
+
+    def divided(absmax, c):
+        finite, qscale, dscale = original(absmax, c)
+        return finite, qscale, jnp.where(finite, jnp.float32(1) / qscale, dscale)
+
+    jax.clear_caches()  # the jitted quantizers must be retraced with the broken scales
+    monkeypatch.setattr(jq, "_group_scales", divided)
+    try:
+        results, failed = _failures(("numpy", "jax"))
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert failed, "a JAX backend that divides went unnoticed"
+    assert {r.pair for r in failed} == {"numpy~jax"}
+    assert "first at index" in failed[0].message
+    # and the failure names the case as the report would
+    assert failed[0].case_id in {c.id for c in select(SLICE, "fake_quantize_blockwise")}
