@@ -237,7 +237,8 @@ def _cell(c: dict) -> str:
 def format_table(results) -> str:
     """The summary table: one row per operation, one column per backend pair."""
     table = summarize(results)
-    pairs = sorted({r.pair for r in results}, key=lambda p: ("golden" in p, p))
+    # pairs in the order they were run (backend order), the golden column last
+    pairs = sorted(dict.fromkeys(r.pair for r in results), key=lambda p: "golden" in p)
     rows = [["operation"] + pairs]
     for op in table:
         rows.append([op] + [_cell(table[op][p]) if p in table[op] else "—" for p in pairs])
