@@ -197,7 +197,8 @@ def run(cases, backend_names=("numpy", "torch", "jax"), progress: bool = True) -
     if progress:
         try:
             from tqdm import tqdm
-            iterator = tqdm(cases, desc="conformance", unit="case", leave=False)
+            # disable=None: a bar on a terminal, nothing in a CI log
+            iterator = tqdm(cases, desc="conformance", unit="case", leave=False, disable=None)
         except ImportError:
             pass
     results = []
