@@ -51,11 +51,12 @@ __all__ = [
 
 #: Smallest eager chunk (elements). Large tensors are cut into at most
 #: _MAX_CHUNKS chunks: every op on a chunk is one OpenMP parallel region, and on a
-#: loaded machine each region can cost a scheduler time slice (~8 ms measured), so
-#: fewer regions win: with the float8-cast rounding (few, cheap passes) one chunk
-#: was 1.1-1.8x faster than 4 and 3-4x faster than 16 on 16M elements under load.
+#: loaded machine each region can cost a scheduler time slice (~8 ms measured).
+#: With the float8-cast rounding, 16M elements: idle, 4 chunks were 1.15-1.8x
+#: faster than 1 (fp32 / bf16: smaller scratch, fewer page faults); under load
+#: (another process on one core) 1 chunk was 1.1-1.8x faster than 4. 4 is kept.
 _CHUNK = 1 << 20
-_MAX_CHUNKS = 1
+_MAX_CHUNKS = 4
 _F32_SMALLEST_NORMAL = 2.0**-126
 _F32_EXP_MASK = 0x7F800000
 
