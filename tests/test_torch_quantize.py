@@ -238,6 +238,27 @@ def test_decode_all_codes(cb):
                                   f32_bits(codebook.values256))
 
 
+@pytest.mark.parametrize("fmt", TORCH_NATIVE)
+def test_decode_cast_into_exhaustive(fmt):
+    """The eager decode of float8 codes (float16 bit patterns for e4m3, factor folded
+    into dscale) gives fl(value[code] * dscale) for every code with a value, over
+    extreme scales; NaN dscale (non-finite groups) gives NaN."""
+    codebook = fp8core.resolve_codebook(fmt)
+    spec = resolve_spec(fmt)
+    codes = torch.arange(256, dtype=torch.uint8)
+    has_value = ~np.isnan(codebook.values256)
+    for d in (1.0, 2.0**-115, 3.0e-3, 1.7, 3.4028235e38 / 448, float("nan")):
+        dscale = torch.tensor([d], dtype=torch.float32)
+        s = torch.empty(256, dtype=torch.float32)
+        ds = TQ._decode_cast_into_(s, codes.view(spec.torch_dtype), spec, dscale)
+        got = (s * ds).numpy()
+        want = codebook.values256 * np.float32(d)
+        if np.isnan(d):
+            assert np.isnan(got).all()
+        else:
+            np.testing.assert_array_equal(f32_bits(got[has_value]), f32_bits(want[has_value]))
+
+
 @pytest.mark.parametrize("cb", CODEBOOKS)
 def test_sorted_values_are_values_of_sorted_codes(cb):
     """The fused table path gathers sorted_values directly; it must equal value[code]."""
