@@ -22,13 +22,13 @@ from flax import nnx
 
 from fp8core import stats as _stats
 
-__all__ = ["fp8_layers", "layer_specs", "collect_stats"]
+__all__ = ["fp8_layers", "collect_stats"]
 
 
-def _fp8_classes() -> dict[type, str]:
+def _fp8_classes() -> tuple[type, ...]:
     from fp8core_jax import nn as fp8nn
 
-    return {fp8nn.LinearFP8Mixed: "mixed", fp8nn.LinearFP8Global: "global"}
+    return (fp8nn.LinearFP8Mixed, fp8nn.LinearFP8Global)
 
 
 def _name(path: tuple) -> str:
@@ -38,20 +38,8 @@ def _name(path: tuple) -> str:
 def fp8_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Module, str]]:
     """``(path, module, mode)`` of every FP8 linear layer, in NNX graph order."""
     classes = _fp8_classes()
-    out = []
-    for path, module in nnx.iter_modules(model):
-        for cls, mode in classes.items():
-            if isinstance(module, cls):
-                out.append((tuple(path), module, mode))
-                break
-    return out
-
-
-def layer_specs(module, mode: str) -> dict[str, _stats.OperandSpec]:
-    """The operand specs of one FP8 layer (``mode`` is checked against the layer's own)."""
-    if module.mode != mode:
-        raise ValueError(f"{type(module).__name__} is a {module.mode!r} layer, not {mode!r}")
-    return _stats.specs_of_layer(module)
+    return [(tuple(path), module, module.mode) for path, module in nnx.iter_modules(model)
+            if isinstance(module, classes)]
 
 
 class _Recorder:
@@ -136,7 +124,7 @@ def collect_stats(model: nnx.Module, x: Any, loss_fn: Callable[[Any], Any] | Non
             _set(_get_path(model, path[:-1]), path[-1], module)
     records: list[_stats.StatsRecord] = []
     for (path, module, mode), rec, grad in zip(layers, recorders, grads):
-        specs = layer_specs(module, mode)
+        specs = _stats.specs_of_layer(module)
         name = _name(path)
         for inp in rec.inputs:
             records.extend(_stats.layer_stats(name, specs, {"activation": _numpy(inp)}, step=step))

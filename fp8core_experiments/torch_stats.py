@@ -17,32 +17,20 @@ from torch import nn
 
 from fp8core import stats as _stats
 
-__all__ = ["fp8_layers", "layer_specs", "collect_stats"]
+__all__ = ["fp8_layers", "collect_stats"]
 
 
-def _fp8_classes() -> dict[type, str]:
+def _fp8_classes() -> tuple[type, ...]:
     import fp8core_torch
 
-    return {fp8core_torch.LinearFP8Mixed: "mixed", fp8core_torch.LinearFP8Global: "global"}
+    return (fp8core_torch.LinearFP8Mixed, fp8core_torch.LinearFP8Global)
 
 
 def fp8_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(name, module, mode)`` of every FP8 linear layer, in ``named_modules`` order."""
     classes = _fp8_classes()
-    out = []
-    for name, module in model.named_modules():
-        for cls, mode in classes.items():
-            if isinstance(module, cls):
-                out.append((name, module, mode))
-                break
-    return out
-
-
-def layer_specs(module, mode: str) -> dict[str, _stats.OperandSpec]:
-    """The operand specs of one FP8 layer (``mode`` is checked against the layer's own)."""
-    if module.mode != mode:
-        raise ValueError(f"{type(module).__name__} is a {module.mode!r} layer, not {mode!r}")
-    return _stats.specs_of_layer(module)
+    return [(name, module, module.mode) for name, module in model.named_modules()
+            if isinstance(module, classes)]
 
 
 def _numpy(t: torch.Tensor):
@@ -92,7 +80,7 @@ def collect_stats(model: nn.Module, *, step: int = 0,
 
     try:
         for name, module, mode in layers:
-            handles.append(module.register_forward_hook(make_hook(name, layer_specs(module, mode))))
+            handles.append(module.register_forward_hook(make_hook(name, _stats.specs_of_layer(module))))
         yield records
     finally:
         for h in handles:
