@@ -83,6 +83,42 @@ def _absmax_all(flat: torch.Tensor) -> torch.Tensor:
     return _absmax_rows(flat.view(1, -1)).view(())
 
 
+def _finish_absmax_bits(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int16 magnitude bits of a float16/bfloat16 absmax -> float32 absmax (§3.2)."""
+    a = m.view(dtype).to(torch.float32)
+    a = torch.where(a < _F32_SMALLEST_NORMAL, 0.0, a)
+    return a.masked_fill(torch.isnan(a), float("nan"))
+
+
+def _absmax_rows_bits(x2d: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """:func:`_absmax_rows` of a contiguous float16/bfloat16 ``x2d`` through its bits:
+    ``max(bits & 0x7FFF)`` per row, written piecewise into the int16 scratch ``buf``
+    (one masking pass + one int16 reduction instead of a float amax + amin; 16M bf16:
+    3.5 ms vs 5.4 ms). Positive floats order like their bit patterns, and NaN's
+    magnitude bits exceed inf's, so the max bits are those of max |x| (NaN if any).
+    """
+    rows, cols = x2d.shape
+    bits = x2d.view(torch.int16)
+    cap = buf.numel()
+    if cols <= cap:
+        step = cap // cols
+        parts = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            t = torch.bitwise_and(bits[r0:r1], 0x7FFF, out=buf[:(r1 - r0) * cols].view(r1 - r0, cols))
+            parts.append(torch.amax(t, dim=1))
+        m = parts[0] if len(parts) == 1 else torch.cat(parts)
+    else:  # rows longer than the scratch: column pieces, then the max of the maxima
+        parts = []
+        for c0 in range(0, cols, cap):
+            c1 = min(cols, c0 + cap)
+            t = buf[:rows * (c1 - c0)].view(rows, c1 - c0)
+            torch.bitwise_and(bits[:, c0:c1], 0x7FFF, out=t)
+            parts.append(torch.amax(t, dim=1, keepdim=True))
+        m = torch.amax(torch.cat(parts, dim=1), dim=1)
+    return _finish_absmax_bits(m, x2d.dtype)
+
+
 def _scales(absmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """§3.3 / §4.1: ``(finite, qscale, dscale)``; non-finite groups get dscale = NaN."""
     finite = torch.isfinite(absmax)
@@ -294,8 +330,22 @@ def _qdq(
     dev = x.device
     compiling = torch.compiler.is_compiling()
     chunked = not compiling and n > _CHUNK
+    scratch = None
+    if not compiling and spec.plan == ARITH and n:
+        size = min(n, max(_chunk_elems(n), blocksize or 0))
+        scratch = (torch.empty(size, dtype=torch.float32, device=dev),
+                   torch.empty(size, dtype=torch.int32, device=dev)
+                   if spec.torch_dtype is None else None)
+    # eager float16/bfloat16: absmax from the bits, through the float32 scratch
+    abuf = (scratch[0].view(torch.int16) if scratch is not None
+            and flat.dtype in (torch.float16, torch.bfloat16) and flat.is_contiguous() else None)
     if blocksize is None:
-        absmax = _absmax_all(flat) if n else torch.zeros((), dtype=torch.float32, device=dev)
+        if not n:
+            absmax = torch.zeros((), dtype=torch.float32, device=dev)
+        elif abuf is not None:
+            absmax = _absmax_rows_bits(flat.view(1, -1), abuf).view(())
+        else:
+            absmax = _absmax_all(flat)
     else:
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
     if n == 0:
@@ -324,12 +374,6 @@ def _qdq(
 
     vals = torch.empty(n, dtype=out_dtype, device=dev) if out_dtype is not None else None
     codes = torch.empty(n, dtype=torch.uint8, device=dev) if want_codes else None
-    scratch = None
-    if spec.plan == ARITH:
-        size = min(n, max(_chunk_elems(n), blocksize or 0))
-        scratch = (torch.empty(size, dtype=torch.float32, device=dev),
-                   torch.empty(size, dtype=torch.int32, device=dev)
-                   if spec.torch_dtype is None else None)
     if blocksize is None:
         fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
         for start, size in _pieces_global(n, chunked):
@@ -342,10 +386,11 @@ def _qdq(
         # all scales first (one amax + one amin pass, a few (n_blocks,) ops), so the
         # chunk loop below is elementwise only
         nfull = n // blocksize
+        rows_absmax = _absmax_rows if abuf is None else (lambda t: _absmax_rows_bits(t, abuf))
         if nfull:
-            absmax[:nfull] = _absmax_rows(flat[:nfull * blocksize].view(nfull, blocksize))
+            absmax[:nfull] = rows_absmax(flat[:nfull * blocksize].view(nfull, blocksize))
         if n > nfull * blocksize:
-            absmax[nfull:] = _absmax_rows(flat[nfull * blocksize:].view(1, -1))
+            absmax[nfull:] = rows_absmax(flat[nfull * blocksize:].view(1, -1))
         fin, qs, ds = (t[:, None] for t in _scales(absmax, spec))
         for r0, start, rows, cols in _pieces_blockwise(n, blocksize, chunked):
             size = rows * cols

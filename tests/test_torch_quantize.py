@@ -150,6 +150,35 @@ def test_chunked_paths(cb, bs, monkeypatch):
         check_all(x[1:], cb, None)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_absmax_from_bits_every_pattern(dtype):
+    """The eager float16/bfloat16 absmax (max of the magnitude bits) on every one of
+    the 65536 bit patterns (NaNs, ±inf, ±0, subnormals): one pattern per block, pairs
+    of patterns per block, and the whole set globally (shrunk scratch: row pieces and
+    column pieces), against the reference."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    x = bits.view(np.float16) if dtype == "float16" else bits.view(NP_DTYPES["bfloat16"])
+    perm = np.random.default_rng(5).permutation(65536)
+    for cb in ("e4m3", "e5m2"):
+        for bs in (1, 2):
+            _, a_ref = R.quantize_blockwise(x[perm], cb, bs)
+            _, a = T.quantize_blockwise(to_torch(x[perm]), cb, bs)
+            np.testing.assert_array_equal(f32_bits(a.numpy()), f32_bits(a_ref))
+    for chunk in (1000, TQ._CHUNK):
+        TQ_CHUNK, TQ._CHUNK = TQ._CHUNK, chunk
+        try:
+            for sel in (perm, perm[np.abs(x[perm].astype(np.float32)) < np.inf],
+                        perm[~np.isnan(x[perm].astype(np.float32))]):
+                _, a_ref = R.quantize_global(x[sel], "e4m3")
+                _, a = T.quantize_global(to_torch(x[sel]), "e4m3")
+                np.testing.assert_array_equal(f32_bits(a.numpy()), f32_bits(a_ref))
+                _, a_ref = R.quantize_blockwise(x[sel], "e4m3", 999)
+                _, a = T.quantize_blockwise(to_torch(x[sel]), "e4m3", 999)
+                np.testing.assert_array_equal(f32_bits(a.numpy()), f32_bits(a_ref))
+        finally:
+            TQ._CHUNK = TQ_CHUNK
+
+
 def test_large_default_chunk():
     """More than one real chunk (2**20 elements) with a partial tail."""
     x = random_input(np.random.default_rng(3), (1_200_001,), "float32")
