@@ -84,13 +84,15 @@ class NumpyBackend:
         ops = self.operands(mode, a, b, g, fw, bw, bsz, bsz2)
         return {name: np.matmul(x.astype(np.float64), y.astype(np.float64)) for name, (x, y) in ops.items()}
 
-    def linear(self, mode, x, weight, bias, fw, bw):
+    @staticmethod
+    def linear_operands(mode, x, weight, fw):
+        """``(Q(x), Q(weight))`` of an FP8 linear layer, the weight in x's dtype."""
         k = weight.shape[1]
-        if mode == "mixed":
-            qx = fp8core.fake_quantize(x, fw, fp8core.select_block_size(k))
-        else:
-            qx = fp8core.fake_quantize(x, fw)
-        qw = fp8core.fake_quantize(weight, fw).astype(x.dtype)
+        qx = fp8core.fake_quantize(x, fw, fp8core.select_block_size(k) if mode == "mixed" else None)
+        return qx, fp8core.fake_quantize(weight, fw).astype(x.dtype)
+
+    def linear(self, mode, x, weight, bias, fw, bw):
+        qx, qw = self.linear_operands(mode, x, weight, fw)
         return qx.astype(np.float64) @ qw.T.astype(np.float64) + bias.astype(np.float64)
 
     def train(self, mode, params, batches, labels, fw, bw, lr):
@@ -116,9 +118,7 @@ class NumpyBackend:
 
 
 def _np_linear(mode, x, w, b, fw):
-    k = w.shape[1]
-    qx = fp8core.fake_quantize(x, fw, fp8core.select_block_size(k) if mode == "mixed" else None)
-    qw = fp8core.fake_quantize(w, fw)
+    qx, qw = NumpyBackend.linear_operands(mode, x, w, fw)
     return qx @ qw.T + b, (x, qx, qw)
 
 
@@ -150,8 +150,7 @@ class TorchBackend:
         import torch
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
-            return t.view(torch.uint16).numpy().view(NP_DTYPES["bfloat16"]) if hasattr(torch, "uint16") \
-                else t.view(torch.int16).numpy().view(NP_DTYPES["bfloat16"])
+            return t.view(torch.int16).numpy().view(NP_DTYPES["bfloat16"])
         return t.numpy()
 
     def _dtype(self, name):

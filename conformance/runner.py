@@ -128,9 +128,7 @@ def _bounds(case: Case, oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if case.op in MODULE_OPS:
         x, w = inp["x"], inp["weight"]
         k = w.shape[1]
-        import fp8core
-        qx = fp8core.fake_quantize(x, case.codebook, fp8core.select_block_size(k) if "mixed" in case.op else None)
-        qw = fp8core.fake_quantize(w, case.codebook).astype(x.dtype)
+        qx, qw = NumpyBackend.linear_operands(_mode(case.op), x, w, case.codebook)
         acc = compare.accumulation_bound(qx.reshape(-1, k), qw.T, oracle["out"].reshape(-1, w.shape[0]),
                                          case.dtype, case.dtype).reshape(oracle["out"].shape)
         u = compare._UNIT_ROUNDOFF[case.dtype]
