@@ -43,7 +43,7 @@ from fp8core_torch.config import (
     dtype_name,
     resolve_spec,
 )
-from fp8core_torch.quantize import _decode, _decode_cast_into_, _qdq, _scales
+from fp8core_torch.quantize import _dequantize, _qdq
 
 __all__ = ["matmul_fp8_mixed", "matmul_fp8_global"]
 
@@ -74,18 +74,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Te
         return torch.matmul(a, b)
     a2 = a.reshape(-1, a.shape[-1])
     return torch.addmm(bias.to(a.dtype), a2, b).view(*a.shape[:-1], b.shape[1])
-
-
-def _decode_scaled(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
-                   dscale: torch.Tensor) -> torch.Tensor:
-    """float32 ``fl(value[code] * dscale)`` of codes this module produced (NaN codes
-    only in non-finite groups, whose dscale is NaN). Eager, torch formats: through
-    :func:`_decode_cast_into_` (torch's e4m3 -> float32 cast is scalar code)."""
-    if spec.torch_dtype is None or torch.compiler.is_compiling():
-        return _decode(codes, spec, tabs) * dscale
-    v = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    ds = _decode_cast_into_(v, codes.view(spec.torch_dtype), spec, dscale)
-    return v.mul_(ds)
 
 
 def _is_transposed(b: torch.Tensor) -> bool:
@@ -176,8 +164,7 @@ class _MatMulFP8Global(torch.autograd.Function):
                 grad_a = (qg @ qb.t()).view(a_shape)
             if need_b:
                 # Q_fw^glob(A) decoded from the saved codes: fl(value[code] * dscale)
-                _, _, dscale = _scales(absmax_a.reshape(1), fw)
-                qa = _decode_scaled(codes_a.reshape(-1), fw, fw_tabs, dscale).to(a_dtype)
+                qa = _dequantize(codes_a, absmax_a, fw, fw_tabs, None, a_dtype)
                 grad_b = _grad_b(qa.view(-1, codes_a.shape[-1]), qg, b_t).to(b_dtype)
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)

@@ -15,7 +15,11 @@ Numerics (docs/numerics.md), shared by every function here:
 * dequantized values are ``fl(value[code] * dscale)`` in float32, cast once to
   the output dtype.
 
-Memory is O(n): no (n x 256) distance tensor. In eager mode, formats torch has
+Memory is O(n): no (n x 256) distance tensor. On CPU, native formats go through
+fp8core's fused C kernel (:mod:`fp8core._kernel`: one pass per block, codes and
+values written directly; a ``fp8core::quantize`` custom op under ``torch.compile``)
+when it is built; elsewhere (CUDA, tables, or ``FP8CORE_KERNEL=0``) the torch ops
+below run. In eager mode, formats torch has
 (float8_e4m3fn, e5m2 and their fnuz variants) are rounded by torch's own cast
 after the clamp (tested equal to ml_dtypes on every midpoint); others use the
 float32 arithmetic rounding. Under ``torch.compile`` the arithmetic float32 ops
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 
+import fp8core
+from fp8core import _kernel as _fp8q
 from fp8core import _validation
 from fp8core.blocks import plan_blocks
 from fp8core_torch.config import (
@@ -310,6 +316,72 @@ def _pieces_global(n: int, chunked: bool):
         yield start, min(step, n - start)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None) -> bool:
+    """Whether the fused C kernel can take ``x``: a plain CPU tensor of a kernel
+    dtype and a native codebook (``spec=None``: any codebook, for decoding)."""
+    return (_fp8q.available()
+            and x.device.type == "cpu"
+            and x.dtype in _KERNEL_DTYPES
+            and (spec is None or _fp8q.supports(spec.codebook))
+            and x.layout == torch.strided
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
+                out_dtype: torch.dtype | None, want_codes: bool
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """:func:`_qdq` through the C kernel (same contract, same bits; see fp8q.c).
+    A float64 output is the float32 result widened (exact). Under ``torch.compile``
+    the call goes through the ``fp8core::quantize`` custom op (opaque to inductor)."""
+    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+        vals, codes, absmax = _qdq_kernel(x, spec, blocksize, out_dtype=torch.float32,
+                                          want_codes=want_codes)
+        return vals.to(out_dtype), codes, absmax
+    x = x.detach()
+    if torch.compiler.is_compiling():
+        vals, codes, absmax = _quantize_op(x, spec.codebook.name, blocksize or 0,
+                                           out_dtype or torch.float32, out_dtype is not None,
+                                           want_codes)
+    else:
+        vals, codes, absmax = _quantize_impl(x, spec.codebook, blocksize, out_dtype, want_codes)
+    return (vals if out_dtype is not None else None), (codes if want_codes else None), absmax
+
+
+def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: torch.dtype | None,
+                   want_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = x.reshape(-1).contiguous()
+    n = flat.numel()
+    absmax = torch.empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32)
+    vals = torch.empty(n if out_dtype is not None else 0, dtype=out_dtype or torch.float32)
+    codes = torch.empty(n if want_codes else 0, dtype=torch.uint8)
+    _fp8q.quantize(flat.data_ptr(), dtype_name(flat.dtype), n, blocksize or n, codebook,
+                   codes_ptr=codes.data_ptr() if want_codes else None,
+                   vals_ptr=vals.data_ptr() if out_dtype is not None else None,
+                   out_dtype=dtype_name(out_dtype or torch.float32),
+                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads())
+    return vals, codes, absmax
+
+
+@torch.library.custom_op("fp8core::quantize", mutates_args=(), device_types="cpu")
+def _quantize_op(x: torch.Tensor, fmt: str, blocksize: int, out_dtype: torch.dtype,
+                 want_vals: bool, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C kernel as a torch op (for torch.compile): flat ``(values, codes, absmax)``;
+    ``blocksize=0`` is global; unwanted outputs are empty. ``fmt`` names a native format."""
+    return _quantize_impl(x, fp8core.resolve_codebook(fmt), blocksize or None,
+                          out_dtype if want_vals else None, want_codes)
+
+
+@_quantize_op.register_fake
+def _(x, fmt, blocksize, out_dtype, want_vals, want_codes):
+    n = x.numel()
+    return (x.new_empty(n if want_vals else 0, dtype=out_dtype),
+            x.new_empty(n if want_codes else 0, dtype=torch.uint8),
+            x.new_empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32))
+
+
 def _qdq(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -327,6 +399,8 @@ def _qdq(
     x = x.detach()
     flat = x.reshape(-1)
     n = flat.numel()
+    if n and _kernel_ok(x, spec):
+        return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes)
     dev = x.device
     compiling = torch.compiler.is_compiling()
     chunked = not compiling and n > _CHUNK
@@ -406,23 +480,45 @@ def _qdq(
 def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
                 tabs: CodebookTensors | None, blocksize: int | None,
                 dtype: torch.dtype) -> torch.Tensor:
+    """§4: ``fl(value[code] * dscale)`` per group, cast once to ``dtype``."""
     flat = codes.reshape(-1)
     n = flat.numel()
     if n == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    if (dtype in _KERNEL_DTYPES and _kernel_ok(flat, None)   # any codebook: table lookup
+            and not torch.compiler.is_compiling()):
+        flat = flat.contiguous()
+        am = absmax.reshape(-1).to(torch.float32).contiguous()
+        y = torch.empty(n, dtype=dtype)
+        _fp8q.dequantize(flat.data_ptr(), n, blocksize or n, am.data_ptr(), spec.codebook,
+                           vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
+                           nthreads=torch.get_num_threads())
+        return y.view(codes.shape)
     _, _, dscale = _scales(absmax.reshape(-1), spec)
-    v = _decode(flat, spec, tabs)
     if blocksize is None:
-        y = v * dscale
+        y = _decode_scaled(flat, spec, tabs, dscale)
     else:
         nfull = n // blocksize
         parts = []
         if nfull:
-            parts.append((v[:nfull * blocksize].view(nfull, blocksize) * dscale[:nfull, None]).view(-1))
+            parts.append(_decode_scaled(flat[:nfull * blocksize].view(nfull, blocksize), spec, tabs,
+                                        dscale[:nfull, None]).view(-1))
         if n > nfull * blocksize:
-            parts.append(v[nfull * blocksize:] * dscale[nfull])
+            parts.append(_decode_scaled(flat[nfull * blocksize:], spec, tabs, dscale[nfull]))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return y.to(dtype).view(codes.shape)
+
+
+def _decode_scaled(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
+                   dscale: torch.Tensor) -> torch.Tensor:
+    """float32 ``fl(value[code] * dscale)`` (``dscale`` broadcasts against ``codes``).
+    Eager, torch formats: through :func:`_decode_cast_into_` (torch's e4m3 -> float32
+    cast is scalar code on CPU)."""
+    if spec.torch_dtype is None or torch.compiler.is_compiling():
+        return _decode(codes, spec, tabs) * dscale
+    v = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    ds = _decode_cast_into_(v, codes.view(spec.torch_dtype), spec, dscale)
+    return v.mul_(ds)
 
 
 # -------------------------------------------------------------- public helpers

@@ -84,3 +84,15 @@ def random_input(rng: np.random.Generator, shape, dtype: str, spread: float = 6.
     if dtype == "float16":
         x = np.clip(x, -60000, 60000)
     return x.astype(NP_DTYPES[dtype])
+
+
+@pytest.fixture(params=["kernel", "torch-ops"])
+def quant_path(request, monkeypatch):
+    """Run a test on both CPU quantizer paths: fp8core's C kernel and the torch ops
+    (the path CUDA tensors, table codebooks and installs without a compiler take)."""
+    from fp8core import _kernel
+
+    if request.param == "kernel" and _kernel._LIB is None:
+        pytest.skip("fp8core's C kernel is not built (no C compiler at install time)")
+    monkeypatch.setattr(_kernel, "ENABLED", request.param == "kernel")
+    return request.param

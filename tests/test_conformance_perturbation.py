@@ -31,8 +31,10 @@ def test_slice_passes_unperturbed():
 
 
 def test_torch_dividing_instead_of_multiplying_is_caught(monkeypatch):
+    """The torch-ops path (CUDA, tables, no C kernel) with the division."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("fp8core_torch")
+    from fp8core import _kernel
     from fp8core_torch import quantize as tq
 
     original = tq._scales
@@ -41,9 +43,34 @@ def test_torch_dividing_instead_of_multiplying_is_caught(monkeypatch):
         finite, qscale, dscale = original(absmax, spec)
         return finite, qscale, torch.where(finite, torch.reciprocal(qscale), dscale)
 
+    monkeypatch.setattr(_kernel, "ENABLED", False)
     monkeypatch.setattr(tq, "_scales", divided)
+    _assert_torch_caught()
+
+
+def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
+    """The C kernel path with its ``fl(1/M)`` constant one ulp low."""
+    pytest.importorskip("fp8core_torch")
+    import numpy as np
+    from fp8core import _kernel
+
+    if _kernel._LIB is None:
+        pytest.skip("fp8core's C kernel is not built")
+    original = _kernel._format
+
+    def off(codebook):
+        f = _kernel._Format.from_buffer_copy(original(codebook))
+        f.inv_m = float(np.nextafter(np.float32(f.inv_m), np.float32(0)))
+        return f
+
+    monkeypatch.setattr(_kernel, "ENABLED", True)
+    monkeypatch.setattr(_kernel, "_format", off)
+    _assert_torch_caught()
+
+
+def _assert_torch_caught():
     results, failed = _failures(("numpy", "torch"))
-    assert failed, "a torch backend that divides went unnoticed"
+    assert failed, "a broken torch backend went unnoticed"
     assert {r.pair for r in failed} == {"numpy~torch"}
     assert {r.case_id for r in failed} <= {c.id for c in SLICE}
     assert all(r.case_id.startswith("fake_quantize_blockwise[") for r in failed)

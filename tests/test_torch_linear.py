@@ -9,9 +9,10 @@ from torch import nn
 
 import fp8core_torch as T
 
-from _torch_helpers import pinned_numerics, to_torch  # noqa: F401
+from _torch_helpers import pinned_numerics, quant_path, to_torch  # noqa: F401
 
-pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache")
+pytestmark = [pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache"),
+              pytest.mark.usefixtures("quant_path")]
 
 CLASSES = {"mixed": T.LinearFP8Mixed, "global": T.LinearFP8Global}
 FNS = {"mixed": T.matmul_fp8_mixed, "global": T.matmul_fp8_global}

@@ -17,12 +17,14 @@ from _torch_helpers import (  # noqa: F401
     NP_DTYPES,
     assert_bits_equal,
     pinned_numerics,
+    quant_path,
     random_input,
     to_numpy,
     to_torch,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("quant_path")]
 
 UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float64": 2.0**-24}
 

@@ -23,6 +23,7 @@ from _torch_helpers import (  # noqa: F401  (pinned_numerics is an autouse fixtu
     assert_bits_equal,
     f32_bits,
     pinned_numerics,
+    quant_path,
     random_input,
     to_numpy,
     to_torch,
@@ -31,7 +32,8 @@ from _torch_helpers import (  # noqa: F401  (pinned_numerics is an autouse fixtu
 CODEBOOKS = list(fp8core.ELEMENT_FORMATS) + ["bnb_e4m3", "bnb_e5m2"]
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 # the reference multiplies inf/NaN groups by qscale = 0 on purpose (§3.6)
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("quant_path")]
 
 TORCH_NATIVE = [n for n in fp8core.NATIVE_8BIT_FORMATS if fp8core.get_format(n).torch_dtype]
 

@@ -1,0 +1,138 @@
+"""ctypes binding of fp8core's fused C quantizer (``fp8core/csrc/fp8q.c``).
+
+The kernel implements docs/numerics.md §3–§4 for native (ml_dtypes) codebooks on
+host memory: one pass per block (the block's absmax is taken while the block is
+in cache, then it is scaled, saturated, rounded half to even and written as codes
+and/or dequantized values), two passes for global quantization, on POSIX threads.
+It is built at install time when a C compiler is present (``pip install``; the
+extension is optional) and is used by the torch backend on CPU tensors. Table
+codebooks, other devices, and installs without the extension use each backend's
+own path, which gives the same bits (tests compare every path with the reference).
+
+The functions here take raw addresses and sizes, so that any framework (or numpy)
+can call them without a copy; they never import torch or jax. Set the environment
+variable ``FP8CORE_KERNEL=0`` before import to disable the kernel (for debugging or
+to compare paths); :data:`ENABLED` can also be toggled at run time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np
+
+from fp8core.codebooks import Codebook
+
+__all__ = ["available", "supports", "quantize", "dequantize", "cast", "DTYPE_CODES"]
+
+#: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
+ABI_VERSION = 1
+#: dtype name -> the kernel's dtype code.
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+class _Format(ctypes.Structure):
+    """``fp8q_format`` in fp8q.c: per-codebook constants."""
+
+    _fields_ = [
+        ("m", ctypes.c_float),
+        ("inv_m", ctypes.c_float),
+        ("floor_", ctypes.c_float),
+        ("ceiling", ctypes.c_float),
+        ("mant", ctypes.c_int32),
+        ("emin", ctypes.c_int32),
+        ("bits", ctypes.c_int32),
+        ("negzero", ctypes.c_int32),
+        ("fill_code", ctypes.c_int32),
+    ]
+
+
+def _load() -> ctypes.CDLL | None:
+    try:
+        from fp8core import _fp8q  # the compiled extension (optional at install)
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_fp8q.__file__)
+    if lib.fp8q_abi_version() != ABI_VERSION:  # a stale build: do not guess the layout
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fp8q_quantize.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), p, p, i32, p, i32]
+    lib.fp8q_quantize.restype = i32
+    lib.fp8q_dequantize.argtypes = [p, i64, i64, p, p, ctypes.POINTER(_Format), p, i32, i32]
+    lib.fp8q_dequantize.restype = i32
+    lib.fp8q_cast.argtypes = [p, i32, p, i32, i64]
+    lib.fp8q_cast.restype = i32
+    return lib
+
+
+_LIB = _load()
+#: Whether callers should use the kernel (only meaningful when :func:`available`).
+ENABLED: bool = os.environ.get("FP8CORE_KERNEL", "1") != "0"
+
+
+def available() -> bool:
+    """True when the compiled kernel is loaded and enabled."""
+    return _LIB is not None and ENABLED
+
+
+def supports(codebook: Codebook) -> bool:
+    """The kernel rounds native codebooks of at most 8 bits (tables are searched elsewhere)."""
+    fmt = codebook.format
+    return fmt is not None and fmt.total_bits <= 8 and fmt.signed
+
+
+@functools.lru_cache(maxsize=None)
+def _format(codebook: Codebook) -> _Format:
+    fmt = codebook.format
+    scales = dict(m=float(codebook.max), inv_m=float(codebook.inv_max),
+                  floor_=float(codebook.scale_floor), ceiling=float(codebook.scale_ceiling),
+                  fill_code=int(codebook.fill_code))
+    if fmt is None:  # a table: only the scales are used (dequantize)
+        return _Format(**scales)
+    return _Format(mant=int(fmt.mantissa_bits), emin=int(np.log2(fmt.smallest_normal)),
+                   bits=int(fmt.total_bits), negzero=int(fmt.has_negative_zero), **scales)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(codebook: Codebook) -> np.ndarray:
+    return np.ascontiguousarray(codebook.values256, dtype=np.float32)
+
+
+def quantize(x_ptr: int, in_dtype: str, n: int, group: int, codebook: Codebook, *,
+             codes_ptr: int | None, vals_ptr: int | None, out_dtype: str,
+             absmax_ptr: int, nthreads: int) -> None:
+    """Quantize ``n`` contiguous elements at ``x_ptr`` in groups of ``group``.
+
+    ``group >= n`` is global quantization (one absmax). Writes
+    ``ceil(n / group)`` float32 absmax values, and ``n`` uint8 codes and/or ``n``
+    values of ``out_dtype`` where the pointers are given (``None``: not written).
+    The caller guarantees sizes, contiguity and a codebook with :func:`supports`.
+    """
+    rc = _LIB.fp8q_quantize(x_ptr, DTYPE_CODES[in_dtype], n, group, ctypes.byref(_format(codebook)),
+                            codes_ptr, vals_ptr, DTYPE_CODES[out_dtype], absmax_ptr, nthreads)
+    if rc:
+        raise ValueError(f"fp8q_quantize rejected its arguments (n={n}, group={group}, "
+                         f"in_dtype={in_dtype}, out_dtype={out_dtype}, codebook={codebook.name})")
+
+
+def dequantize(codes_ptr: int, n: int, group: int, absmax_ptr: int, codebook: Codebook, *,
+               vals_ptr: int, out_dtype: str, nthreads: int) -> None:
+    """``vals = fl(value[code] * dscale)`` for ``n`` codes in groups of ``group``, cast to ``out_dtype``.
+
+    Any codebook (the value table is passed), including tables.
+    """
+    table = _table(codebook)
+    rc = _LIB.fp8q_dequantize(codes_ptr, n, group, absmax_ptr, table.ctypes.data,
+                              ctypes.byref(_format(codebook)), vals_ptr, DTYPE_CODES[out_dtype],
+                              nthreads)
+    if rc:
+        raise ValueError(f"fp8q_dequantize rejected its arguments (n={n}, group={group})")
+
+
+def cast(in_ptr: int, in_dtype: str, out_ptr: int, out_dtype: str, n: int) -> None:
+    """Convert ``n`` floats with the kernel's own conversions (exact widening; round
+    half to even when narrowing). Exposed for the tests of those conversions."""
+    if _LIB.fp8q_cast(in_ptr, DTYPE_CODES[in_dtype], out_ptr, DTYPE_CODES[out_dtype], n):
+        raise ValueError(f"fp8q_cast rejected its arguments (n={n})")
