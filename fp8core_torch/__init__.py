@@ -16,6 +16,7 @@ from fp8core_torch.matmul import matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
     dequantize_blockwise,
     dequantize_global,
+    empty_cache,
     fake_quantize,
     quantize_blockwise,
     quantize_global,
@@ -28,6 +29,7 @@ __all__ = [
     "convert_to_fp8",
     "dequantize_blockwise",
     "dequantize_global",
+    "empty_cache",
     "fake_quantize",
     "matmul_fp8_global",
     "matmul_fp8_mixed",

@@ -28,6 +28,7 @@ run unchunked and inductor fuses them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ import fp8core
 from fp8core import _kernel as _fp8q
 from fp8core import _validation
 from fp8core.blocks import plan_blocks
+from fp8core_torch import _pool
 from fp8core_torch.config import (
     ARITH,
     CodebookTensors,
@@ -319,15 +321,18 @@ def _pieces_global(n: int, chunked: bool):
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None) -> bool:
-    """Whether the fused C kernel can take ``x``: a plain CPU tensor of a kernel
-    dtype and a native codebook (``spec=None``: any codebook, for decoding)."""
+def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES) -> bool:
+    """Whether the fused C kernel can take ``x``: a plain CPU tensor of one of
+    ``dtypes`` and a native codebook (``spec=None``: any codebook, for decoding)."""
     return (_fp8q.available()
             and x.device.type == "cpu"
-            and x.dtype in _KERNEL_DTYPES
+            and x.dtype in dtypes
             and (spec is None or _fp8q.supports(spec.codebook))
-            and x.layout == torch.strided
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+            # traced: the custom op takes it (dynamo may not even read .layout inside an
+            # autograd.Function); eager: raw pointers need a plain strided tensor
+            and (torch.compiler.is_compiling()
+                 or (x.layout == torch.strided
+                     and not torch._C._functorch.is_functorch_wrapped_tensor(x))))
 
 
 def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
@@ -335,7 +340,8 @@ def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """:func:`_qdq` through the C kernel (same contract, same bits; see fp8q.c).
     A float64 output is the float32 result widened (exact). Under ``torch.compile``
-    the call goes through the ``fp8core::quantize`` custom op (opaque to inductor)."""
+    the call goes through the ``fp8core::quantize`` custom op (opaque to inductor).
+    Outputs come from :mod:`fp8core_torch._pool` (no page faults for repeated sizes)."""
     if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
         vals, codes, absmax = _qdq_kernel(x, spec, blocksize, out_dtype=torch.float32,
                                           want_codes=want_codes)
@@ -355,8 +361,8 @@ def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: 
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     absmax = torch.empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32)
-    vals = torch.empty(n if out_dtype is not None else 0, dtype=out_dtype or torch.float32)
-    codes = torch.empty(n if want_codes else 0, dtype=torch.uint8)
+    vals = _pool.empty(n if out_dtype is not None else 0, out_dtype or torch.float32)
+    codes = _pool.empty(n if want_codes else 0, torch.uint8)
     _fp8q.quantize(flat.data_ptr(), dtype_name(flat.dtype), n, blocksize or n, codebook,
                    codes_ptr=codes.data_ptr() if want_codes else None,
                    vals_ptr=vals.data_ptr() if out_dtype is not None else None,
@@ -485,15 +491,12 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
     n = flat.numel()
     if n == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if (dtype in _KERNEL_DTYPES and _kernel_ok(flat, None)   # any codebook: table lookup
-            and not torch.compiler.is_compiling()):
-        flat = flat.contiguous()
-        am = absmax.reshape(-1).to(torch.float32).contiguous()
-        y = torch.empty(n, dtype=dtype)
-        _fp8q.dequantize(flat.data_ptr(), n, blocksize or n, am.data_ptr(), spec.codebook,
-                           vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
-                           nthreads=torch.get_num_threads())
-        return y.view(codes.shape)
+    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,)):  # any codebook
+        am = absmax.reshape(-1).to(torch.float32)
+        if not torch.compiler.is_compiling():
+            return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype).view(codes.shape)
+        if _by_name(spec.codebook):
+            return _dequantize_op(flat, am, spec.codebook.name, blocksize or 0, dtype).view(codes.shape)
     _, _, dscale = _scales(absmax.reshape(-1), spec)
     if blocksize is None:
         y = _decode_scaled(flat, spec, tabs, dscale)
@@ -507,6 +510,40 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
             parts.append(_decode_scaled(flat[nfull * blocksize:], spec, tabs, dscale[nfull]))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return y.to(dtype).view(codes.shape)
+
+
+def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocksize: int | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_dequantize` of flat CPU ``codes`` through the C kernel (any codebook)."""
+    codes, absmax = codes.contiguous(), absmax.contiguous()
+    n = codes.numel()
+    y = _pool.empty(n, dtype)
+    _fp8q.dequantize(codes.data_ptr(), n, blocksize or n, absmax.data_ptr(), codebook,
+                     vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
+                     nthreads=torch.get_num_threads())
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _by_name(codebook) -> bool:
+    """Whether the codebook's name resolves back to it (native formats, bnb tables):
+    only those can cross a custom op's schema as a string."""
+    try:
+        return fp8core.resolve_codebook(codebook.name) == codebook
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.library.custom_op("fp8core::dequantize", mutates_args=(), device_types="cpu")
+def _dequantize_op(codes: torch.Tensor, absmax: torch.Tensor, fmt: str, blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The C kernel's dequantize as a torch op (for torch.compile); ``blocksize=0`` is global."""
+    return _dequantize_impl(codes, absmax, fp8core.resolve_codebook(fmt), blocksize or None, dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, absmax, fmt, blocksize, dtype):
+    return codes.new_empty(codes.numel(), dtype=dtype)
 
 
 def _decode_scaled(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
@@ -627,3 +664,9 @@ def _fake_quantize(x: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | Non
                    blocksize: int | None) -> torch.Tensor:
     vals, _, _ = _qdq(_upcast(x), spec, tabs, blocksize, out_dtype=x.dtype, want_codes=False)
     return vals.view(x.shape)
+
+
+def empty_cache() -> None:
+    """Free the idle host buffers the CPU quantizers keep for reuse (see
+    :mod:`fp8core_torch._pool`; like ``torch.cuda.empty_cache`` for GPU memory)."""
+    _pool.release()

@@ -287,3 +287,26 @@ def test_saved_for_backward_memory():
     assert lin == a_bytes + w_bytes                 # nn.Linear: input + weight (a parameter)
     assert mixed == a_bytes + w_bytes               # A + Q(W)
     assert glob == A.numel() + 4 + w_bytes          # codes(A) + absmax + Q(W)
+
+
+@pytest.mark.parametrize("fn", ["mixed", "global"])
+def test_results_survive_buffer_reuse(fn):
+    """The CPU quantizers reuse freed host buffers (fp8core_torch._pool): results of a
+    first call stay unchanged by a second call on other data, and equal those
+    computed after the cache is emptied."""
+    f = T.matmul_fp8_mixed if fn == "mixed" else T.matmul_fp8_global
+    rng = np.random.default_rng(11)
+    mk = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32)).requires_grad_()
+    a1, a2, b = mk(64, 96), mk(64, 96), mk(96, 80)
+    out1 = f(a1, b)
+    out1.sum().backward()
+    saved = (out1.detach().clone(), a1.grad.clone(), b.grad.clone())
+    f(a2, b).pow(2).sum().backward()                     # reuses the buffers
+    torch.testing.assert_close(out1.detach(), saved[0], rtol=0, atol=0)
+    torch.testing.assert_close(a1.grad, saved[1], rtol=0, atol=0)
+    T.empty_cache()
+    a1.grad = b.grad = None
+    out3 = f(a1, b)
+    out3.sum().backward()
+    torch.testing.assert_close(out3.detach(), saved[0], rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, saved[2], rtol=0, atol=0)
