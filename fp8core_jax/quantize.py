@@ -35,8 +35,9 @@ import numpy as np
 from jax import lax
 
 import fp8core
-from fp8core import _validation
+from fp8core import _kernel, _validation
 from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
+from fp8core_jax import _ffi
 
 __all__ = [
     "quantize_blockwise",
@@ -296,48 +297,139 @@ def _from_blocks(blocks: jax.Array, plan: fp8core.BlockPlan, shape: tuple[int, .
 
 
 # ------------------------------------------------------------ jitted cores
-@functools.partial(jax.jit, static_argnums=(1, 2))
+# Each core has an XLA body (below) and, for native codebooks and float32 /
+# float16 / bfloat16 data on CPU, the fused C kernel as a custom call
+# (:mod:`fp8core_jax._ffi`, the torch backend's kernel). ``kernel`` is a static
+# argument decided outside the trace (:func:`_kernel_path`), so both variants
+# are cached side by side; ``lax.platform_dependent`` lowers the custom call on
+# CPU only, the XLA body everywhere else.
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def _kernel_path(codebook: Codebook | None, *dtypes) -> bool:
+    """Use the C kernel: it is loaded, takes the codebook (None: any, for decoding)
+    and every dtype. Read at trace time (``FP8CORE_KERNEL=0`` / ``_kernel.ENABLED``)."""
+    return (all(jnp.dtype(d) in _KERNEL_DTYPES for d in dtypes)
+            and (codebook is None or _kernel.supports(codebook))
+            and _ffi.available())
+
+
+def _on_cpu(operands, kernel_fn, xla_fn):
+    return lax.platform_dependent(*operands, cpu=kernel_fn, default=xla_fn)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_blockwise_jit(x, codebook: Codebook, blocksize: int, kernel: bool):
+    def xla(x):
+        c = _constants(codebook)
+        plan = fp8core.plan_blocks(x.size, blocksize)
+        groups = _to_blocks(x.astype(jnp.float32).reshape(-1), plan)  # §3.1
+        codes, absmax = _quantize_groups(groups, c)
+        return _from_blocks(codes, plan, x.shape), absmax
+
+    if not kernel:
+        return xla(x)
+
+    def fused(x):
+        _, codes, absmax = _ffi.quantize(x, codebook, blocksize, out_dtype=None, want_codes=True)
+        return codes.reshape(x.shape), absmax
+
+    return _on_cpu((x,), fused, xla)
+
+
 def _quantize_blockwise(x, codebook: Codebook, blocksize: int):
-    c = _constants(codebook)
-    plan = fp8core.plan_blocks(x.size, blocksize)
-    groups = _to_blocks(x.astype(jnp.float32).reshape(-1), plan)      # §3.1
-    codes, absmax = _quantize_groups(groups, c)
-    return _from_blocks(codes, plan, x.shape), absmax
+    return _quantize_blockwise_jit(x, codebook, blocksize, _kernel_path(codebook, x.dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _dequantize_blockwise_jit(codes, absmax, codebook: Codebook, blocksize: int, dtype: str,
+                              kernel: bool):
+    def xla(codes, absmax):
+        c = _constants(codebook)
+        plan = fp8core.plan_blocks(codes.size, blocksize)
+        groups = _to_blocks(codes.reshape(-1), plan)
+        y = _dequantize_groups(groups, absmax, c)
+        return _cast_out(_from_blocks(y, plan, codes.shape), dtype)   # §4.4
+
+    if not kernel:
+        return xla(codes, absmax)
+
+    def fused(codes, absmax):
+        return _ffi.dequantize(codes, absmax, codebook, blocksize, jnp.dtype(dtype)).reshape(codes.shape)
+
+    return _on_cpu((codes, absmax), fused, xla)
+
+
+def _dequantize_blockwise(codes, absmax, codebook: Codebook, blocksize: int, dtype: str):
+    return _dequantize_blockwise_jit(codes, absmax, codebook, blocksize, dtype,
+                                     _kernel_path(None, dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_global_jit(x, codebook: Codebook, kernel: bool):
+    def xla(x):
+        c = _constants(codebook)
+        codes, absmax = _quantize_groups(x.astype(jnp.float32).reshape(1, -1), c)
+        return codes.reshape(x.shape), absmax.reshape(())
+
+    if not kernel:
+        return xla(x)
+
+    def fused(x):
+        _, codes, absmax = _ffi.quantize(x, codebook, None, out_dtype=None, want_codes=True)
+        return codes.reshape(x.shape), absmax
+
+    return _on_cpu((x,), fused, xla)
+
+
+def _quantize_global(x, codebook: Codebook):
+    return _quantize_global_jit(x, codebook, _kernel_path(codebook, x.dtype) and x.size > 0)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _dequantize_blockwise(codes, absmax, codebook: Codebook, blocksize: int, dtype: str):
-    c = _constants(codebook)
-    plan = fp8core.plan_blocks(codes.size, blocksize)
-    groups = _to_blocks(codes.reshape(-1), plan)
-    y = _dequantize_groups(groups, absmax, c)
-    return _cast_out(_from_blocks(y, plan, codes.shape), dtype)       # §4.4
+def _dequantize_global_jit(codes, absmax, codebook: Codebook, dtype: str, kernel: bool):
+    def xla(codes, absmax):
+        c = _constants(codebook)
+        y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c)
+        return _cast_out(y.reshape(codes.shape), dtype)
+
+    if not kernel:
+        return xla(codes, absmax)
+
+    def fused(codes, absmax):
+        return _ffi.dequantize(codes, absmax, codebook, None, jnp.dtype(dtype)).reshape(codes.shape)
+
+    return _on_cpu((codes, absmax), fused, xla)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def _quantize_global(x, codebook: Codebook):
-    c = _constants(codebook)
-    codes, absmax = _quantize_groups(x.astype(jnp.float32).reshape(1, -1), c)
-    return codes.reshape(x.shape), absmax.reshape(())
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize_global(codes, absmax, codebook: Codebook, dtype: str):
-    c = _constants(codebook)
-    y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c)
-    return _cast_out(y.reshape(codes.shape), dtype)
+    return _dequantize_global_jit(codes, absmax, codebook, dtype, _kernel_path(None, dtype))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _fake_quantize_jit(x, codebook: Codebook, blocksize: int | None, kernel: bool):
+    def xla(x):
+        c = _constants(codebook)
+        x32 = x.astype(jnp.float32)
+        if blocksize is None:
+            y = _fake_groups(x32.reshape(1, -1), c).reshape(x.shape)
+        else:
+            plan = fp8core.plan_blocks(x.size, blocksize)
+            y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
+        return _cast_out(y, x.dtype)
+
+    if not kernel:
+        return xla(x)
+
+    def fused(x):
+        vals, _, _ = _ffi.quantize(x, codebook, blocksize, out_dtype=x.dtype, want_codes=False)
+        return vals.reshape(x.shape)
+
+    return _on_cpu((x,), fused, xla)
+
+
 def _fake_quantize(x, codebook: Codebook, blocksize: int | None):
-    c = _constants(codebook)
-    x32 = x.astype(jnp.float32)
-    if blocksize is None:
-        y = _fake_groups(x32.reshape(1, -1), c).reshape(x.shape)
-    else:
-        plan = fp8core.plan_blocks(x.size, blocksize)
-        y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
-    return _cast_out(y, x.dtype)
+    return _fake_quantize_jit(x, codebook, blocksize, _kernel_path(codebook, x.dtype) and x.size > 0)
 
 
 # ------------------------------------------------------------- public API

@@ -7,6 +7,7 @@ import contextlib
 import jax
 import ml_dtypes
 import numpy as np
+import pytest
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _UINT = {4: np.uint32, 2: np.uint16, 1: np.uint8, 8: np.uint64}
@@ -49,3 +50,17 @@ def variant(name: str):
 
 def maybe_jit(fn, name: str):
     return jax.jit(fn) if name == "jit" else fn
+
+
+@pytest.fixture(params=["kernel", "xla"])
+def jax_path(request, monkeypatch):
+    """Run a test on both CPU paths of fp8core_jax: the C kernel as an XLA custom call
+    and the XLA body (what GPU/TPU lower, and what runs without the kernel). The
+    path is a static argument of the jitted cores, so both stay cached."""
+    from fp8core import _kernel
+    from fp8core_jax import _ffi
+
+    monkeypatch.setattr(_kernel, "ENABLED", request.param == "kernel")
+    if request.param == "kernel" and not _ffi.available():
+        pytest.skip("fp8core's C kernel is not available to JAX (not built, or no C++ compiler)")
+    return request.param

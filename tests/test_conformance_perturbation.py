@@ -51,11 +51,39 @@ def test_torch_dividing_instead_of_multiplying_is_caught(monkeypatch):
 def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
     """The C kernel path with its ``fl(1/M)`` constant one ulp low."""
     pytest.importorskip("fp8core_torch")
-    import numpy as np
     from fp8core import _kernel
 
     if _kernel._LIB is None:
         pytest.skip("fp8core's C kernel is not built")
+    _break_kernel_constant(monkeypatch)
+    _assert_torch_caught()
+
+
+def test_jax_kernel_off_by_one_ulp_is_caught(monkeypatch):
+    """The C kernel as JAX's custom call, with its ``fl(1/M)`` constant one ulp low."""
+    jax = pytest.importorskip("jax")
+    from fp8core import _kernel
+    from fp8core_jax import _ffi
+
+    monkeypatch.setattr(_kernel, "ENABLED", True)
+    if not _ffi.available():
+        pytest.skip("fp8core's C kernel is not available to JAX")
+    jax.clear_caches()  # constants are read when the quantizers are traced
+    _break_kernel_constant(monkeypatch)
+    try:
+        results, failed = _failures(("numpy", "jax"))
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert failed, "a broken JAX kernel path went unnoticed"
+    assert {r.pair for r in failed} == {"numpy~jax"}
+    assert "first at index" in failed[0].message
+
+
+def _break_kernel_constant(monkeypatch):
+    import numpy as np
+    from fp8core import _kernel
+
     original = _kernel._format
 
     def off(codebook):
@@ -65,7 +93,6 @@ def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
 
     monkeypatch.setattr(_kernel, "ENABLED", True)
     monkeypatch.setattr(_kernel, "_format", off)
-    _assert_torch_caught()
 
 
 def _assert_torch_caught():
@@ -78,10 +105,14 @@ def _assert_torch_caught():
 
 
 def test_jax_dividing_instead_of_multiplying_is_caught(monkeypatch):
+    """The XLA path (GPU/TPU, or without the C kernel) with the division."""
     jax = pytest.importorskip("jax")
     pytest.importorskip("fp8core_jax")
     import jax.numpy as jnp
+    from fp8core import _kernel
     from fp8core_jax import quantize as jq
+
+    monkeypatch.setattr(_kernel, "ENABLED", False)
 
     original = jq._group_scales
 

@@ -19,7 +19,9 @@ import fp8core
 from fp8core import reference as ref
 from fp8core_jax import matmul as jm
 from fp8core_jax.matmul import matmul_fp8_global, matmul_fp8_mixed
-from _jax_testutil import DTYPES
+from _jax_testutil import DTYPES, jax_path  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("jax_path")
 
 F32 = np.float32
 

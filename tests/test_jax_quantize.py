@@ -17,7 +17,9 @@ import pytest
 import fp8core
 from fp8core import reference as ref
 from fp8core_jax import quantize as jq
-from _jax_testutil import DTYPES, assert_bits_equal, bits, maybe_jit, variant
+from _jax_testutil import DTYPES, assert_bits_equal, bits, jax_path, maybe_jit, variant  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("jax_path")
 
 CODEBOOKS = tuple(fp8core.ELEMENT_FORMATS) + ("bnb_e4m3", "bnb_e5m2")
 VARIANTS = ("jit", "eager", "opbyop")

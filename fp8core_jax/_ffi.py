@@ -1,0 +1,149 @@
+"""fp8core's fused C quantizer as XLA custom calls (``jax.ffi``), CPU only.
+
+The handlers (``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the
+C kernel the torch backend uses (``fp8core._fp8q``, built at install time), so
+every platform still runs the contract's operation sequence and the results are
+the bits of :mod:`fp8core.reference` (tested). The handler file needs the XLA FFI
+headers of the *installed* jaxlib, so it is compiled on first use with the
+system C++ compiler (``$CXX``, else ``c++``; about two seconds) into a cache
+directory (``$FP8CORE_CACHE``, else ``$XDG_CACHE_HOME/fp8core``, else
+``~/.cache/fp8core``), keyed by the source and the jaxlib version.
+
+When anything is missing — the C kernel, a compiler, ``jax.ffi`` — or
+``FP8CORE_KERNEL=0`` is set, :func:`available` is False and fp8core_jax uses its
+XLA path (same bits, slower), warning once with the reason. On other platforms
+(GPU, TPU) the XLA path is lowered instead (``lax.platform_dependent``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fp8core import _kernel
+from fp8core.codebooks import Codebook
+
+__all__ = ["available", "quantize", "dequantize"]
+
+_SOURCE = Path(_kernel.__file__).resolve().parent / "csrc" / "fp8q_xla.cc"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}   # "ok": bool, "why": str, "lib": CDLL
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("FP8CORE_CACHE"):
+        return Path(os.environ["FP8CORE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fp8core"
+
+
+def _build() -> Path:
+    """Compile the handlers once per (source, jaxlib) into the cache; return the .so path."""
+    import jaxlib
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found ($CXX, c++ or g++)")
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + jaxlib.__version__.encode() + sys.platform.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"fp8q_xla-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}",
+           str(_SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)  # atomic: a concurrent builder sees the old or the new file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    if not hasattr(jax, "ffi"):
+        raise RuntimeError(f"jax {jax.__version__} has no jax.ffi")
+    if _kernel._LIB is None:
+        raise RuntimeError("fp8core's C kernel (fp8core._fp8q) is not built")
+    lib = ctypes.CDLL(str(_build()))
+    lib.fp8q_xla_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.fp8q_xla_bind(ctypes.cast(_kernel._LIB.fp8q_quantize, ctypes.c_void_p),
+                      ctypes.cast(_kernel._LIB.fp8q_dequantize, ctypes.c_void_p))
+    for name in ("fp8q_xla_quantize", "fp8q_xla_dequantize"):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    _STATE["lib"] = lib
+
+
+def available() -> bool:
+    """Whether the custom calls can be used (builds and registers them on first call)."""
+    if not _kernel.available():
+        return False
+    with _LOCK:
+        if "ok" not in _STATE:
+            try:
+                _load()
+                _STATE["ok"] = True
+            except Exception as e:  # any failure: the XLA path, said once
+                _STATE["ok"], _STATE["why"] = False, f"{type(e).__name__}: {e}"
+                warnings.warn(f"fp8core_jax: fused CPU kernel unavailable, using the XLA path "
+                              f"(same results, slower): {_STATE['why']}", RuntimeWarning, stacklevel=3)
+    return bool(_STATE["ok"])
+
+
+def _nthreads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _scale_attrs(codebook: Codebook) -> dict:
+    f = _kernel._format(codebook)
+    return dict(m=np.float32(f.m), inv_m=np.float32(f.inv_m), floor=np.float32(f.floor_),
+                ceiling=np.float32(f.ceiling), nthreads=np.int32(_nthreads()))
+
+
+def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dtype,
+             want_codes: bool) -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
+    """Flat ``(values or None, uint8 codes or None, float32 absmax)`` of ``x`` (f32/f16/bf16)
+    through the kernel; ``blocksize=None`` is global (0-d absmax). CPU lowering only."""
+    n = x.size
+    nb = -(-n // blocksize) if blocksize else 1
+    f = _kernel._format(codebook)
+    shapes = (jax.ShapeDtypeStruct((n if out_dtype is not None else 0,), out_dtype or jnp.float32),
+              jax.ShapeDtypeStruct((n if want_codes else 0,), jnp.uint8),
+              jax.ShapeDtypeStruct((nb,), jnp.float32))
+    call = jax.ffi.ffi_call("fp8q_xla_quantize", shapes, vmap_method="sequential")
+    vals, codes, absmax = call(x.reshape(-1), group=np.int64(blocksize or 0), mant=np.int32(f.mant),
+                               emin=np.int32(f.emin), bits=np.int32(f.bits),
+                               negzero=np.int32(f.negzero), fill_code=np.int32(f.fill_code),
+                               **_scale_attrs(codebook))
+    return (vals if out_dtype is not None else None, codes if want_codes else None,
+            absmax if blocksize else absmax.reshape(()))
+
+
+def dequantize(codes: jax.Array, absmax: jax.Array, codebook: Codebook, blocksize: int | None,
+               dtype) -> jax.Array:
+    """Flat ``fl(value[code] * dscale)`` in ``dtype`` (f32/f16/bf16), any codebook. CPU only."""
+    call = jax.ffi.ffi_call("fp8q_xla_dequantize",
+                            jax.ShapeDtypeStruct((codes.size,), dtype), vmap_method="sequential")
+    table = jnp.asarray(_kernel._table(codebook))
+    return call(codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table,
+                group=np.int64(blocksize or 0), **_scale_attrs(codebook))
