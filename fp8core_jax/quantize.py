@@ -133,6 +133,23 @@ def _resolve(codebook: Any) -> Codebook:
 
 
 # ------------------------------------------------------------- group math
+def _absmax_parts(n_groups: int, size: int) -> int:
+    """Slices per group for a two-stage absmax (1 = one stage).
+
+    XLA:CPU runs a reduction on as many threads as it has output rows, so a
+    single group (global quantization) of 16M elements is reduced by one
+    thread (~4.2 ms vs ~1.9 ms in 256 slices). Only exact divisions are used
+    (no padding pass); max and OR are exact in any order, so the bits do not
+    depend on the split.
+    """
+    if n_groups >= 64 or size < (1 << 16):
+        return 1
+    for parts in (256, 128, 64, 32, 16, 8, 4, 2):
+        if size % parts == 0 and size // parts >= 1024:
+            return parts
+    return 1
+
+
 def _group_absmax(groups: jax.Array) -> jax.Array:
     """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
 
@@ -157,8 +174,17 @@ def _group_absmax(groups: jax.Array) -> jax.Array:
     def combine(p, q):
         return jnp.maximum(p[0], q[0]), p[1] | q[1]
 
-    top, has_nan = lax.reduce((jnp.abs(groups), jnp.isnan(groups)),
-                              (jnp.float32(0), np.bool_(False)), combine, (groups.ndim - 1,))
+    def reduce_last(mag, nan):
+        return lax.reduce((mag, nan), (jnp.float32(0), np.bool_(False)), combine, (mag.ndim - 1,))
+
+    n_groups, size = groups.shape
+    parts = _absmax_parts(n_groups, size)
+    if parts > 1:  # few large groups: reduce `parts` slices of each in parallel first
+        sl = groups.reshape(n_groups * parts, size // parts)
+        top, has_nan = reduce_last(jnp.abs(sl), jnp.isnan(sl))
+        top, has_nan = reduce_last(top.reshape(n_groups, parts), has_nan.reshape(n_groups, parts))
+    else:
+        top, has_nan = reduce_last(jnp.abs(groups), jnp.isnan(groups))
     top = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7FFFFFFF)
     top = jnp.where(top < jnp.int32(0x00800000), jnp.int32(0), top)           # subnormal → +0
     top = jnp.where(has_nan | (top > jnp.int32(0x7F800000)),
