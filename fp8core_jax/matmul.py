@@ -39,61 +39,6 @@ def _flat2d(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
-#: Target size (bytes) of one row chunk of the quantized output gradient on CPU (see
-#: :func:`_grad_a_blockwise`). Measured on a 2-core VM, 4096 x 4096 float32 gradient.
-_CPU_CHUNK_BYTES = 4 << 20
-
-
-def _row_chunks(rows: int, cols: int, bsz2: int, dtype) -> int:
-    """How many interleaved row chunks :func:`_grad_a_blockwise` uses on CPU (1 = none).
-
-    Only for float32 gradients (XLA:CPU upcasts bf16/f16 dot operands to a float32
-    temporary of g anyway, which the quantized g then reuses), only when each row holds
-    whole blocks (``cols % bsz2 == 0``, so a chunk of rows has exactly the blocks of
-    the full array) and the gradient is larger than a few chunks.
-    """
-    if jnp.dtype(dtype) != jnp.float32 or cols % bsz2 or rows * cols * 4 < 4 * _CPU_CHUNK_BYTES:
-        return 1
-    k = -(-rows * cols * 4 // _CPU_CHUNK_BYTES)
-    while k <= rows and rows % k:
-        k += 1
-    return k if k <= rows else 1
-
-
-def _grad_a_blockwise(g2d, b_q, bw: Codebook, bsz2: int, out_dtype):
-    """``Q_bw^blk(g) @ b_qᵀ`` for a 2-D ``g`` whose rows hold whole blocks.
-
-    On CPU a float32 ``g`` is quantized and multiplied in interleaved row chunks
-    (rows ``j, j+k, j+2k, …``) inside a loop: the quantized gradient is then a few MB
-    live at a time instead of one ``g``-sized temporary, which XLA:CPU allocates afresh
-    on every call (first-touch page faults cost more than the quantizer's arithmetic
-    here). Each chunk holds whole blocks, so the quantized values are the same bits;
-    each output row is the same dot product over K. Interleaving (not contiguous
-    chunks) keeps a row-sharded ``g`` local to its devices. Other platforms, dtypes
-    and shapes: one quantization, one dot.
-    """
-    def whole(g2d, b_q):
-        return _dot(_q._fake_quantize(g2d, bw, bsz2), b_q.T, out_dtype)
-
-    rows, cols = g2d.shape
-    k = _row_chunks(rows, cols, bsz2, g2d.dtype)
-    if k == 1:
-        return whole(g2d, b_q)
-
-    def chunked(g2d, b_q):
-        g3 = g2d.reshape(rows // k, k, cols)
-
-        def body(j, acc):
-            gj = jax.lax.dynamic_index_in_dim(g3, j, axis=1, keepdims=False)
-            out = _dot(_q._fake_quantize(gj, bw, bsz2), b_q.T, out_dtype)
-            return jax.lax.dynamic_update_index_in_dim(acc, out, j, axis=1)
-
-        acc = jnp.zeros((rows // k, k, b_q.shape[0]), out_dtype)
-        return jax.lax.fori_loop(0, k, body, acc).reshape(rows, b_q.shape[0])
-
-    return jax.lax.platform_dependent(g2d, b_q, cpu=chunked, default=whole)
-
-
 # ------------------------------------------------------------------ mixed
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _mixed(A, B, fw: Codebook, bw: Codebook, bsz: int, bsz2: int, b_dtype: str):
@@ -110,11 +55,9 @@ def _mixed_fwd(A, B, fw, bw, bsz, bsz2, b_dtype):
 
 def _mixed_bwd(fw, bw, bsz, bsz2, b_dtype, res, g):
     A, b_codes, b_absmax = res
+    g_q = _q._fake_quantize(g, bw, bsz2)                        # Q_bw^blk(g)
     b_q = _q._dequantize_global(b_codes, b_absmax, fw, b_dtype).astype(A.dtype)
-    if g.ndim and g.shape[-1] % bsz2 == 0:                      # rows hold whole blocks
-        grad_A = _grad_a_blockwise(_flat2d(g), b_q, bw, bsz2, A.dtype).reshape(A.shape)
-    else:
-        grad_A = _dot(_q._fake_quantize(g, bw, bsz2), b_q.T, A.dtype)  # Q_bw^blk(g) @ Q(B)ᵀ
+    grad_A = _dot(g_q, b_q.T, A.dtype)
     grad_B = _dot(_flat2d(A).T, _flat2d(g), A.dtype).astype(b_dtype)  # Aᵀ·g, unquantized
     return grad_A, grad_B
 
