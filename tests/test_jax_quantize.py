@@ -261,12 +261,49 @@ def test_jit_keeps_the_rounding_113_to_112():
 
 
 def test_xla_max_propagates_nan_through_inf():
-    """NaN beats inf in the absmax wherever it sits (the absmax is an integer max of
-    |x| bit patterns, where every NaN sorts above inf)."""
+    """NaN beats inf in the absmax wherever it sits (a NaN flag reduced alongside the
+    float max decides, whatever the max does with NaN)."""
     for arr in ([np.inf, np.nan, 1.0], [np.nan, np.inf, 1.0], [1.0, -np.inf, np.nan]):
         x = np.tile(np.array(arr, F32), 50)
         _, a = jax.jit(lambda v: jq.quantize_global(v, "e4m3"))(x)
         assert bits(np.asarray(a)) == 0x7FC00000
+
+
+@pytest.mark.parametrize("shape, blocksize", [((1 << 17,), None), ((3, 1 << 16), None),
+                                               ((2, 1 << 17), 1 << 17), ((5, 70001), None)])
+def test_absmax_two_stage_split_matches_reference(shape, blocksize):
+    """Large groups (global, or a few big blocks) are reduced in slices first
+    (``_absmax_parts``); the split never changes the absmax: NaN beats inf in any
+    slice, a subnormal maximum is +0, the maximum may sit in any slice."""
+    rng = np.random.default_rng(11)
+    n = int(np.prod(shape))
+    base = rng.standard_normal(n).astype(F32)
+    cases = {"plain": base.copy()}
+    for pos in (0, n // 3, n - 1):
+        v = base.copy(); v[pos] = np.nan; v[(pos + 12345) % n] = np.inf
+        cases[f"nan@{pos}"] = v
+        v = base.copy(); v[pos] = -np.inf
+        cases[f"inf@{pos}"] = v
+        v = base.copy(); v[pos] = 1e30
+        cases[f"max@{pos}"] = v
+    v = (rng.uniform(1e-45, 1.1e-38, n) * rng.choice([-1, 1], n)).astype(F32)
+    cases["subnormal max"] = v
+    v = np.zeros(n, F32); v[n - 1] = np.float32(2.0**-126)
+    cases["smallest normal max"] = v
+    for name, flat in cases.items():
+        x = flat.reshape(shape)
+        if blocksize is None:
+            got = jax.jit(lambda v: jq.quantize_global(v, "e4m3"))(x)
+            want = ref.quantize_global(x, "e4m3")
+            fq, fq_want = jax.jit(lambda v: jq.fake_quantize(v, "e5m2"))(x), ref.fake_quantize(x, "e5m2")
+        else:
+            got = jax.jit(lambda v: jq.quantize_blockwise(v, "e4m3", blocksize))(x)
+            want = ref.quantize_blockwise(x, "e4m3", blocksize)
+            fq = jax.jit(lambda v: jq.fake_quantize(v, "e5m2", blocksize))(x)
+            fq_want = ref.fake_quantize(x, "e5m2", blocksize)
+        assert_bits_equal(got[0], want[0], f"{name} codes")
+        assert (bits(np.asarray(got[1])) == bits(np.asarray(want[1]))).all(), f"{name} absmax bits"
+        assert_bits_equal(fq, fq_want, f"{name} fake_quantize")
 
 
 def test_subnormals_are_ftz_independent():
