@@ -1,7 +1,7 @@
 """JAX benchmark: FP8-simulated linear forward+backward vs a plain jitted ``x @ W``,
 and fake_quantize throughput vs a jitted copy. Not a test.
 
-    python benchmarks/bench_jax.py [--m 4096 --k 1024 --n 4096 --repeats 5]
+    python benchmarks/bench_jax.py [--m 4096 --k 1024 --n 4096 --repeats 5] [--no-kernel]
 
 Prints best-of-N wall times (after one warm-up/compile call; candidates
 interleaved round by round, since the machine may be shared) and ratios.
@@ -20,7 +20,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fp8core_jax import fake_quantize, matmul_fp8_global, matmul_fp8_mixed  # noqa: E402
+from fp8core import _kernel  # noqa: E402
+from fp8core_jax import _ffi, fake_quantize, matmul_fp8_global, matmul_fp8_mixed  # noqa: E402
 
 
 def timeit(fn, *args, repeats):
@@ -48,9 +49,11 @@ def compare(fns, args, repeats):
 
 
 def fwd_bwd(matmul):
+    """A training step: the loss value and its gradients. (``jax.grad`` alone would let
+    XLA drop the forward product — the loss is linear in it — and time the backward only.)"""
     def loss(x, w, g):
         return jnp.sum((matmul(x, w) * g).astype(jnp.float32))
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
 def main():
@@ -60,18 +63,33 @@ def main():
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--numel", type=int, default=16 * 1024 * 1024)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-kernel", action="store_true",
+                   help="the XLA path (as on GPU/TPU or without the C kernel)")
     a = p.parse_args()
-    print(f"jax {jax.__version__}, devices {jax.devices()}")
+    if a.no_kernel:
+        _kernel.ENABLED = False
+    print(f"jax {jax.__version__}, devices {jax.devices()}, "
+          f"C kernel {'on' if _ffi.available() else 'off (XLA path)'}")
     rng = np.random.default_rng(0)
     plain = fwd_bwd(lambda x, w: x @ w)
+    # the FP8 functions accumulate in float32 and round once; for bf16 that is also a
+    # faster XLA:CPU program than a bf16 `x @ W`, so it is shown as a second baseline
+    plain_f32acc = fwd_bwd(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32)
+                           .astype(x.dtype))
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jnp.asarray(rng.standard_normal((a.m, a.k)), dtype)
         w = jnp.asarray(rng.standard_normal((a.k, a.n)) / 32, dtype)
         g = jnp.asarray(rng.standard_normal((a.m, a.n)), dtype)
-        t = compare({"plain": plain, "mixed": fwd_bwd(matmul_fp8_mixed),
-                     "global": fwd_bwd(matmul_fp8_global)}, (x, w, g), a.repeats)
+        fns = {"plain": plain, "mixed": fwd_bwd(matmul_fp8_mixed), "global": fwd_bwd(matmul_fp8_global)}
+        if dtype == jnp.bfloat16:
+            fns["plain_f32acc"] = plain_f32acc
+        t = compare(fns, (x, w, g), a.repeats)
         print(f"{jnp.dtype(dtype).name:8s} {a.m}x{a.k} @ {a.k}x{a.n} fwd+bwd plain x@W: "
               f"{t['plain']*1e3:8.1f} ms")
+        if "plain_f32acc" in t:
+            print(f"{jnp.dtype(dtype).name:8s} {'':>24s} plain, f32 accumulate: "
+                  f"{t['plain_f32acc']*1e3:8.1f} ms  (FP8 mixed / global vs this: "
+                  f"{t['mixed'] / t['plain_f32acc']:.3f} / {t['global'] / t['plain_f32acc']:.3f})")
         for name in ("mixed", "global"):
             print(f"{jnp.dtype(dtype).name:8s} {'':>24s} fwd+bwd {name:6s}: {t[name]*1e3:8.1f} ms  "
                   f"ratio {t[name] / t['plain']:.3f} (CPU-time ratio "

@@ -28,7 +28,7 @@ from fp8core.codebooks import Codebook
 __all__ = ["available", "supports", "quantize", "dequantize", "cast", "DTYPE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: dtype name -> the kernel's dtype code.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
@@ -58,9 +58,9 @@ def _load() -> ctypes.CDLL | None:
     if lib.fp8q_abi_version() != ABI_VERSION:  # a stale build: do not guess the layout
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.fp8q_quantize.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), p, p, i32, p, i32]
+    lib.fp8q_quantize.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), p, p, i32, p, i32, i32]
     lib.fp8q_quantize.restype = i32
-    lib.fp8q_dequantize.argtypes = [p, i64, i64, p, p, ctypes.POINTER(_Format), p, i32, i32]
+    lib.fp8q_dequantize.argtypes = [p, i64, i64, p, p, ctypes.POINTER(_Format), p, i32, i32, i32]
     lib.fp8q_dequantize.restype = i32
     lib.fp8q_cast.argtypes = [p, i32, p, i32, i64]
     lib.fp8q_cast.restype = i32
@@ -102,23 +102,26 @@ def _table(codebook: Codebook) -> np.ndarray:
 
 def quantize(x_ptr: int, in_dtype: str, n: int, group: int, codebook: Codebook, *,
              codes_ptr: int | None, vals_ptr: int | None, out_dtype: str,
-             absmax_ptr: int, nthreads: int) -> None:
+             absmax_ptr: int, nthreads: int, openmp: bool = False) -> None:
     """Quantize ``n`` contiguous elements at ``x_ptr`` in groups of ``group``.
 
     ``group >= n`` is global quantization (one absmax). Writes
     ``ceil(n / group)`` float32 absmax values, and ``n`` uint8 codes and/or ``n``
     values of ``out_dtype`` where the pointers are given (``None``: not written).
+    ``openmp``: split the work over an OpenMP team (for callers whose own thread
+    pool is OpenMP, i.e. torch) instead of POSIX threads.
     The caller guarantees sizes, contiguity and a codebook with :func:`supports`.
     """
     rc = _LIB.fp8q_quantize(x_ptr, DTYPE_CODES[in_dtype], n, group, ctypes.byref(_format(codebook)),
-                            codes_ptr, vals_ptr, DTYPE_CODES[out_dtype], absmax_ptr, nthreads)
+                            codes_ptr, vals_ptr, DTYPE_CODES[out_dtype], absmax_ptr, nthreads,
+                            int(openmp))
     if rc:
         raise ValueError(f"fp8q_quantize rejected its arguments (n={n}, group={group}, "
                          f"in_dtype={in_dtype}, out_dtype={out_dtype}, codebook={codebook.name})")
 
 
 def dequantize(codes_ptr: int, n: int, group: int, absmax_ptr: int, codebook: Codebook, *,
-               vals_ptr: int, out_dtype: str, nthreads: int) -> None:
+               vals_ptr: int, out_dtype: str, nthreads: int, openmp: bool = False) -> None:
     """``vals = fl(value[code] * dscale)`` for ``n`` codes in groups of ``group``, cast to ``out_dtype``.
 
     Any codebook (the value table is passed), including tables.
@@ -126,7 +129,7 @@ def dequantize(codes_ptr: int, n: int, group: int, absmax_ptr: int, codebook: Co
     table = _table(codebook)
     rc = _LIB.fp8q_dequantize(codes_ptr, n, group, absmax_ptr, table.ctypes.data,
                               ctypes.byref(_format(codebook)), vals_ptr, DTYPE_CODES[out_dtype],
-                              nthreads)
+                              nthreads, int(openmp))
     if rc:
         raise ValueError(f"fp8q_dequantize rejected its arguments (n={n}, group={group})")
 

@@ -367,7 +367,7 @@ def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: 
                    codes_ptr=codes.data_ptr() if want_codes else None,
                    vals_ptr=vals.data_ptr() if out_dtype is not None else None,
                    out_dtype=dtype_name(out_dtype or torch.float32),
-                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads())
+                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(), openmp=True)
     return vals, codes, absmax
 
 
@@ -520,7 +520,7 @@ def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocks
     y = _pool.empty(n, dtype)
     _fp8q.dequantize(codes.data_ptr(), n, blocksize or n, absmax.data_ptr(), codebook,
                      vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
-                     nthreads=torch.get_num_threads())
+                     nthreads=torch.get_num_threads(), openmp=True)
     return y
 
 

@@ -29,7 +29,7 @@ KERNEL_FORMATS = [n for n in fp8core.ELEMENT_FORMATS if K.supports(fp8core.resol
 
 
 def kernel_quantize(x: np.ndarray, cb, blocksize, out_dtype=None, *, nthreads=2,
-                    want_codes=True, want_vals=True):
+                    want_codes=True, want_vals=True, openmp=False):
     """(codes, values, absmax) from the kernel for numpy ``x``; ``blocksize=None``: global."""
     x = np.ascontiguousarray(x).reshape(-1)
     n = x.size
@@ -41,7 +41,7 @@ def kernel_quantize(x: np.ndarray, cb, blocksize, out_dtype=None, *, nthreads=2,
     K.quantize(x.ctypes.data, x.dtype.name, n, group, cb,
                codes_ptr=codes.ctypes.data if want_codes else None,
                vals_ptr=vals.ctypes.data if want_vals else None, out_dtype=out_dtype.name,
-               absmax_ptr=absmax.ctypes.data, nthreads=nthreads)
+               absmax_ptr=absmax.ctypes.data, nthreads=nthreads, openmp=openmp)
     return codes, vals, absmax
 
 
@@ -122,15 +122,18 @@ def test_random_and_special_values(fmt, dtype, blocksize):
     assert_matches_reference(x, cb, blocksize)
 
 
+@pytest.mark.parametrize("openmp", [False, True], ids=["pthreads", "openmp"])
 @pytest.mark.parametrize("nthreads", [1, 2, 3, 7])
 @pytest.mark.parametrize("n,blocksize", [(1, 64), (100, 64), (70001, None), (70001, 4096),
                                          (2**18 + 3, 1000), (2**18, 64)])
-def test_thread_partitions(nthreads, n, blocksize):
-    """Blocks and element ranges split over threads: same bits as one pass, partial tails."""
+def test_thread_partitions(nthreads, n, blocksize, openmp):
+    """Blocks and element ranges split over threads (POSIX or an OpenMP team): same bits
+    as one pass, partial tails."""
     rng = np.random.default_rng(n)
     x = (rng.standard_normal(n) * np.exp(rng.uniform(-5, 5, n))).astype(np.float32)
     x[n // 2] = np.nan if blocksize is None else x[n // 2]
-    assert_matches_reference(x, fp8core.resolve_codebook("e4m3"), blocksize, nthreads=nthreads)
+    assert_matches_reference(x, fp8core.resolve_codebook("e4m3"), blocksize, nthreads=nthreads,
+                             openmp=openmp)
 
 
 @pytest.mark.parametrize("want_codes,want_vals", [(True, False), (False, True)])
@@ -163,7 +166,7 @@ def test_dequantize_any_codebook(cb_name, out_dtype):
     np_out = np.dtype(ml_dtypes.bfloat16) if out_dtype == "bfloat16" else np.dtype(out_dtype)
     vals = np.empty(codes.size, np_out)
     K.dequantize(codes.ctypes.data, codes.size, 256, absmax.ctypes.data, cb, vals_ptr=vals.ctypes.data,
-                 out_dtype=out_dtype, nthreads=2)
+                 out_dtype=out_dtype, nthreads=2, openmp=out_dtype == "float16")
     want = R.dequantize_blockwise(codes, absmax, cb, 256).astype(np_out)
     np.testing.assert_array_equal(bits(vals), bits(want))
 

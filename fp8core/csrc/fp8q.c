@@ -5,8 +5,11 @@
  * cache, then the block is scaled, saturated, rounded and (optionally)
  * dequantized and written out -- codes and/or values, never an intermediate
  * tensor. Global quantization needs two passes (absmax first). Work is split
- * over `nthreads` POSIX threads (whole blocks per thread; element ranges for
- * global groups).
+ * over `nthreads` threads (whole blocks per thread; element ranges for global
+ * groups): an OpenMP team when the caller asks (torch: its intra-op pool is
+ * libgomp too, so the team reuses those threads instead of competing with them
+ * while they spin after torch's last parallel region), POSIX threads otherwise
+ * (JAX/XLA and numpy callers, which have no OpenMP pool).
  *
  * Numerics are the contract's float32 operation sequence, IEEE binary32 with
  * round-to-nearest-even. This file must be compiled WITHOUT -ffast-math and
@@ -21,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FP8Q_ABI_VERSION 1
+#define FP8Q_ABI_VERSION 2
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 
@@ -252,15 +255,26 @@ static void *run_job(void *arg) {
 #define MAX_THREADS 64
 #define MIN_PER_THREAD (1 << 15)   /* elements: below this a thread is not worth it */
 
-/* Run jobs[0..nj) -- jobs[0] on the calling thread. */
-static void run_all(job_t *jobs, int nj) {
+/* Run fn(job t) for t in [0, nj): an OpenMP team if `openmp` (and built with
+ * OpenMP), else POSIX threads with job 0 on the calling thread. */
+static void run_parallel(void *(*fn)(void *), void *jobs, size_t job_size, int nj, int openmp) {
+    char *base = (char *)jobs;
+#ifdef _OPENMP
+    if (openmp && nj > 1) {
+#pragma omp parallel for num_threads(nj) schedule(static, 1)
+        for (int t = 0; t < nj; t++) fn(base + (size_t)t * job_size);
+        return;
+    }
+#else
+    (void)openmp;
+#endif
     pthread_t th[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int t = 1; t < nj; t++) started[t] = pthread_create(&th[t], 0, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
+    for (int t = 1; t < nj; t++) started[t] = pthread_create(&th[t], 0, fn, base + (size_t)t * job_size) == 0;
+    fn(base);
     for (int t = 1; t < nj; t++) {
         if (started[t]) pthread_join(th[t], 0);
-        else run_job(&jobs[t]);   /* could not start a thread: do it here */
+        else fn(base + (size_t)t * job_size);   /* could not start a thread: do it here */
     }
 }
 
@@ -285,9 +299,10 @@ int fp8q_cast(const void *in, int in_dt, void *out, int out_dt, int64_t n) {
 /* Quantize n elements of x (in_dt) in groups of `group` consecutive elements
  * (the last may be partial; group >= n is global quantization). Writes
  * absmax[ceil(n/group)], and codes[n] (uint8) and/or vals[n] (out_dt) when not
- * NULL. Returns 0, or -1 on bad arguments. */
+ * NULL. `openmp`: run on an OpenMP team (see the top). Returns 0, or -1 on bad
+ * arguments. */
 int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q_format *f,
-                  uint8_t *codes, void *vals, int out_dt, float *absmax, int nthreads) {
+                  uint8_t *codes, void *vals, int out_dt, float *absmax, int nthreads, int openmp) {
     if (n < 0 || group <= 0 || in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2) return -1;
     if (f->mant < 1 || f->mant > 22 || f->bits < 2 || f->bits > 8) return -1;
     if (n == 0) return 0;                              /* callers handle empty tensors */
@@ -301,7 +316,7 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
             job_t j = {&c, n, group, nb * t / nt, nb * (t + 1) / nt, absmax, {0, 0, 0}, 0, 0};
             jobs[t] = j;
         }
-        run_all(jobs, nt);
+        run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
         return 0;
     }
     int nt = clamp_threads(nthreads, n);               /* global: two passes */
@@ -309,14 +324,14 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
         job_t j = {&c, n, n, n * t / nt, n * (t + 1) / nt, absmax, {0, 0, 0}, 0, 1};
         jobs[t] = j;
     }
-    run_all(jobs, nt);
+    run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
     uint32_t m = 0;
     for (int t = 0; t < nt; t++) m = jobs[t].partial > m ? jobs[t].partial : m;
     float a = finish_absmax(m);
     absmax[0] = a;
     scales_t sc = group_scales(a, f);
     for (int t = 0; t < nt; t++) { jobs[t].phase = 2; jobs[t].sc = sc; }
-    run_all(jobs, nt);
+    run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
     return 0;
 }
 
@@ -356,22 +371,16 @@ static void *run_djob(void *arg) {
 /* vals[i] = fl(table[codes[i]] * dscale(absmax[i / group])), cast once to out_dt.
  * Works for any 256-entry table (native or not). Returns 0, or -1 on bad arguments. */
 int fp8q_dequantize(const uint8_t *codes, int64_t n, int64_t group, const float *absmax,
-                    const float *table, const fp8q_format *f, void *vals, int out_dt, int nthreads) {
+                    const float *table, const fp8q_format *f, void *vals, int out_dt, int nthreads,
+                    int openmp) {
     if (n < 0 || group <= 0 || out_dt < 0 || out_dt > 2) return -1;
     if (n == 0) return 0;
     int nt = clamp_threads(nthreads, n);
     djob_t jobs[MAX_THREADS];
-    pthread_t th[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int t = 0; t < nt; t++) {
         djob_t j = {codes, table, absmax, f, vals, out_dt, n, group, n * t / nt, n * (t + 1) / nt};
         jobs[t] = j;
     }
-    for (int t = 1; t < nt; t++) started[t] = pthread_create(&th[t], 0, run_djob, &jobs[t]) == 0;
-    run_djob(&jobs[0]);
-    for (int t = 1; t < nt; t++) {
-        if (started[t]) pthread_join(th[t], 0);
-        else run_djob(&jobs[t]);
-    }
+    run_parallel(run_djob, jobs, sizeof(djob_t), nt, openmp);
     return 0;
 }

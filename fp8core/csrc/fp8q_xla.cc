@@ -19,9 +19,9 @@ typedef struct {
 } fp8q_format;  // as in fp8q.c
 
 typedef int (*quantize_fn)(const void *, int, int64_t, int64_t, const fp8q_format *, uint8_t *,
-                           void *, int, float *, int);
+                           void *, int, float *, int, int);
 typedef int (*dequantize_fn)(const uint8_t *, int64_t, int64_t, const float *, const float *,
-                             const fp8q_format *, void *, int, int);
+                             const fp8q_format *, void *, int, int, int);
 
 static quantize_fn g_quantize = nullptr;
 static dequantize_fn g_dequantize = nullptr;
@@ -65,7 +65,7 @@ ffi::Error Quantize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
                             want_codes ? codes->typed_data() : nullptr,
                             want_vals ? vals->untyped_data() : nullptr,
                             want_vals ? DtypeCode(vals->element_type()) : 0, absmax->typed_data(),
-                            nthreads);
+                            nthreads, /*openmp=*/0);  // XLA has no OpenMP pool: POSIX threads
   if (rc != 0) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_quantize rejected its arguments");
   return ffi::Error::Success();
 }
@@ -80,7 +80,7 @@ ffi::Error Dequantize(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax, 
   const fp8q_format f = Format(m, inv_m, floor_, ceiling, 0, 0, 0, 0, 0);
   const int rc = g_dequantize(codes.typed_data(), n, group > 0 ? group : n, absmax.typed_data(),
                               table.typed_data(), &f, vals->untyped_data(),
-                              DtypeCode(vals->element_type()), nthreads);
+                              DtypeCode(vals->element_type()), nthreads, /*openmp=*/0);
   if (rc != 0) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_dequantize rejected its arguments");
   return ffi::Error::Success();
 }
