@@ -80,9 +80,15 @@ INLINE void f16_store(void *p, int64_t i, float v) {  /* round half to even, IEE
 }
 
 INLINE float bf16_load(const void *p, int64_t i) { return u2f((uint32_t)((const uint16_t *)p)[i] << 16); }
+/* round half to even; a finite v that rounds past the largest bfloat16 carries into
+ * the exponent and gives inf, as IEEE rounding does. Not for NaN (see below). */
+INLINE void bf16_store_nonnan(void *p, int64_t i, float v) {
+    uint32_t u = f2u(v);
+    ((uint16_t *)p)[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
 INLINE void bf16_store(void *p, int64_t i, float v) {
     uint32_t u = f2u(v);
-    uint32_t r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;   /* round half to even */
+    uint32_t r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
     ((uint16_t *)p)[i] = (uint16_t)sel((u & 0x7FFFFFFFu) > 0x7F800000u, (u >> 16) | 0x40u, r);
 }
 
@@ -93,6 +99,11 @@ INLINE void store(void *p, int dt, int64_t i, float v) {
     if (dt == DT_F32) ((float *)p)[i] = v;
     else if (dt == DT_F16) f16_store(p, i, v);
     else bf16_store(p, i, v);
+}
+/* store() for values known not to be NaN (the scaled values of a finite group) */
+INLINE void store_nonnan(void *p, int dt, int64_t i, float v) {
+    if (dt == DT_BF16) bf16_store_nonnan(p, i, v);
+    else store(p, dt, i, v);
 }
 
 /* ------------------------------------------------------------------ absmax (§3.2) */
@@ -151,7 +162,7 @@ typedef struct {
 } call_t;
 
 INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
-                     int in_dt, int want_codes, int want_vals, int out_dt) {
+                     int in_dt, int want_codes, int want_vals, int out_dt, int negzero) {
     const fp8q_format *f = c->f;
     /* locals, restrict: a uint8_t store may alias anything, and would otherwise
      * force the loop to reload c->x etc. on every element (no vectorization) */
@@ -170,7 +181,6 @@ INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
     const float sub_scale = u2f((uint32_t)(f->mant - f->emin + 127) << 23);  /* 2**(mant-emin) */
     const uint32_t bias = (uint32_t)(1 - f->emin), mant = (uint32_t)f->mant;
     const uint32_t sign_shift = (uint32_t)(f->bits - 1);
-    const uint32_t negzero = (uint32_t)f->negzero;
     const int64_t end = start + len;
     for (int64_t i = start; i < end; i++) {
         float s = load(x, in_dt, i) * qscale;                     /* §3.4 fl(x * qscale) */
@@ -188,7 +198,7 @@ INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
         uint32_t rb = f2u(r);
         uint32_t sgn = f2u(s) & 0x80000000u;
         /* -0 rule: formats with -0 keep the sign; fnuz formats have one zero (+0) */
-        rb = (negzero | (rb != 0)) ? (rb | sgn) : rb;
+        rb = negzero ? (rb | sgn) : sel(rb != 0, rb | sgn, rb);
         if (want_codes) {
             uint32_t mag = rb & 0x7FFFFFFFu;
             uint32_t normal = ((((mag >> 23) - 127 + bias) << mant) | ((mag & 0x7FFFFFu) >> (23 - mant)));
@@ -197,20 +207,23 @@ INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
             uint32_t code = (mag >= emin_bits ? normal : sub) | ((rb >> 31) << sign_shift);
             codes[i] = (uint8_t)code;
         }
-        if (want_vals) store(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
+        if (want_vals) store_nonnan(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
     }
 }
 
+/* every (outputs, output dtype, -0 rule) combination as its own specialised loop */
+#define QDQ_CASES(IN, NZ)                                                               \
+    if (!wv) { if (wc) qdq_loop(c, s, n, sc, IN, 1, 0, DT_F32, NZ); }                   \
+    else if (o == DT_F32 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F32, NZ);            \
+    else if (o == DT_F32) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F32, NZ);                  \
+    else if (o == DT_F16 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F16, NZ);            \
+    else if (o == DT_F16) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F16, NZ);                  \
+    else if (wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_BF16, NZ);                          \
+    else qdq_loop(c, s, n, sc, IN, 0, 1, DT_BF16, NZ);
 #define QDQ_OUT(IN)                                                                     \
     static void qdq_in_##IN(const call_t *c, int64_t s, int64_t n, scales_t sc) {       \
         int wc = c->codes != 0, wv = c->vals != 0, o = c->out_dt;                       \
-        if (!wv) { if (wc) qdq_loop(c, s, n, sc, IN, 1, 0, DT_F32); }                   \
-        else if (o == DT_F32 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F32);            \
-        else if (o == DT_F32) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F32);                  \
-        else if (o == DT_F16 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F16);            \
-        else if (o == DT_F16) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F16);                  \
-        else if (wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_BF16);                          \
-        else qdq_loop(c, s, n, sc, IN, 0, 1, DT_BF16);                                  \
+        if (c->f->negzero) { QDQ_CASES(IN, 1) } else { QDQ_CASES(IN, 0) }               \
     }
 /* HOT on the outer function so each clone inlines its own vector loop */
 HOT QDQ_OUT(DT_F32)
