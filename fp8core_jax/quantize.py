@@ -10,6 +10,11 @@ hashable, so it is passed to ``jax.jit`` as a static argument; the numpy
 constants derived from it (value table, thresholds) are built once per codebook
 (:func:`_constants`, an ``lru_cache`` of a pure function).
 
+On CPU, native codebooks and float32 / float16 / bfloat16 data go through fp8core's
+fused C kernel as an XLA custom call (:mod:`fp8core_jax._ffi`; the torch backend's
+kernel, same bits); everything else — other platforms, tables, float64, or
+``FP8CORE_KERNEL=0`` — runs the jax.numpy body below.
+
 XLA hazards and how this module meets them (each is pinned by a test in
 ``tests/test_jax_quantize.py``):
 
