@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import numpy as np
 
@@ -56,6 +57,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(_fp8q.__file__)
     if lib.fp8q_abi_version() != ABI_VERSION:  # a stale build: do not guess the layout
+        warnings.warn(f"fp8core: the compiled kernel {_fp8q.__file__} is from another version "
+                      f"(ABI {lib.fp8q_abi_version()}, expected {ABI_VERSION}); rebuild it with "
+                      f"`pip install -e .` — using the framework paths (same results, slower)",
+                      RuntimeWarning, stacklevel=2)
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fp8q_quantize.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), p, p, i32, p, i32, i32]
