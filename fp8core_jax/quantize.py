@@ -562,10 +562,28 @@ def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> jax.Ar
     :func:`fp8core.fake_quantize`. For native formats it is fused (no uint8
     codes are materialised): ``fl(rne(s) * dscale)`` where ``rne`` rounds half
     to even with integer arithmetic on the float32 bits (no 8-bit cast that XLA
-    could drop as excess precision).
+    could drop as excess precision); on CPU, fp8core's fused C kernel.
+
+    Derivative: zero almost everywhere (it is piecewise constant), which is what
+    ``jax.grad`` returns, as for ``jnp.round``. The FP8 matmuls implement
+    straight-through gradients; for a straight-through estimator of your own use
+    ``x + lax.stop_gradient(fake_quantize(x, ...) - x)``.
     """
     x = _check_x(x)
     codebook = _resolve(codebook)
     if blocksize is not None:
         _validation.check_blocksize(blocksize)
+    return _fake_quantize_zero_grad(x, codebook, blocksize)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fake_quantize_zero_grad(x, codebook: Codebook, blocksize: int | None):
     return _fake_quantize(x, codebook, blocksize)
+
+
+@_fake_quantize_zero_grad.defjvp
+def _fake_quantize_jvp(codebook, blocksize, primals, tangents):
+    """The a.e. derivative, zero: without this rule neither path differentiates at all
+    (the custom call has no JVP; the XLA body's integer bitcasts fail inside JAX)."""
+    (x,), (dx,) = primals, tangents
+    return _fake_quantize(x, codebook, blocksize), jnp.zeros_like(dx)

@@ -408,3 +408,15 @@ def test_bfloat16_output_cast_is_round_half_to_even():
     with np.errstate(invalid="ignore"):
         want = y.astype(ml_dtypes.bfloat16)
     assert_bits_equal(got, want, "f32 -> bf16")
+
+
+def test_fake_quantize_gradient_is_zero_and_ste_works():
+    """fake_quantize's derivative is zero a.e. and jax.grad returns that on both paths
+    (without the custom JVP the XLA path failed deep inside JAX and the kernel path
+    with an FFI error); the documented straight-through form gives ones."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(256).astype(np.float32))
+    g = jax.grad(lambda v: jq.fake_quantize(v, "e4m3", 64).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.zeros(256, np.float32))
+    ste = jax.jit(jax.grad(
+        lambda v: (v + jax.lax.stop_gradient(jq.fake_quantize(v, "e4m3", 64) - v)).sum()))(x)
+    np.testing.assert_array_equal(np.asarray(ste), np.ones(256, np.float32))

@@ -83,6 +83,18 @@ def test_kernel_is_built_where_a_compiler_exists():
     assert K._LIB is not None
 
 
+def test_jax_custom_calls_build_where_a_cxx_compiler_exists(monkeypatch):
+    """JAX's FFI wrapper is compiled on first use; with a C++ compiler present that must
+    work (a failure would only warn and leave JAX on the slower XLA path)."""
+    pytest.importorskip("jax")
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on this machine")
+    from fp8core_jax import _ffi
+
+    monkeypatch.setattr(K, "ENABLED", True)
+    assert _ffi.available(), _ffi._STATE.get("why")
+
+
 def test_supports_native_formats_not_tables():
     assert set(KERNEL_FORMATS) == set(fp8core.ELEMENT_FORMATS)
     assert not K.supports(fp8core.resolve_codebook("bnb_e4m3"))
