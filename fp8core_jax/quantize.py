@@ -358,96 +358,68 @@ def _kernel_path(codebook: Codebook | None, *dtypes) -> bool:
             and _ffi.available())
 
 
-def _on_cpu(operands, kernel_fn, xla_fn):
-    return lax.platform_dependent(*operands, cpu=kernel_fn, default=xla_fn)
+def _dispatch(kernel: bool, operands, fused, xla):
+    """``fused`` (the custom call) lowered on CPU and ``xla`` on every other platform;
+    ``xla`` alone when the kernel is off."""
+    if not kernel:
+        return xla(*operands)
+    return lax.platform_dependent(*operands, cpu=fused, default=xla)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _quantize_blockwise_jit(x, codebook: Codebook, blocksize: int, kernel: bool):
+def _quantize_jit(x, codebook: Codebook, blocksize: int | None, kernel: bool):
+    """``(codes shaped like x, absmax)``; ``blocksize=None`` is global (0-d absmax)."""
     def xla(x):
         c = _constants(codebook)
+        x32 = x.astype(jnp.float32)
+        if blocksize is None:
+            codes, absmax = _quantize_groups(x32.reshape(1, -1), c)
+            return codes.reshape(x.shape), absmax.reshape(())
         plan = fp8core.plan_blocks(x.size, blocksize)
-        groups = _to_blocks(x.astype(jnp.float32).reshape(-1), plan)  # §3.1
-        codes, absmax = _quantize_groups(groups, c)
+        codes, absmax = _quantize_groups(_to_blocks(x32.reshape(-1), plan), c)   # §3.1
         return _from_blocks(codes, plan, x.shape), absmax
-
-    if not kernel:
-        return xla(x)
 
     def fused(x):
         _, codes, absmax = _ffi.quantize(x, codebook, blocksize, out_dtype=None, want_codes=True)
         return codes.reshape(x.shape), absmax
 
-    return _on_cpu((x,), fused, xla)
+    return _dispatch(kernel, (x,), fused, xla)
 
 
 def _quantize_blockwise(x, codebook: Codebook, blocksize: int):
-    return _quantize_blockwise_jit(x, codebook, blocksize, _kernel_path(codebook, x.dtype))
+    return _quantize_jit(x, codebook, blocksize, _kernel_path(codebook, x.dtype) and x.size > 0)
+
+
+def _quantize_global(x, codebook: Codebook):
+    return _quantize_jit(x, codebook, None, _kernel_path(codebook, x.dtype) and x.size > 0)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _dequantize_blockwise_jit(codes, absmax, codebook: Codebook, blocksize: int, dtype: str,
-                              kernel: bool):
+def _dequantize_jit(codes, absmax, codebook: Codebook, blocksize: int | None, dtype: str,
+                    kernel: bool):
+    """§4, cast once to ``dtype`` (§4.4); ``blocksize=None`` is global."""
     def xla(codes, absmax):
         c = _constants(codebook)
-        plan = fp8core.plan_blocks(codes.size, blocksize)
-        groups = _to_blocks(codes.reshape(-1), plan)
-        y = _dequantize_groups(groups, absmax, c)
-        return _cast_out(_from_blocks(y, plan, codes.shape), dtype)   # §4.4
-
-    if not kernel:
-        return xla(codes, absmax)
+        if blocksize is None:
+            y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c).reshape(codes.shape)
+        else:
+            plan = fp8core.plan_blocks(codes.size, blocksize)
+            y = _dequantize_groups(_to_blocks(codes.reshape(-1), plan), absmax, c)
+            y = _from_blocks(y, plan, codes.shape)
+        return _cast_out(y, dtype)
 
     def fused(codes, absmax):
         return _ffi.dequantize(codes, absmax, codebook, blocksize, jnp.dtype(dtype)).reshape(codes.shape)
 
-    return _on_cpu((codes, absmax), fused, xla)
+    return _dispatch(kernel, (codes, absmax), fused, xla)
 
 
 def _dequantize_blockwise(codes, absmax, codebook: Codebook, blocksize: int, dtype: str):
-    return _dequantize_blockwise_jit(codes, absmax, codebook, blocksize, dtype,
-                                     _kernel_path(None, dtype))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_global_jit(x, codebook: Codebook, kernel: bool):
-    def xla(x):
-        c = _constants(codebook)
-        codes, absmax = _quantize_groups(x.astype(jnp.float32).reshape(1, -1), c)
-        return codes.reshape(x.shape), absmax.reshape(())
-
-    if not kernel:
-        return xla(x)
-
-    def fused(x):
-        _, codes, absmax = _ffi.quantize(x, codebook, None, out_dtype=None, want_codes=True)
-        return codes.reshape(x.shape), absmax
-
-    return _on_cpu((x,), fused, xla)
-
-
-def _quantize_global(x, codebook: Codebook):
-    return _quantize_global_jit(x, codebook, _kernel_path(codebook, x.dtype) and x.size > 0)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _dequantize_global_jit(codes, absmax, codebook: Codebook, dtype: str, kernel: bool):
-    def xla(codes, absmax):
-        c = _constants(codebook)
-        y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c)
-        return _cast_out(y.reshape(codes.shape), dtype)
-
-    if not kernel:
-        return xla(codes, absmax)
-
-    def fused(codes, absmax):
-        return _ffi.dequantize(codes, absmax, codebook, None, jnp.dtype(dtype)).reshape(codes.shape)
-
-    return _on_cpu((codes, absmax), fused, xla)
+    return _dequantize_jit(codes, absmax, codebook, blocksize, dtype, _kernel_path(None, dtype))
 
 
 def _dequantize_global(codes, absmax, codebook: Codebook, dtype: str):
-    return _dequantize_global_jit(codes, absmax, codebook, dtype, _kernel_path(None, dtype))
+    return _dequantize_jit(codes, absmax, codebook, None, dtype, _kernel_path(None, dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -462,14 +434,11 @@ def _fake_quantize_jit(x, codebook: Codebook, blocksize: int | None, kernel: boo
             y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
         return _cast_out(y, x.dtype)
 
-    if not kernel:
-        return xla(x)
-
     def fused(x):
         vals, _, _ = _ffi.quantize(x, codebook, blocksize, out_dtype=x.dtype, want_codes=False)
         return vals.reshape(x.shape)
 
-    return _on_cpu((x,), fused, xla)
+    return _dispatch(kernel, (x,), fused, xla)
 
 
 def _fake_quantize(x, codebook: Codebook, blocksize: int | None):

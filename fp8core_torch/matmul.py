@@ -88,6 +88,11 @@ def _grad_b(a: torch.Tensor, g: torch.Tensor, b_transposed: bool) -> torch.Tenso
     return a.t() @ g
 
 
+def _grad_out_2d(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output gradient in A's dtype, flattened to (rows, N) as both backwards use it."""
+    return grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+
+
 def _sum_rows(g2: torch.Tensor) -> torch.Tensor:
     """Σ over rows as a GEMM (ones @ g): the same BLAS call eager and under
     torch.compile, so the bias gradient has the same bits in both (a ``sum`` is
@@ -116,11 +121,9 @@ class _MatMulFP8Mixed(torch.autograd.Function):
         qb, A = ctx.saved_tensors
         bw, bw_tabs, bsz2, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
-        g = grad_out.to(a_dtype)
-        n = g.shape[-1]
-        g2 = g.reshape(-1, n)
+        g2 = _grad_out_2d(grad_out, a_dtype)
         grad_a = grad_b = grad_bias = None
-        with torch.autocast(g.device.type, enabled=False):
+        with torch.autocast(g2.device.type, enabled=False):
             if need_a:
                 qg = _fq(g2, bw, bw_tabs, bsz2)                     # Q_bw^blk(g; bsz2)
                 grad_a = (qg @ qb.t()).view(a_shape)
@@ -153,11 +156,9 @@ class _MatMulFP8Global(torch.autograd.Function):
         qb, codes_a, absmax_a = ctx.saved_tensors
         fw, fw_tabs, bw, bw_tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
-        g = grad_out.to(a_dtype)
-        n = g.shape[-1]
-        g2 = g.reshape(-1, n)
+        g2 = _grad_out_2d(grad_out, a_dtype)
         grad_a = grad_b = grad_bias = None
-        with torch.autocast(g.device.type, enabled=False):
+        with torch.autocast(g2.device.type, enabled=False):
             if need_a or need_b:
                 qg = _fq(g2, bw, bw_tabs, None)                     # Q_bw^glob(g)
             if need_a:

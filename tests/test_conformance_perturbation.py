@@ -61,23 +61,32 @@ def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
 
 def test_jax_kernel_off_by_one_ulp_is_caught(monkeypatch):
     """The C kernel as JAX's custom call, with its ``fl(1/M)`` constant one ulp low."""
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     from fp8core import _kernel
     from fp8core_jax import _ffi
 
     monkeypatch.setattr(_kernel, "ENABLED", True)
     if not _ffi.available():
         pytest.skip("fp8core's C kernel is not available to JAX")
-    jax.clear_caches()  # constants are read when the quantizers are traced
-    _break_kernel_constant(monkeypatch)
-    try:
-        results, failed = _failures(("numpy", "jax"))
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
+    failed = _jax_failures(monkeypatch, lambda: _break_kernel_constant(monkeypatch))
     assert failed, "a broken JAX kernel path went unnoticed"
     assert {r.pair for r in failed} == {"numpy~jax"}
     assert "first at index" in failed[0].message
+
+
+def _jax_failures(monkeypatch, perturb):
+    """Failed numpy~jax results of the slice with ``perturb()`` applied; the jitted
+    quantizers are retraced with it (constants and helpers are read at trace time)
+    and again after it is undone."""
+    import jax
+
+    jax.clear_caches()
+    perturb()
+    try:
+        return _failures(("numpy", "jax"))[1]
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
 
 
 def _break_kernel_constant(monkeypatch):
@@ -106,7 +115,7 @@ def _assert_torch_caught():
 
 def test_jax_dividing_instead_of_multiplying_is_caught(monkeypatch):
     """The XLA path (GPU/TPU, or without the C kernel) with the division."""
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     pytest.importorskip("fp8core_jax")
     import jax.numpy as jnp
     from fp8core import _kernel
@@ -120,13 +129,7 @@ def test_jax_dividing_instead_of_multiplying_is_caught(monkeypatch):
         finite, qscale, dscale = original(absmax, c)
         return finite, qscale, jnp.where(finite, jnp.float32(1) / qscale, dscale)
 
-    jax.clear_caches()  # the jitted quantizers must be retraced with the broken scales
-    monkeypatch.setattr(jq, "_group_scales", divided)
-    try:
-        results, failed = _failures(("numpy", "jax"))
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
+    failed = _jax_failures(monkeypatch, lambda: monkeypatch.setattr(jq, "_group_scales", divided))
     assert failed, "a JAX backend that divides went unnoticed"
     assert {r.pair for r in failed} == {"numpy~jax"}
     assert "first at index" in failed[0].message
