@@ -18,6 +18,10 @@ __all__ = [
     "select_block_sizes",
     "BlockPlan",
     "plan_blocks",
+    "TilePlan",
+    "plan_tiles",
+    "OperandPlan",
+    "plan_operand",
 ]
 
 MIN_BLOCK_SIZE = 64
@@ -76,3 +80,94 @@ def plan_blocks(numel: int, blocksize: int) -> BlockPlan:
     _validation.check_blocksize(blocksize)
     n_blocks = -(-numel // blocksize)
     return BlockPlan(numel, blocksize, n_blocks, n_blocks * blocksize - numel)
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """How a row-major ``(rows, cols)`` array splits into ``tile_rows × tile_cols`` tiles.
+
+    Tiles at the bottom and right edges may be partial (they are never padded with
+    neighbouring data; a backend that pads uses zeros, which never change an absmax).
+    The absmax / scale grid is ``grid = (ceil(rows / tile_rows), ceil(cols / tile_cols))``,
+    row-major.
+    """
+
+    rows: int
+    cols: int
+    tile_rows: int
+    tile_cols: int
+    grid: tuple[int, int]
+    pad_rows: int
+    pad_cols: int
+
+    @property
+    def n_groups(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return self.rows + self.pad_rows, self.cols + self.pad_cols
+
+    def transposed(self) -> "TilePlan":
+        """The same tiles seen on the transposed array (grid transposed)."""
+        return plan_tiles(self.cols, self.rows, self.tile_cols, self.tile_rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_tiles(rows: int, cols: int, tile_rows: int, tile_cols: int) -> TilePlan:
+    """The :class:`TilePlan` of a ``(rows, cols)`` array (the only tile arithmetic)."""
+    for name, v in (("rows", rows), ("cols", cols)):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    _validation.check_blocksize(tile_rows, argname="tile_rows")
+    _validation.check_blocksize(tile_cols, argname="tile_cols")
+    gr, gc = -(-rows // tile_rows), -(-cols // tile_cols)
+    return TilePlan(rows, cols, tile_rows, tile_cols, (gr, gc),
+                    gr * tile_rows - rows, gc * tile_cols - cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandPlan:
+    """How one GEMM operand, viewed as ``(rows, cols)`` with the contraction axis last,
+    is grouped under a granularity (docs/numerics.md §9.3).
+
+    ``kind == "tiles"``: ``tiles`` gives the groups (tensor = one tile of the whole
+    matrix, axiswise = ``1 × cols``, block(B) = ``1 × B``, tile(B) = ``B × B``) and the
+    absmax grid ``scale_shape == tiles.grid``. ``kind == "flat"``: ``flat`` gives blocks
+    of the row-major flattening and ``scale_shape == (n_blocks,)``.
+    """
+
+    kind: str
+    rows: int
+    cols: int
+    tiles: TilePlan | None
+    flat: BlockPlan | None
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return self.tiles.grid if self.tiles is not None else (self.flat.n_blocks,)
+
+    @property
+    def is_global(self) -> bool:
+        """One group holding every element (a non-empty tensor-granularity operand)."""
+        return self.tiles is not None and self.tiles.grid == (1, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_operand(rows: int, cols: int, granularity) -> OperandPlan:
+    """The :class:`OperandPlan` of a ``(rows, cols)`` operand (cols = contraction axis).
+
+    ``granularity`` is an :class:`fp8core.recipe.Granularity`; ``flat()`` without a size
+    takes ``select_block_size(cols)`` (bitsandbytes' rule).
+    """
+    kind, size = granularity.kind, granularity.size
+    if kind == "flat":
+        bs = size if size is not None else select_block_size(max(cols, 1))
+        return OperandPlan("flat", rows, cols, None, plan_blocks(rows * cols, bs))
+    tr, tc = {
+        "tensor": (max(rows, 1), max(cols, 1)),
+        "axiswise": (1, max(cols, 1)),
+        "block": (1, size),
+        "tile": (size, size),
+    }[kind]
+    return OperandPlan("tiles", rows, cols, plan_tiles(rows, cols, tr, tc), None)

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from fp8core import _validation
-from fp8core.blocks import plan_blocks
+from fp8core.blocks import plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
     CANONICAL_NAN_BITS,
     F32_SMALLEST_NORMAL,
@@ -29,6 +29,13 @@ __all__ = [
     "fake_quantize",
     "group_scales",
     "round_to_codes",
+    "quantize_tiles",
+    "dequantize_tiles",
+    "quantize_operand",
+    "dequantize_operand",
+    "fake_quantize_operand",
+    "operand_scales",
+    "linear_operands",
 ]
 
 _F32 = np.float32
@@ -67,18 +74,34 @@ def group_absmax(groups: np.ndarray) -> np.ndarray:
     return absmax.astype(np.float32)
 
 
-def group_scales(absmax: np.ndarray, codebook: Codebook) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """§3.3: ``(finite, qscale, dscale)`` for float32 absmax values.
+def group_scales(absmax: np.ndarray, codebook: Codebook, scale: str = "fp32"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """§3.3 / §9.2: ``(finite, qscale, dscale)`` for float32 absmax values.
 
-    ``a = clip(absmax, floor, ceiling)``; ``qscale = fl(M / a)``;
-    ``dscale = fl(a * fl(1/M))``. Non-finite groups get ``qscale = 0`` (unused)
-    and ``dscale = NaN``.
+    ``a = clip(absmax, floor, ceiling)``; ``q0 = fl(M / a)``. ``scale="fp32"``:
+    ``qscale = q0``, ``dscale = fl(a * fl(1/M))``. ``"pow2"``: ``qscale`` = the largest
+    power of two ≤ ``q0`` (its exponent bits); ``"pow2_torchao"``: that power of two, or
+    the next one when ``q0 ≥ pow2_torchao_thresholds()[E]`` (torchao's float32
+    ``exp2(floor(log2(q0)))``); both: ``dscale = 1 / qscale`` exactly. Non-finite groups
+    get ``qscale = 0`` (unused) and ``dscale = NaN``.
     """
     absmax = np.asarray(absmax, dtype=np.float32)
     finite = np.isfinite(absmax)
     a = np.clip(np.where(finite, absmax, _F32(1)), codebook.scale_floor, codebook.scale_ceiling)
-    qscale = np.where(finite, codebook.max / a, _F32(0)).astype(np.float32)
-    dscale = np.where(finite, a * codebook.inv_max, _F32(np.nan)).astype(np.float32)
+    q0 = (codebook.max / a).astype(np.float32)
+    if scale == "fp32":
+        qscale, dscale = q0, (a * codebook.inv_max).astype(np.float32)
+    else:
+        e = (q0.view(np.uint32) >> 23) & np.uint32(0xFF)             # q0 is a normal float32
+        if scale == "pow2_torchao":
+            from fp8core.recipe import pow2_torchao_thresholds
+            e = e + (q0 >= pow2_torchao_thresholds()[e]).astype(np.uint32)
+        elif scale != "pow2":
+            raise ValueError(f"unknown scale rule {scale!r}")
+        qscale = (e << np.uint32(23)).view(np.float32)
+        dscale = ((np.uint32(254) - e) << np.uint32(23)).view(np.float32)  # exact 1/qscale
+    qscale = np.where(finite, qscale, _F32(0)).astype(np.float32)
+    dscale = np.where(finite, dscale, _F32(np.nan)).astype(np.float32)
     return finite, qscale, dscale
 
 
@@ -103,9 +126,10 @@ def round_to_codes(scaled: np.ndarray, codebook: Codebook) -> np.ndarray:
     return codes.reshape(scaled.shape)
 
 
-def _quantize_groups(groups: np.ndarray, codebook: Codebook) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_groups(groups: np.ndarray, codebook: Codebook, scale: str = "fp32"
+                     ) -> tuple[np.ndarray, np.ndarray]:
     absmax = group_absmax(groups)                                     # §3.2
-    finite, qscale, _ = group_scales(absmax, codebook)                # §3.3
+    finite, qscale, _ = group_scales(absmax, codebook, scale)         # §3.3
     with np.errstate(invalid="ignore"):  # inf * 0 in non-finite groups, replaced below
         scaled = groups * qscale[:, None]                             # §3.4 fl(x * qscale)
     scaled = np.clip(scaled, -codebook.max, codebook.max)             # §3.4 saturate
@@ -115,8 +139,9 @@ def _quantize_groups(groups: np.ndarray, codebook: Codebook) -> tuple[np.ndarray
     return codes.astype(np.uint8), absmax
 
 
-def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook) -> np.ndarray:
-    _, _, dscale = group_scales(absmax, codebook)                     # §4.1
+def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook,
+                       scale: str = "fp32") -> np.ndarray:
+    _, _, dscale = group_scales(absmax, codebook, scale)              # §4.1
     values = codebook.values256[codes]                                # §4.2
     with np.errstate(invalid="ignore"):  # NaN/inf codes and NaN scales are expected here
         return values * dscale[:, None]                               # §4.3 fl(v * dscale)
@@ -209,3 +234,194 @@ def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> np.nda
         return dequantize_global(codes, absmax, codebook, x.dtype)
     codes, absmax = quantize_blockwise(x, codebook, blocksize)
     return dequantize_blockwise(codes, absmax, codebook, blocksize, x.dtype)
+
+
+# --------------------------------------------------------------- §9: recipes
+def _tile_groups(a: np.ndarray, plan) -> np.ndarray:
+    """(rows, cols) -> (n_groups, tile_rows * tile_cols), tiles in row-major grid order,
+    edge tiles padded with zeros (which never change an absmax)."""
+    gr, gc = plan.grid
+    padded = np.zeros(plan.padded_shape, a.dtype)
+    padded[: plan.rows, : plan.cols] = a
+    t = padded.reshape(gr, plan.tile_rows, gc, plan.tile_cols).transpose(0, 2, 1, 3)
+    return t.reshape(gr * gc, plan.tile_rows * plan.tile_cols)
+
+
+def _untile(groups: np.ndarray, plan) -> np.ndarray:
+    gr, gc = plan.grid
+    t = groups.reshape(gr, gc, plan.tile_rows, plan.tile_cols).transpose(0, 2, 1, 3)
+    return t.reshape(plan.padded_shape)[: plan.rows, : plan.cols]
+
+
+def quantize_tiles(x: Any, codebook: Any, tile_rows: int, tile_cols: int, scale: str = "fp32"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a 2-D array with one absmax per ``tile_rows × tile_cols`` tile.
+
+    Returns ``(codes, absmax)``: uint8 codes shaped like ``x`` and the float32 absmax
+    grid ``(ceil(rows / tile_rows), ceil(cols / tile_cols))``. Edge tiles may be partial.
+    Numerics: §3 per tile, with the scale rule ``scale`` (§9.2).
+    """
+    x = _as_float_array(x)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    codebook = resolve_codebook(codebook)
+    plan = plan_tiles(x.shape[0], x.shape[1], tile_rows, tile_cols)
+    if plan.n_groups == 0:
+        return np.zeros(x.shape, np.uint8), np.zeros(plan.grid, np.float32)
+    codes, absmax = _quantize_groups(_tile_groups(x.astype(np.float32), plan), codebook, scale)
+    return _untile(codes, plan), absmax.reshape(plan.grid)
+
+
+def dequantize_tiles(codes: Any, absmax: Any, codebook: Any, tile_rows: int, tile_cols: int,
+                     scale: str = "fp32", dtype: Any = np.float32) -> np.ndarray:
+    """Inverse of :func:`quantize_tiles`: ``fl(value[code] * dscale)`` cast to ``dtype``."""
+    codes = np.asarray(codes)
+    absmax = np.asarray(absmax)
+    codebook = resolve_codebook(codebook)
+    _validation.check_codes_dtype(codes.dtype.name)
+    plan = plan_tiles(codes.shape[0], codes.shape[1], tile_rows, tile_cols)
+    _validation.check_absmax(absmax.dtype.name, absmax.shape, plan.grid)
+    out_dtype = _out_dtype(dtype)
+    if plan.n_groups == 0:
+        return np.zeros(codes.shape, out_dtype)
+    y = _dequantize_groups(_tile_groups(codes, plan), absmax.reshape(-1), codebook, scale)
+    return _untile(y, plan).astype(out_dtype)
+
+
+def _operand_matrix(shape: tuple[int, ...], axis: int) -> tuple[int, int, bool]:
+    """``(rows, cols, transposed)`` of the operand view: the contraction axis last.
+
+    ``axis=-1`` (or ndim-1): rows = the product of the leading dims. ``axis=0`` of a 2-D
+    array: the operand is its transpose."""
+    nd = len(shape)
+    if nd == 0:
+        raise ValueError("x must have at least 1 dimension")
+    if axis in (-1, nd - 1):
+        cols = shape[-1]
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if nd > 1 else 1
+        return rows, cols, False
+    if nd == 2 and axis in (0, -2):
+        return shape[1], shape[0], True
+    raise ValueError(
+        f"axis (the contraction axis) must be the last axis, or 0 of a 2-D array; "
+        f"got axis={axis} for shape {tuple(shape)}"
+    )
+
+
+def _rule(rule: Any):
+    from fp8core.recipe import OperandRule
+    if not isinstance(rule, OperandRule):
+        raise TypeError(f"rule must be an fp8core.recipe.OperandRule, got {type(rule).__name__}: "
+                        f"{rule!r}")
+    return rule
+
+
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a GEMM operand under an :class:`~fp8core.recipe.OperandRule` (§9).
+
+    Args:
+      x: float array; ``axis`` is its contraction axis (the last, or 0 of a 2-D array).
+      rule: format, granularity and scale rule.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax shaped
+      :attr:`fp8core.OperandPlan.scale_shape` in the operand's orientation (rows × groups
+      along the contraction axis).
+    """
+    x = _as_float_array(x)
+    rule = _rule(rule)
+    rows, cols, transposed = _operand_matrix(x.shape, axis)
+    plan = plan_operand(rows, cols, rule.granularity)
+    m = x.T if transposed else x.reshape(rows, cols)
+    if plan.kind == "flat":
+        flat = np.ascontiguousarray(m).reshape(-1).astype(np.float32)
+        if flat.size == 0:
+            codes, absmax = np.zeros(0, np.uint8), np.zeros(plan.scale_shape, np.float32)
+        else:
+            codes, absmax = _quantize_groups(_blocks(flat, plan.flat.blocksize), rule.format,
+                                             rule.scale)
+        codes = codes.reshape(-1)[: flat.size].reshape(rows, cols)
+    else:
+        codes, absmax = quantize_tiles(m, rule.format, plan.tiles.tile_rows,
+                                       plan.tiles.tile_cols, rule.scale)
+    codes = codes.T if transposed else codes.reshape(x.shape)
+    return np.ascontiguousarray(codes), absmax
+
+
+def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
+                       dtype: Any = np.float32) -> np.ndarray:
+    """Inverse of :func:`quantize_operand` (§4 per group, cast once to ``dtype``)."""
+    codes = np.asarray(codes)
+    absmax = np.asarray(absmax)
+    rule = _rule(rule)
+    _validation.check_codes_dtype(codes.dtype.name)
+    rows, cols, transposed = _operand_matrix(codes.shape, axis)
+    plan = plan_operand(rows, cols, rule.granularity)
+    _validation.check_absmax(absmax.dtype.name, absmax.shape, plan.scale_shape)
+    out_dtype = _out_dtype(dtype)
+    m = codes.T if transposed else codes.reshape(rows, cols)
+    if plan.kind == "flat":
+        flat = np.ascontiguousarray(m).reshape(-1)
+        fp = plan.flat
+        groups = np.concatenate([flat, np.zeros(fp.pad, np.uint8)]).reshape(fp.n_blocks, fp.blocksize)
+        y = _dequantize_groups(groups, absmax, rule.format, rule.scale)
+        y = y.reshape(-1)[: flat.size].reshape(rows, cols).astype(out_dtype)
+    else:
+        y = dequantize_tiles(m, absmax, rule.format, plan.tiles.tile_rows, plan.tiles.tile_cols,
+                             rule.scale, out_dtype)
+    return np.ascontiguousarray(y.T if transposed else y.reshape(codes.shape))
+
+
+def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> np.ndarray:
+    """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype."""
+    x = _as_float_array(x)
+    codes, absmax = quantize_operand(x, rule, axis=axis)
+    return dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype)
+
+
+def operand_scales(absmax: Any, rule: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(qscale, dscale)`` of stored absmax values under ``rule`` (§3.3, §9.2): the
+    multiplier applied before rounding and the one applied after decoding."""
+    rule = _rule(rule)
+    _, qscale, dscale = group_scales(np.asarray(absmax, np.float32), rule.format, rule.scale)
+    return qscale, dscale
+
+
+def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray | None]:
+    """The quantized operand of every slot of a recipe, as the GEMMs use them (§9.1).
+
+    ``A (..., K)``, ``B (K, N)``, ``g (..., N)`` (the output gradient; None: forward
+    only). Returns float32 arrays in the GEMMs' own layouts — ``input`` (M, K),
+    ``weight`` (K, N) [= Q(W)ᵀ], ``grad_output`` (M, N), ``weight_for_grad_input`` (K, N),
+    ``input_for_grad_weight`` (M, K), ``grad_output_for_grad_weight`` (M, N) — so that
+    ``out = input @ weight``, ``grad_A = grad_output @ weight_for_grad_inputᵀ`` and
+    ``grad_B = input_for_grad_weightᵀ @ grad_output_for_grad_weight``. Every quantized
+    value is in its tensor's own dtype first (X in A's, W in B's), then cast to A's
+    dtype, exactly as the backends do; high-precision slots are the inputs themselves.
+    """
+    from fp8core.recipe import REUSE_SOURCE, get_recipe
+    recipe = get_recipe(recipe)
+    A = _as_float_array(A, "A")
+    B = _as_float_array(B, "B")
+    a_dtype = A.dtype if A.dtype != np.float64 else np.dtype(np.float32)
+    A2 = A.reshape(-1, A.shape[-1])
+    out: dict[str, np.ndarray | None] = {}
+
+    def q(t, slot, axis, dtype):
+        rule = recipe.rule(slot)
+        if rule is None:
+            return t.astype(dtype).astype(np.float32)
+        return fake_quantize_operand(t, rule, axis=axis).astype(dtype).astype(np.float32)
+
+    out["input"] = q(A2, "input", -1, a_dtype)
+    out["weight"] = q(B, "weight", 0, a_dtype)
+    if g is None:
+        return out
+    g2 = _as_float_array(g, "g").astype(a_dtype).reshape(-1, B.shape[1])
+    out["grad_output"] = q(g2, "grad_output", -1, a_dtype)
+    for slot, (t, axis) in {"weight_for_grad_input": (B, 1), "input_for_grad_weight": (A2, 0),
+                            "grad_output_for_grad_weight": (g2, 0)}.items():
+        src = recipe.source(slot)
+        out[slot] = (out[REUSE_SOURCE[slot]] if src == "reuse"
+                     else q(t, slot, axis, a_dtype))
+    return out

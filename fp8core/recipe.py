@@ -1,0 +1,444 @@
+"""Recipes: what a linear layer quantizes, GEMM by GEMM (docs/numerics.md §9).
+
+A linear layer ``Y = X·Wᵀ`` (``matmul_fp8(A, B)`` with ``B = Wᵀ``) runs three GEMMs:
+
+===========  ===================  =========================================
+GEMM         product              operand slots (contraction axis)
+===========  ===================  =========================================
+fprop        ``Y  = X · Wᵀ``      ``input`` (X along K), ``weight`` (W along K)
+dgrad        ``dX = dY · W``      ``grad_output`` (dY along N), ``weight_for_grad_input`` (W along N)
+wgrad        ``dW = dYᵀ · X``     ``grad_output_for_grad_weight`` (dY along M), ``input_for_grad_weight`` (X along M)
+===========  ===================  =========================================
+
+Each slot holds an :class:`OperandRule` (element format, :class:`Granularity`,
+scale rule), ``None`` (the operand stays in high precision) or :data:`REUSE` (a
+backward slot uses the quantized value another slot already computed for the same
+tensor — bitsandbytes' Mixed reuses the forward's Q(W) in dgrad). Granularities are
+relative to the operand *as it enters its GEMM*: the operand is viewed as a 2-D
+matrix whose last axis is the contraction axis (``rows × contraction``), so
+``axiswise`` is one scale per token for X in fprop and one per output channel for W.
+
+Everything here is numpy-free plain data: frozen, hashable, validated at
+construction (errors name the field, the value and what is allowed), usable as
+``ctx`` data in torch and as a static argument under ``jax.jit``. Backends execute
+recipes; they never hard-code one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Union
+
+import numpy as np
+
+from fp8core import _validation
+from fp8core.codebooks import Codebook, resolve_codebook
+
+__all__ = [
+    "Granularity",
+    "tensor",
+    "axiswise",
+    "block",
+    "tile",
+    "flat",
+    "SCALE_RULES",
+    "OperandRule",
+    "REUSE",
+    "LinearRecipe",
+    "SLOTS",
+    "PRESETS",
+    "BNB_MIXED",
+    "BNB_GLOBAL",
+    "TENSORWISE",
+    "ROWWISE",
+    "ROWWISE_WITH_GW_HP",
+    "BLOCKWISE_1x128",
+    "get_recipe",
+    "bnb_recipe",
+    "pow2_torchao_thresholds",
+]
+
+GRANULARITY_KINDS: tuple[str, ...] = ("tensor", "axiswise", "block", "tile", "flat")
+
+
+@dataclasses.dataclass(frozen=True)
+class Granularity:
+    """Which elements of an operand share one scale.
+
+    The operand is the 2-D matrix ``(rows, contraction)`` it is in its GEMM:
+
+    * ``tensor``: one scale for the whole operand;
+    * ``axiswise``: one scale per row (a slice along the contraction axis);
+    * ``block(B)``: 1×B blocks along the contraction axis; the last block of a row
+      may be partial (it is never padded into the next row);
+    * ``tile(B)``: B×B 2-D tiles (for weights: the same tiles in both orientations);
+    * ``flat(B)``: blocks of B consecutive elements of the row-major flattening
+      (bitsandbytes' layers; a block may span rows). ``flat()`` (size ``None``)
+      takes bitsandbytes' ``select_block_size(contraction size)``.
+
+    Build with :func:`tensor`, :func:`axiswise`, :func:`block`, :func:`tile`, :func:`flat`.
+    """
+
+    kind: str
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRANULARITY_KINDS:
+            raise ValueError(
+                f"Granularity.kind must be one of {', '.join(GRANULARITY_KINDS)}, got {self.kind!r}"
+            )
+        if self.kind in ("tensor", "axiswise"):
+            if self.size is not None:
+                raise ValueError(f"Granularity {self.kind!r} takes no size, got size={self.size!r}")
+        elif self.kind in ("block", "tile") or self.size is not None:
+            _validation.check_blocksize(self.size, argname=f"{self.kind} size")
+
+    @property
+    def orientation_free(self) -> bool:
+        """Whether the groups are the same in both orientations of a matrix (so an
+        operand quantized along one axis equals it quantized along the other)."""
+        return self.kind in ("tensor", "tile")
+
+    def __str__(self) -> str:
+        if self.kind in ("tensor", "axiswise"):
+            return self.kind
+        return f"{self.kind}({'' if self.size is None else self.size})"
+
+
+def tensor() -> Granularity:
+    """One scale for the whole operand."""
+    return Granularity("tensor")
+
+
+def axiswise() -> Granularity:
+    """One scale per row of the operand as it enters its GEMM (per slice along K)."""
+    return Granularity("axiswise")
+
+
+def block(size: int) -> Granularity:
+    """1×``size`` blocks along the contraction axis (the last block of a row may be partial)."""
+    return Granularity("block", size)
+
+
+def tile(size: int) -> Granularity:
+    """``size``×``size`` 2-D tiles (partial at the bottom and right edges)."""
+    return Granularity("tile", size)
+
+
+def flat(size: int | None = None) -> Granularity:
+    """Blocks of the row-major flattening (bitsandbytes); ``None``: ``select_block_size(K)``."""
+    return Granularity("flat", size)
+
+
+#: Scale rules (docs/numerics.md §3.3 and §9.2):
+#: ``"fp32"``: ``qscale = fl(M / a)``, ``dscale = fl(a · fl(1/M))`` (the original contract);
+#: ``"pow2"``: the largest power of two ≤ ``fl(M / a)``, exact (its exponent bits, as
+#: TransformerEngine's block scaling); ``"pow2_torchao"``: ``2**floor(fl32(log2(fl(M / a))))``
+#: as torchao 0.18's ``round_scales_to_power_of_2`` computes it (rounds *up* to the next
+#: power of two for a scale within a few ulps below one). For both power-of-two rules
+#: ``dscale = 1 / qscale`` exactly.
+SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao")
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandRule:
+    """How one operand of one GEMM is quantized.
+
+    Attributes:
+      format: the element codebook (any name :func:`fp8core.resolve_codebook` takes —
+        ``"e4m3"``, ``"e5m2"``, ``"bnb_e4m3"``, … — or a :class:`Codebook`); stored resolved.
+      granularity: a :class:`Granularity` (default one scale per tensor).
+      scale: one of :data:`SCALE_RULES` (default ``"fp32"``).
+    """
+
+    format: Any
+    granularity: Granularity = dataclasses.field(default_factory=tensor)
+    scale: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.format, (OperandRule, LinearRecipe)):
+            raise TypeError(
+                f"OperandRule.format must be a codebook (format name or Codebook), "
+                f"got a {type(self.format).__name__}"
+            )
+        cb = resolve_codebook(self.format, argname="OperandRule.format")
+        object.__setattr__(self, "format", cb)
+        if not isinstance(self.granularity, Granularity):
+            raise TypeError(
+                f"OperandRule.granularity must be a Granularity (fp8core.recipe.tensor(), "
+                f"axiswise(), block(B), tile(B), flat(B)), got {type(self.granularity).__name__}: "
+                f"{self.granularity!r}"
+            )
+        if self.scale not in SCALE_RULES:
+            raise ValueError(
+                f"OperandRule.scale must be one of {', '.join(SCALE_RULES)}, got {self.scale!r}"
+            )
+        if self.scale != "fp32" and not cb.is_native:
+            raise ValueError(
+                f"OperandRule.scale={self.scale!r} needs a native format, got the table "
+                f"codebook {cb.name}; use scale='fp32' for tables"
+            )
+
+    @property
+    def codebook(self) -> Codebook:
+        return self.format
+
+    def __str__(self) -> str:
+        scale = "" if self.scale == "fp32" else f", {self.scale}"
+        return f"{self.format.name}/{self.granularity}{scale}"
+
+
+#: A backward slot that reuses the quantized value another slot computed for the same
+#: tensor: ``weight_for_grad_input`` ← ``weight``, ``input_for_grad_weight`` ← ``input``,
+#: ``grad_output_for_grad_weight`` ← ``grad_output``.
+REUSE = "reuse"
+
+Slot = Union[OperandRule, None, str]
+
+#: The six slots in GEMM order: fprop (X, W), dgrad (dY, W), wgrad (X, dY).
+SLOTS: tuple[str, ...] = (
+    "input", "weight",
+    "grad_output", "weight_for_grad_input",
+    "input_for_grad_weight", "grad_output_for_grad_weight",
+)
+#: Where a :data:`REUSE` slot takes its value from.
+REUSE_SOURCE: dict[str, str] = {
+    "weight_for_grad_input": "weight",
+    "input_for_grad_weight": "input",
+    "grad_output_for_grad_weight": "grad_output",
+}
+#: The operand each slot quantizes ("X", "W" or "dY") and the GEMM it belongs to.
+SLOT_TENSOR: dict[str, str] = {
+    "input": "X", "weight": "W", "grad_output": "dY", "weight_for_grad_input": "W",
+    "input_for_grad_weight": "X", "grad_output_for_grad_weight": "dY",
+}
+SLOT_GEMM: dict[str, str] = {
+    "input": "fprop", "weight": "fprop", "grad_output": "dgrad",
+    "weight_for_grad_input": "dgrad", "input_for_grad_weight": "wgrad",
+    "grad_output_for_grad_weight": "wgrad",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRecipe:
+    """The quantization of a linear layer's three GEMMs, slot by slot (see the module doc).
+
+    Slots are :class:`OperandRule`, ``None`` (high precision) or :data:`REUSE`
+    (backward slots only). ``name`` is for display.
+    """
+
+    input: Slot
+    weight: Slot
+    grad_output: Slot
+    weight_for_grad_input: Slot = REUSE
+    input_for_grad_weight: Slot = None
+    grad_output_for_grad_weight: Slot = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for slot in SLOTS:
+            value = getattr(self, slot)
+            if isinstance(value, LinearRecipe):
+                raise TypeError(
+                    f"LinearRecipe.{slot} must be an OperandRule, None or {REUSE!r}, got a LinearRecipe"
+                )
+            if isinstance(value, str) and value == REUSE:
+                if slot not in REUSE_SOURCE:
+                    raise ValueError(
+                        f"LinearRecipe.{slot}={REUSE!r}: only the backward slots "
+                        f"{', '.join(REUSE_SOURCE)} can reuse a quantized value"
+                    )
+                src = REUSE_SOURCE[slot]
+                if not isinstance(getattr(self, src), OperandRule):
+                    raise ValueError(
+                        f"LinearRecipe.{slot}={REUSE!r} needs LinearRecipe.{src} to be an "
+                        f"OperandRule, got {getattr(self, src)!r}"
+                    )
+            elif value is not None and not isinstance(value, OperandRule):
+                raise TypeError(
+                    f"LinearRecipe.{slot} must be an OperandRule, None or {REUSE!r}, "
+                    f"got {type(value).__name__}: {value!r}"
+                )
+        for a, b, gemm in (("input", "weight", "fprop"),
+                           ("grad_output", "weight_for_grad_input", "dgrad"),
+                           ("input_for_grad_weight", "grad_output_for_grad_weight", "wgrad")):
+            qa, qb = getattr(self, a) is not None, getattr(self, b) is not None
+            if qa != qb:
+                raise ValueError(
+                    f"LinearRecipe: the {gemm} GEMM quantizes one operand and not the other "
+                    f"({a}={getattr(self, a)!r}, {b}={getattr(self, b)!r}); quantize both or neither"
+                )
+        if not isinstance(self.name, str):
+            raise TypeError(f"LinearRecipe.name must be a str, got {type(self.name).__name__}")
+
+    def rule(self, slot: str) -> OperandRule | None:
+        """The rule a slot executes (a :data:`REUSE` slot: its source's rule)."""
+        value = getattr(self, slot)
+        if isinstance(value, str):
+            return getattr(self, REUSE_SOURCE[slot])
+        return value
+
+    def source(self, slot: str) -> str:
+        """How a backward slot gets its operand: ``"hp"`` (high precision),
+        ``"reuse"`` (the source slot's quantized value, as written or because requantizing
+        would give the same bits: same rule, orientation-free granularity) or ``"quantize"``."""
+        return _source(self, slot)
+
+    def replace(self, **changes: Any) -> "LinearRecipe":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line per slot, for reprs and the README table."""
+        def fmt(slot):
+            v = getattr(self, slot)
+            return "high precision" if v is None else v if isinstance(v, str) else str(v)
+        return "; ".join(f"{s}={fmt(s)}" for s in SLOTS)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@functools.lru_cache(maxsize=None)
+def _source(recipe: LinearRecipe, slot: str) -> str:
+    if slot not in REUSE_SOURCE:
+        raise ValueError(f"slot must be one of {', '.join(REUSE_SOURCE)}, got {slot!r}")
+    value = getattr(recipe, slot)
+    if value is None:
+        return "hp"
+    if isinstance(value, str):
+        return "reuse"
+    src = getattr(recipe, REUSE_SOURCE[slot])
+    if src == value and value.granularity.orientation_free:
+        return "reuse"
+    return "quantize"
+
+
+def bnb_recipe(mode: str, fw_format: Any = "e4m3", bw_format: Any = "e5m2",
+               bsz: int | None = None, bsz2: int | None = None) -> LinearRecipe:
+    """bitsandbytes' removed research layers as a recipe (docs/numerics.md §6).
+
+    ``"mixed"``: X in flat blocks of ``bsz`` (default ``select_block_size(K)``), W one
+    scale, dY in flat blocks of ``bsz2`` (default ``select_block_size(N)``), dgrad reuses
+    Q(W), wgrad in high precision. ``"global"``: every operand one scale, and the
+    backward reuses Q(W), Q(X) and Q(dY).
+    """
+    if mode not in ("mixed", "global"):
+        raise ValueError(f"mode must be 'mixed' or 'global', got {mode!r}")
+    for arg, v in (("bsz", bsz), ("bsz2", bsz2)):
+        if v is not None:
+            _validation.check_blocksize(v, argname=arg)
+    fw = resolve_codebook(fw_format, argname="fw_format")
+    bw = resolve_codebook(bw_format, argname="bw_format")
+    if mode == "mixed":
+        return LinearRecipe(
+            input=OperandRule(fw, flat(bsz)), weight=OperandRule(fw, tensor()),
+            grad_output=OperandRule(bw, flat(bsz2)), weight_for_grad_input=REUSE,
+            input_for_grad_weight=None, grad_output_for_grad_weight=None,
+            name="BNB_MIXED" if (fw.name, bw.name, bsz, bsz2) == _BNB_DEFAULTS else "bnb_mixed")
+    return LinearRecipe(
+        input=OperandRule(fw, tensor()), weight=OperandRule(fw, tensor()),
+        grad_output=OperandRule(bw, tensor()), weight_for_grad_input=REUSE,
+        input_for_grad_weight=REUSE, grad_output_for_grad_weight=REUSE,
+        name="BNB_GLOBAL" if (fw.name, bw.name, bsz, bsz2) == _BNB_DEFAULTS else "bnb_global")
+
+
+_BNB_DEFAULTS = ("float8_e4m3fn", "float8_e5m2", None, None)
+
+
+def _all(rule_x: OperandRule, rule_w: OperandRule, rule_g: OperandRule, name: str) -> LinearRecipe:
+    return LinearRecipe(input=rule_x, weight=rule_w, grad_output=rule_g,
+                        weight_for_grad_input=rule_w, input_for_grad_weight=rule_x,
+                        grad_output_for_grad_weight=rule_g, name=name)
+
+
+#: bitsandbytes ``LinearFP8Mixed`` (bit-identical to the layers before recipes existed).
+BNB_MIXED = bnb_recipe("mixed")
+#: bitsandbytes ``LinearFP8Global``.
+BNB_GLOBAL = bnb_recipe("global")
+#: torchao 0.18 ``Float8LinearRecipeName.TENSORWISE`` (``Float8LinearConfig()``): every
+#: operand of every GEMM one float32 scale; e4m3 for X and W, e5m2 for dY.
+TENSORWISE = _all(OperandRule("e4m3"), OperandRule("e4m3"), OperandRule("e5m2"), "TENSORWISE")
+#: torchao 0.18 ``ROWWISE``: every operand axiswise along its GEMM's contraction axis,
+#: e4m3 everywhere, scales rounded down to powers of two as torchao computes it.
+ROWWISE = _all(*(OperandRule("e4m3", axiswise(), "pow2_torchao"),) * 3, "ROWWISE")
+#: torchao 0.18 ``ROWWISE_WITH_GW_HP``: fprop axiswise; dgrad dY axiswise and W one
+#: scale; wgrad in high precision; e4m3, torchao's power-of-two scales.
+ROWWISE_WITH_GW_HP = LinearRecipe(
+    input=OperandRule("e4m3", axiswise(), "pow2_torchao"),
+    weight=OperandRule("e4m3", axiswise(), "pow2_torchao"),
+    grad_output=OperandRule("e4m3", axiswise(), "pow2_torchao"),
+    weight_for_grad_input=OperandRule("e4m3", tensor(), "pow2_torchao"),
+    input_for_grad_weight=None, grad_output_for_grad_weight=None, name="ROWWISE_WITH_GW_HP")
+#: DeepSeek-V3 (arXiv:2412.19437 §3.3) / TransformerEngine ``Float8BlockScaling``: 1×128
+#: blocks along each GEMM's contraction axis for X and dY (re-quantized from high
+#: precision for wgrad), 128×128 tiles for W, e4m3 everywhere, exact power-of-two scales.
+BLOCKWISE_1x128 = _all(OperandRule("e4m3", block(128), "pow2"),
+                       OperandRule("e4m3", tile(128), "pow2"),
+                       OperandRule("e4m3", block(128), "pow2"), "BLOCKWISE_1x128")
+
+#: Every preset by name.
+PRESETS: dict[str, LinearRecipe] = {r.name: r for r in (
+    BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128)}
+
+
+def get_recipe(recipe: Any, *, argname: str = "recipe") -> LinearRecipe:
+    """A :class:`LinearRecipe` from itself or a preset name (case-insensitive).
+
+    Raises:
+      TypeError: not a recipe or a name (e.g. a codebook was passed).
+      ValueError: an unknown name (the message lists the presets).
+    """
+    if isinstance(recipe, LinearRecipe):
+        return recipe
+    if isinstance(recipe, str):
+        for name, r in PRESETS.items():
+            if name.lower() == recipe.lower():
+                return r
+        raise ValueError(f"{argname}: unknown recipe {recipe!r}; presets: {', '.join(PRESETS)}")
+    if isinstance(recipe, (Codebook, OperandRule)):
+        raise TypeError(
+            f"{argname} must be a LinearRecipe or a preset name ({', '.join(PRESETS)}), got a "
+            f"{type(recipe).__name__}; a codebook belongs in OperandRule(format=...)"
+        )
+    raise TypeError(
+        f"{argname} must be a LinearRecipe or a preset name ({', '.join(PRESETS)}), "
+        f"got {type(recipe).__name__}: {recipe!r}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def pow2_torchao_thresholds() -> np.ndarray:
+    """float32[256] ``T``: under ``"pow2_torchao"`` a scale ``q`` with biased exponent ``E``
+    (``q ∈ [2**(E-127), 2**(E-126))``) becomes ``2**(E-126)`` if ``q ≥ T[E]``, else ``2**(E-127)``.
+
+    torchao computes ``exp2(floor(log2(q)))`` in float32. With ``k = E - 126``,
+    ``log2(q) ∈ [k-1, k)``, and the float32 rounding of ``log2(q)`` reaches ``k`` exactly
+    when ``log2(q) ≥ k - h`` with ``h`` half the float32 spacing just below ``k`` (ties
+    cannot occur: the logarithm of a float32 that is not a power of two is irrational).
+    Writing ``q = 2**k · (1 - j·2**-24)``, that is ``j ≤ (1 - 2**-h)·2**24``, so
+    ``T[E] = 2**k · (1 - j_max·2**-24)``, a float32. Entries with no round-up (``j_max =
+    0``: k ≤ 1, where the spacing is too fine) are +inf. This assumes a correctly rounded
+    float32 log2; tests compare it with torch's on constructed scales.
+    """
+    t = np.full(256, np.inf, dtype=np.float64)
+    for e in range(1, 255):
+        k = e - 126
+        if k == 0:
+            continue  # log2(q) in [-1, 0): rounds to 0 only below 2**-150 — never
+        mag = abs(k)
+        # float32 spacing of the numbers just below k (towards -inf)
+        if k > 0:
+            top = math.floor(math.log2(mag))
+            spacing = 2.0 ** (top - 23) if mag != 2 ** top else 2.0 ** (top - 24)
+        else:
+            spacing = 2.0 ** (math.floor(math.log2(mag)) - 23)
+        h = spacing / 2
+        j_max = math.floor(-math.expm1(-h * math.log(2)) * 2.0**24)
+        if j_max >= 1:
+            t[e] = 2.0**k * (1 - j_max * 2.0**-24)
+    out = t.astype(np.float32)
+    assert np.all(out[np.isfinite(out)].astype(np.float64) == t[np.isfinite(t)])
+    out.setflags(write=False)
+    return out
