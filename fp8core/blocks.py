@@ -148,6 +148,11 @@ class OperandPlan:
         return self.tiles.grid if self.tiles is not None else (self.flat.n_blocks,)
 
     @property
+    def spans_rows(self) -> bool:
+        """Flat blocks that share one scale across rows (tokens): bitsandbytes' behaviour."""
+        return self.flat is not None and self.rows > 1 and self.cols % self.flat.blocksize != 0
+
+    @property
     def is_global(self) -> bool:
         """One group holding every element (a non-empty tensor-granularity operand)."""
         return self.tiles is not None and self.tiles.grid == (1, 1)

@@ -286,6 +286,13 @@ class LinearRecipe:
         would give the same bits: same rule, orientation-free granularity) or ``"quantize"``."""
         return _source(self, slot)
 
+    def saved(self, need_grad_input: bool, need_grad_weight: bool) -> dict[str, str | None]:
+        """What the forward keeps for the backward, per tensor ``"X"`` and ``"W"``:
+        ``"codes"`` (the forward's uint8 codes + absmax: backward reuses that quantized
+        value), ``"hp"`` (the tensor itself: backward uses it in high precision or
+        re-quantizes it in its own orientation) or ``None`` (not needed)."""
+        return _saved(self, bool(need_grad_input), bool(need_grad_weight))
+
     def replace(self, **changes: Any) -> "LinearRecipe":
         return dataclasses.replace(self, **changes)
 
@@ -313,6 +320,14 @@ def _source(recipe: LinearRecipe, slot: str) -> str:
     if src == value and value.granularity.orientation_free:
         return "reuse"
     return "quantize"
+
+
+@functools.lru_cache(maxsize=None)
+def _saved(recipe: LinearRecipe, need_grad_input: bool, need_grad_weight: bool):
+    def form(slot):
+        return "codes" if recipe.source(slot) == "reuse" else "hp"
+    return {"X": form("input_for_grad_weight") if need_grad_weight else None,
+            "W": form("weight_for_grad_input") if need_grad_input else None}
 
 
 def bnb_recipe(mode: str, fw_format: Any = "e4m3", bw_format: Any = "e5m2",
