@@ -293,6 +293,39 @@ class LinearRecipe:
         re-quantizes it in its own orientation) or ``None`` (not needed)."""
         return _saved(self, bool(need_grad_input), bool(need_grad_weight))
 
+    def check_input(self, a_ndim: int, *, argname: str = "A") -> None:
+        """Raise ValueError when a slot's granularity cannot apply to an input of
+        ``a_ndim`` dims: a 1-D input is one row, so no 2-D tiles over X or dY."""
+        if a_ndim >= 2:
+            return
+        for slot in ("input", "grad_output", "input_for_grad_weight", "grad_output_for_grad_weight"):
+            rule = self.rule(slot)
+            if rule is not None and rule.granularity.kind == "tile":
+                raise ValueError(
+                    f"recipe {self.name}: {slot}={rule} uses 2-D tiles, but {argname} is "
+                    f"{a_ndim}-D (a single row); use tile granularity for weights, or block/axiswise"
+                )
+
+    def rows_warning(self, rows: int, in_features: int, out_features: int,
+                     layer: str = "layer") -> str | None:
+        """The warning a layer gives (once) when a flat block spans rows of its input or
+        output gradient (one scale shared between tokens), else None."""
+        from fp8core.blocks import plan_operand
+        for slot, cols in (("input", in_features), ("grad_output", out_features)):
+            rule = self.rule(slot)
+            if rule is None or rule.granularity.kind != "flat":
+                continue
+            plan = plan_operand(rows, cols, rule.granularity)
+            if plan.spans_rows:
+                return (
+                    f"{layer}: recipe {self.name} quantizes {slot} in flat blocks of "
+                    f"{plan.flat.blocksize} elements, which span rows of the {rows}x{cols} "
+                    f"{slot} ({cols} is not a multiple of {plan.flat.blocksize}), so tokens share "
+                    f"scales and one token's values move another's (bitsandbytes' behaviour); "
+                    f"recipes with axiswise or block granularity keep tokens independent"
+                )
+        return None
+
     def replace(self, **changes: Any) -> "LinearRecipe":
         return dataclasses.replace(self, **changes)
 
