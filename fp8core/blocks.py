@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 from fp8core import _validation
 
@@ -22,6 +23,7 @@ __all__ = [
     "plan_tiles",
     "OperandPlan",
     "plan_operand",
+    "operand_matrix",
 ]
 
 MIN_BLOCK_SIZE = 64
@@ -176,3 +178,25 @@ def plan_operand(rows: int, cols: int, granularity) -> OperandPlan:
         "tile": (size, size),
     }[kind]
     return OperandPlan("tiles", rows, cols, plan_tiles(rows, cols, tr, tc), None)
+
+
+def operand_matrix(shape: tuple[int, ...], axis: int) -> tuple[int, int, bool]:
+    """``(rows, cols, transposed)`` of the operand view: the contraction axis last.
+
+    ``axis=-1`` (or ndim-1): rows = the product of the leading dims. ``axis=0`` of a 2-D
+    array: the operand is its transpose."""
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}: {axis!r}")
+    nd = len(shape)
+    if nd == 0:
+        raise ValueError("x must have at least 1 dimension")
+    if axis in (-1, nd - 1):
+        cols = shape[-1]
+        rows = math.prod(shape[:-1])
+        return rows, cols, False
+    if nd == 2 and axis in (0, -2):
+        return shape[1], shape[0], True
+    raise ValueError(
+        f"axis (the contraction axis) must be the last axis, or 0 of a 2-D array; "
+        f"got axis={axis} for shape {tuple(shape)}"
+    )

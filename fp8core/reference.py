@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from fp8core import _validation
-from fp8core.blocks import plan_blocks, plan_operand, plan_tiles
+from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
     CANONICAL_NAN_BITS,
     F32_SMALLEST_NORMAL,
@@ -288,24 +288,7 @@ def dequantize_tiles(codes: Any, absmax: Any, codebook: Any, tile_rows: int, til
     return _untile(y, plan).astype(out_dtype)
 
 
-def _operand_matrix(shape: tuple[int, ...], axis: int) -> tuple[int, int, bool]:
-    """``(rows, cols, transposed)`` of the operand view: the contraction axis last.
-
-    ``axis=-1`` (or ndim-1): rows = the product of the leading dims. ``axis=0`` of a 2-D
-    array: the operand is its transpose."""
-    nd = len(shape)
-    if nd == 0:
-        raise ValueError("x must have at least 1 dimension")
-    if axis in (-1, nd - 1):
-        cols = shape[-1]
-        rows = int(np.prod(shape[:-1], dtype=np.int64)) if nd > 1 else 1
-        return rows, cols, False
-    if nd == 2 and axis in (0, -2):
-        return shape[1], shape[0], True
-    raise ValueError(
-        f"axis (the contraction axis) must be the last axis, or 0 of a 2-D array; "
-        f"got axis={axis} for shape {tuple(shape)}"
-    )
+_operand_matrix = operand_matrix  # old private name (kept while the backends move over)
 
 
 def _rule(rule: Any):
@@ -330,7 +313,7 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, 
     """
     x = _as_float_array(x)
     rule = _rule(rule)
-    rows, cols, transposed = _operand_matrix(x.shape, axis)
+    rows, cols, transposed = operand_matrix(x.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
     m = x.T if transposed else x.reshape(rows, cols)
     if plan.kind == "flat":
@@ -355,7 +338,7 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     absmax = np.asarray(absmax)
     rule = _rule(rule)
     _validation.check_codes_dtype(codes.dtype.name)
-    rows, cols, transposed = _operand_matrix(codes.shape, axis)
+    rows, cols, transposed = operand_matrix(codes.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
     _validation.check_absmax(absmax.dtype.name, absmax.shape, plan.scale_shape)
     out_dtype = _out_dtype(dtype)
