@@ -379,6 +379,12 @@ def bnb_recipe(mode: str, fw_format: Any = "e4m3", bw_format: Any = "e5m2",
             _validation.check_blocksize(v, argname=arg)
     fw = resolve_codebook(fw_format, argname="fw_format")
     bw = resolve_codebook(bw_format, argname="bw_format")
+    return _bnb_recipe(mode, fw, bw, bsz, bsz2)
+
+
+@functools.lru_cache(maxsize=256)
+def _bnb_recipe(mode: str, fw: Codebook, bw: Codebook, bsz: int | None, bsz2: int | None
+                ) -> LinearRecipe:
     if mode == "mixed":
         return LinearRecipe(
             input=OperandRule(fw, flat(bsz)), weight=OperandRule(fw, tensor()),

@@ -1,7 +1,8 @@
 """fp8core_torch: the PyTorch backend of fp8core (FP8-simulated training).
 
-Quantizers bit-identical to :mod:`fp8core.reference`, the bitsandbytes-shaped
-autograd matmuls and ``nn.Linear`` drop-ins. Device-agnostic: every tensor is
+Quantizers bit-identical to :mod:`fp8core.reference`, one recipe-driven FP8 linear
+(``matmul_fp8``, ``LinearFP8``; :mod:`fp8core.recipe`), bitsandbytes' matmuls and
+layers as two of its presets, and ``convert_to_fp8``. Device-agnostic: every tensor is
 created on its input's device.
 
 Layout (after torchao.float8): ``config`` (per-codebook constants, frozen),
@@ -11,28 +12,36 @@ Layout (after torchao.float8): ``config`` (per-codebook constants, frozen),
 
 from fp8core_torch.config import QuantSpec
 from fp8core_torch.convert import convert_to_fp8
-from fp8core_torch.linear import LinearFP8Global, LinearFP8Mixed
-from fp8core_torch.matmul import matmul_fp8_global, matmul_fp8_mixed
+from fp8core_torch.linear import LinearFP8, LinearFP8Global, LinearFP8Mixed
+from fp8core_torch.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
     dequantize_blockwise,
     dequantize_global,
+    dequantize_operand,
     empty_cache,
     fake_quantize,
+    fake_quantize_operand,
     quantize_blockwise,
     quantize_global,
+    quantize_operand,
 )
 
 __all__ = [
+    "LinearFP8",
     "LinearFP8Global",
     "LinearFP8Mixed",
     "QuantSpec",
     "convert_to_fp8",
     "dequantize_blockwise",
     "dequantize_global",
+    "dequantize_operand",
     "empty_cache",
     "fake_quantize",
+    "fake_quantize_operand",
+    "matmul_fp8",
     "matmul_fp8_global",
     "matmul_fp8_mixed",
     "quantize_blockwise",
     "quantize_global",
+    "quantize_operand",
 ]

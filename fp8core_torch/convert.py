@@ -6,33 +6,51 @@ from typing import Any, Callable
 
 from torch import nn
 
-from fp8core_torch.linear import LinearFP8Global, LinearFP8Mixed
+import fp8core.recipe
+from fp8core_torch.linear import LinearFP8, LinearFP8Global, LinearFP8Mixed
 
 __all__ = ["convert_to_fp8"]
 
 _MODES = {"mixed": LinearFP8Mixed, "global": LinearFP8Global}
 
 
-def convert_to_fp8(model: nn.Module, mode: str = "mixed", *,
+def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = None,
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                   fw_format: Any = "e4m3", bw_format: Any = "e5m2",
+                   fw_format: Any = None, bw_format: Any = None,
                    bsz: int | None = None, bsz2: int | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` (exact type, not subclasses) in ``model`` in place.
 
-    Like torchao's ``convert_to_float8_training``: ``module_filter_fn(module, fqn)``
-    returns whether to convert the layer at fully-qualified name ``fqn``. The new
-    layers share the old parameters. A model that *is* an nn.Linear is returned
-    converted (it cannot be swapped in place).
+    With ``recipe`` (a :class:`fp8core.recipe.LinearRecipe` or preset name) the layers
+    become :class:`LinearFP8`; otherwise bitsandbytes' layers: ``mode`` ``"mixed"``
+    (default) or ``"global"`` with ``fw_format`` / ``bw_format`` (default e4m3 / e5m2) and
+    ``bsz`` / ``bsz2`` (default: from each layer's features). Like torchao's
+    ``convert_to_float8_training``: ``module_filter_fn(module, fqn)`` returns whether to
+    convert the layer at fully-qualified name ``fqn``. The new layers share the old
+    parameters. A model that *is* an nn.Linear is returned converted (it cannot be
+    swapped in place).
 
     Raises:
-      ValueError: unknown ``mode``. TypeError: ``model`` is not an nn.Module.
+      ValueError: unknown ``mode`` or preset; ``recipe`` together with ``mode`` or the
+        bitsandbytes options. TypeError: ``model`` is not an nn.Module, ``recipe`` not a recipe.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
-    cls = _MODES[mode]
-    kw = dict(fw_format=fw_format, bw_format=bw_format, bsz=bsz, bsz2=bsz2)
+    legacy = dict(fw_format=fw_format, bw_format=bw_format, bsz=bsz, bsz2=bsz2)
+    if recipe is not None:
+        given = [k for k, v in (("mode", mode), *legacy.items()) if v is not None]
+        if given:
+            raise ValueError(
+                f"convert_to_fp8: recipe={recipe!r} cannot be combined with "
+                f"{', '.join(given)} (those configure the bitsandbytes layers); put the formats "
+                f"and block sizes in the recipe"
+            )
+        cls, kw = LinearFP8, dict(recipe=fp8core.recipe.get_recipe(recipe))
+    else:
+        mode = "mixed" if mode is None else mode
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
+        cls = _MODES[mode]
+        kw = dict(fw_format=fw_format or "e4m3", bw_format=bw_format or "e5m2", bsz=bsz, bsz2=bsz2)
 
     def wanted(mod: nn.Module, fqn: str) -> bool:
         return type(mod) is nn.Linear and (module_filter_fn is None or module_filter_fn(mod, fqn))

@@ -1,34 +1,104 @@
-"""``nn.Linear`` drop-ins whose matmul is FP8-simulated (docs/numerics.md §6).
+"""``nn.Linear`` drop-ins whose three GEMMs follow an FP8 recipe (docs/numerics.md §9).
 
-``LinearFP8Mixed`` (activations blockwise, weight global, grad_output blockwise,
-weight gradient in full precision) and ``LinearFP8Global`` (every operand global).
-Parameters and state_dict keys are exactly nn.Linear's, so checkpoints load both
-ways. The codebook tables are non-persistent buffers (stored as int32 bit
-patterns, so ``.to(device)`` moves them and ``.half()`` cannot round them).
+:class:`LinearFP8` takes any :class:`fp8core.recipe.LinearRecipe` (or a preset name:
+``"TENSORWISE"``, ``"ROWWISE"``, ``"BLOCKWISE_1x128"``, …). ``LinearFP8Mixed`` /
+``LinearFP8Global`` are bitsandbytes' removed layers with their call shape
+(``fw_format``, ``bw_format``, ``bsz``, ``bsz2``): the presets ``BNB_MIXED`` /
+``BNB_GLOBAL`` with those formats and block sizes. Parameters and state_dict keys are
+exactly nn.Linear's, so checkpoints load both ways. The layers hold no buffers: the
+codebook constants live once per device (``fp8core_torch.config.codebook_tensors``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 import fp8core
+import fp8core.recipe
 from fp8core import _validation
-from fp8core_torch.config import QuantSpec, codebook_buffers, tensors_from_buffers
-from fp8core_torch.matmul import (
-    _MatMulFP8Global,
-    _MatMulFP8Mixed,
-    _apply_module,
-    _resolve_code,
-)
+from fp8core_torch.config import QuantSpec, check_float_tensor
+from fp8core_torch.matmul import _apply_module, _recipe_specs, _resolve_code
 
-__all__ = ["LinearFP8Mixed", "LinearFP8Global"]
+__all__ = ["LinearFP8", "LinearFP8Mixed", "LinearFP8Global"]
 
 
-class _LinearFP8Base(nn.Linear):
-    _function: type[torch.autograd.Function]
+class LinearFP8(nn.Linear):
+    """``nn.Linear`` whose fprop, dgrad and wgrad GEMMs are quantized by ``recipe``.
+
+    Example::
+
+        layer = LinearFP8(768, 3072, recipe="ROWWISE")
+        out = layer(torch.randn(8, 128, 768))       # (8, 128, 3072)
+
+    Args:
+      in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+      recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name (default
+        ``"TENSORWISE"``, torchao's default recipe).
+
+    Raises:
+      TypeError / ValueError: bad features, or a recipe that is not one (the message lists
+        the presets).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
+                 dtype: Any = None, *, recipe: Any = "TENSORWISE"):
+        _validation.check_features(in_features, "in_features")
+        _validation.check_features(out_features, "out_features")
+        recipe = fp8core.recipe.get_recipe(recipe)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._set_recipe(recipe)
+
+    def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe) -> None:
+        self.recipe = recipe
+        self._specs = _recipe_specs(recipe)
+        self._may_span_rows = any(
+            r is not None and r.granularity.kind == "flat"
+            for r in (recipe.rule("input"), recipe.rule("grad_output")))
+        self._rows_warned = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_float_tensor(input, "input")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            got = "a 0-d tensor" if input.dim() < 1 else f"{input.shape[-1]} features"
+            raise ValueError(
+                f"input has {got} (shape {tuple(input.shape)}), but {type(self).__name__}"
+                f"(in_features={self.in_features}, out_features={self.out_features}) expects "
+                f"{self.in_features} in its last dimension"
+            )
+        if self._may_span_rows and not self._rows_warned and not torch.compiler.is_compiling():
+            msg = self.recipe.rows_warning(input.numel() // self.in_features, self.in_features,
+                                           self.out_features, type(self).__name__)
+            if msg is not None and input.dim() >= 2:
+                warnings.warn(msg, UserWarning, stacklevel=2)
+                self._rows_warned = True
+        return _apply_module(input, self.weight.t(), self.bias, self.recipe, self._specs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "LinearFP8":
+        """A new FP8 layer sharing ``linear``'s parameters (no copy); ``kwargs`` are the
+        class's keyword options (``recipe=`` for LinearFP8; ``fw_format``, ``bw_format``,
+        ``bsz``, ``bsz2`` for the bitsandbytes layers)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      **kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+
+class _LinearFP8Bnb(LinearFP8):
+    """bitsandbytes' call shape over :func:`fp8core.recipe.bnb_recipe`."""
+
     #: "mixed" or "global" (same attribute on the NNX layers)
     mode: str
 
@@ -43,24 +113,14 @@ class _LinearFP8Base(nn.Linear):
             _validation.check_blocksize(bsz2, argname="bsz2")
         fw = _resolve_code(fw_format, "e4m3", "fw_format")
         bw = _resolve_code(bw_format, "e5m2", "bw_format")
-        super().__init__(input_features, output_features, bias=bias, device=device, dtype=dtype)
+        recipe = fp8core.recipe.bnb_recipe(self.mode, fw.codebook, bw.codebook, bsz, bsz2)
+        nn.Linear.__init__(self, input_features, output_features, bias=bias, device=device,
+                           dtype=dtype)
+        self._set_recipe(recipe)
         self.fw_spec: QuantSpec = fw
         self.bw_spec: QuantSpec = bw
         self.bsz = bsz if bsz is not None else fp8core.select_block_size(input_features)
         self.bsz2 = bsz2 if bsz2 is not None else fp8core.select_block_size(output_features)
-        for prefix, spec in (("fw", fw), ("bw", bw)):
-            for name, t in codebook_buffers(spec.codebook, prefix).items():
-                self.register_buffer(name, t.to(self.weight.device), persistent=False)
-
-    def _tabs(self, prefix: str, spec: QuantSpec):
-        if not spec.needs_tables:
-            return None
-        return tensors_from_buffers(dict(self.named_buffers(recurse=False)), prefix)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _apply_module(self._function, input, self.weight.t(), self.bias,
-                             self.fw_spec, self.bw_spec, self._tabs("fw", self.fw_spec),
-                             self._tabs("bw", self.bw_spec), self.bsz, self.bsz2)
 
     @property
     def fw_codebook(self) -> fp8core.Codebook:
@@ -73,43 +133,23 @@ class _LinearFP8Base(nn.Linear):
         return self.bw_spec.codebook
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, mode={self.mode}, fw_format={self.fw_spec.name}, "
+        return (f"{nn.Linear.extra_repr(self)}, mode={self.mode}, fw_format={self.fw_spec.name}, "
                 f"bw_format={self.bw_spec.name}, bsz={self.bsz}, bsz2={self.bsz2}")
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "_LinearFP8Base":
-        """A new FP8 layer sharing ``linear``'s parameters (no copy).
 
-        ``kwargs``: fw_format, bw_format, bsz, bsz2.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                      **kwargs)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        dev = linear.weight.device
-        for prefix, spec in (("fw", new.fw_spec), ("bw", new.bw_spec)):
-            for name, t in codebook_buffers(spec.codebook, prefix).items():
-                setattr(new, name, t.to(dev))
-        new.train(linear.training)
-        return new
-
-
-class LinearFP8Mixed(_LinearFP8Base):
-    """nn.Linear with ``matmul_fp8_mixed``: x blockwise (bsz), weight global, grad_output
-    blockwise (bsz2), weight gradient xᵀ·g in full precision.
-
-    ``bsz``/``bsz2`` default to ``select_block_size(in_features / out_features)``.
+class LinearFP8Mixed(_LinearFP8Bnb):
+    """nn.Linear with ``matmul_fp8_mixed`` (recipe ``BNB_MIXED``): x in flat blocks of
+    ``bsz``, weight one scale, grad_output in flat blocks of ``bsz2``, weight gradient
+    xᵀ·g in full precision. ``bsz``/``bsz2`` default to
+    ``select_block_size(in_features / out_features)``. Blocks run over the row-major
+    flattening, so when ``in_features`` is not a multiple of ``bsz`` a block spans rows
+    (tokens): the layer warns once when that happens (bitsandbytes' behaviour).
     """
 
-    _function = _MatMulFP8Mixed
     mode = "mixed"
 
 
-class LinearFP8Global(_LinearFP8Base):
-    """nn.Linear with ``matmul_fp8_global``: every operand quantized with one scale."""
+class LinearFP8Global(_LinearFP8Bnb):
+    """nn.Linear with ``matmul_fp8_global`` (recipe ``BNB_GLOBAL``): every operand one scale."""
 
-    _function = _MatMulFP8Global
     mode = "global"

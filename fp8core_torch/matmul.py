@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 import fp8core
+import fp8core.recipe
 from fp8core import _validation
 from fp8core_torch.config import (
     CodebookTensors,
@@ -43,29 +44,12 @@ from fp8core_torch.config import (
     dtype_name,
     resolve_spec,
 )
-from fp8core_torch.quantize import _dequantize, _qdq
+from fp8core_torch.quantize import QuantizedOperand, _decode_operand, _operand
 
-__all__ = ["matmul_fp8_mixed", "matmul_fp8_global"]
+__all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
 
 DEFAULT_FW = "e4m3"
 DEFAULT_BW = "e5m2"
-
-
-def _fq(x: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
-        blocksize: int | None) -> torch.Tensor:
-    """fake_quantize without argument checks, in x's dtype (float64 upcast handled)."""
-    x32 = x.to(torch.float32) if x.dtype == torch.float64 else x
-    vals, _, _ = _qdq(x32, spec, tabs, blocksize, out_dtype=x.dtype, want_codes=False)
-    return vals.view(x.shape)
-
-
-def _fq_global_any_layout(b: torch.Tensor, spec: QuantSpec, tabs, dtype: torch.dtype) -> torch.Tensor:
-    """Global Q(B) cast to ``dtype``; a transposed-contiguous B (``weight.t()``) is
-    quantized through its contiguous transpose (global scaling ignores order) and
-    returned as a transposed view — no copy of the weight."""
-    if not b.is_contiguous() and b.dim() == 2 and b.t().is_contiguous():
-        return _fq(b.t(), spec, tabs, None).to(dtype).t()
-    return _fq(b.contiguous(), spec, tabs, None).to(dtype)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -104,72 +88,116 @@ def _tables(spec: QuantSpec, device: torch.device) -> CodebookTensors | None:
     return codebook_tensors(spec.codebook, device) if spec.needs_tables else None
 
 
-class _MatMulFP8Mixed(torch.autograd.Function):
+_SLOT_INDEX = {slot: i for i, slot in enumerate(fp8core.recipe.SLOTS)}
+
+
+class _MatMulFP8(torch.autograd.Function):
+    """The one FP8 linear GEMM triple, driven by a :class:`fp8core.recipe.LinearRecipe`
+    (docs/numerics.md §9.1).
+
+    fprop ``out = Q_input(A2 along K) @ Q_weight(W along K)ᵀ``; dgrad
+    ``grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(W along N)``; wgrad
+    ``grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along
+    M)``, with ``A2 = A.reshape(-1, K)``, ``W = Bᵀ``, ``g = dL/dout`` in A's dtype. Each
+    backward slot is high precision, the reuse of a quantized value (``recipe.source``), or
+    a re-quantization from high precision in its GEMM's orientation. Quantized values are
+    computed in their tensor's dtype and then cast to A's; what backward needs is saved as
+    uint8 codes + absmax wherever it reuses a quantized value (``recipe.saved``), else the
+    tensor itself (a parameter or the input, saved by reference).
+    """
+
     @staticmethod
-    def forward(ctx, A, B, bias, fw: QuantSpec, bw: QuantSpec, fw_tabs, bw_tabs, bsz: int, bsz2: int):
-        qa = _fq(A, fw, fw_tabs, bsz)
-        qb = _fq_global_any_layout(B, fw, fw_tabs, A.dtype)
-        out = _mm(qa, qb, bias)
-        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(qb if need_a else None, A if need_b else None)
-        ctx.meta = (bw, bw_tabs, bsz2, A.dtype, B.dtype, None if bias is None else bias.dtype,
+    def forward(ctx, A, B, bias, recipe, specs, tabs):
+        need_a, need_b = ctx.needs_input_grad[:2]
+        saved = recipe.saved(need_a, need_b)
+        A2 = A.reshape(-1, A.shape[-1])
+        qa, qx = _side(A2, recipe, "input", specs, tabs, A.dtype, saved["X"] == "codes")
+        qw, qwc = _side(B.t(), recipe, "weight", specs, tabs, B.dtype, saved["W"] == "codes")
+        out = _mm(qa.view(A.shape), qw.t().to(A.dtype), bias)
+        tensors = [A if saved["X"] == "hp" else None, B if saved["W"] == "hp" else None]
+        for q in (qx, qwc):
+            tensors += [None, None] if q is None else [q.codes, q.absmax]
+        ctx.save_for_backward(*tensors)
+        ctx.layouts = tuple(None if q is None else (q.how, q.transposed) for q in (qx, qwc))
+        ctx.meta = (recipe, specs, tabs, A.dtype, B.dtype, None if bias is None else bias.dtype,
                     A.shape, _is_transposed(B))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qb, A = ctx.saved_tensors
-        bw, bw_tabs, bsz2, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
+        A, B, x_codes, x_absmax, w_codes, w_absmax = ctx.saved_tensors
+        recipe, specs, tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g2 = _grad_out_2d(grad_out, a_dtype)
         grad_a = grad_b = grad_bias = None
+
+        def saved_q(codes, absmax, layout):
+            return QuantizedOperand(codes, absmax, *layout)
+
         with torch.autocast(g2.device.type, enabled=False):
+            qg = None
+            if need_a or (need_b and recipe.source("grad_output_for_grad_weight") == "reuse"):
+                qg, _ = _side(g2, recipe, "grad_output", specs, tabs, a_dtype, False)
             if need_a:
-                qg = _fq(g2, bw, bw_tabs, bsz2)                     # Q_bw^blk(g; bsz2)
-                grad_a = (qg @ qb.t()).view(a_shape)
+                src = recipe.source("weight_for_grad_input")
+                if src == "reuse":
+                    w = _decode(recipe, "weight", specs, tabs,
+                                saved_q(w_codes, w_absmax, ctx.layouts[1]), b_dtype)   # (N, K)
+                elif src == "hp":
+                    w = B.t()
+                else:                                   # W along N: the (K, N) matrix B
+                    w, _ = _side(B, recipe, "weight_for_grad_input", specs, tabs, b_dtype, False)
+                    w = w.t()
+                grad_a = (qg @ w.to(a_dtype)).view(a_shape)
             if need_b:
-                grad_b = _grad_b(A.reshape(-1, A.shape[-1]), g2, b_t).to(b_dtype)
+                src = recipe.source("input_for_grad_weight")
+                if src == "reuse":
+                    x = _decode(recipe, "input", specs, tabs,
+                                saved_q(x_codes, x_absmax, ctx.layouts[0]), a_dtype)
+                elif src == "hp":
+                    x = A.reshape(-1, A.shape[-1])
+                else:                                   # X along M: the (K, M) matrix A2ᵀ
+                    x, _ = _side(A.reshape(-1, A.shape[-1]).t(), recipe, "input_for_grad_weight",
+                                 specs, tabs, a_dtype, False)
+                    x = x.t()
+                src = recipe.source("grad_output_for_grad_weight")
+                if src == "reuse":
+                    gw = qg
+                elif src == "hp":
+                    gw = g2
+                else:                                   # dY along M: the (N, M) matrix gᵀ
+                    gw, _ = _side(g2.t(), recipe, "grad_output_for_grad_weight", specs, tabs,
+                                  a_dtype, False)
+                    gw = gw.t()
+                grad_b = _grad_b(x, gw, b_t).to(b_dtype)
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)
-        return grad_a, grad_b, grad_bias, None, None, None, None, None, None
+        return grad_a, grad_b, grad_bias, None, None, None
 
 
-class _MatMulFP8Global(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, A, B, bias, fw: QuantSpec, bw: QuantSpec, fw_tabs, bw_tabs, bsz: int, bsz2: int):
-        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
-        a32 = A.to(torch.float32) if A.dtype == torch.float64 else A
-        qa, codes_a, absmax_a = _qdq(a32, fw, fw_tabs, None, out_dtype=A.dtype, want_codes=need_b)
-        qa = qa.view(A.shape)
-        qb = _fq_global_any_layout(B, fw, fw_tabs, A.dtype)
-        out = _mm(qa, qb, bias)
-        if need_b:
-            codes_a = codes_a.view(A.shape)
-        ctx.save_for_backward(qb if (need_a or need_b) else None,
-                              codes_a if need_b else None, absmax_a if need_b else None)
-        ctx.meta = (fw, fw_tabs, bw, bw_tabs, A.dtype, B.dtype,
-                    None if bias is None else bias.dtype, A.shape, _is_transposed(B))
-        return out
+def _side(m: torch.Tensor, recipe, slot: str, specs, tabs, dtype: torch.dtype, want_codes: bool):
+    """One GEMM operand (2-D, contraction axis last) as its slot says: ``(values in
+    dtype, QuantizedOperand or None)``; a high-precision slot is ``m`` itself."""
+    rule = recipe.rule(slot)
+    if rule is None:
+        return m.to(dtype), None
+    i = _SLOT_INDEX[slot]
+    return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qb, codes_a, absmax_a = ctx.saved_tensors
-        fw, fw_tabs, bw, bw_tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
-        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
-        g2 = _grad_out_2d(grad_out, a_dtype)
-        grad_a = grad_b = grad_bias = None
-        with torch.autocast(g2.device.type, enabled=False):
-            if need_a or need_b:
-                qg = _fq(g2, bw, bw_tabs, None)                     # Q_bw^glob(g)
-            if need_a:
-                grad_a = (qg @ qb.t()).view(a_shape)
-            if need_b:
-                # Q_fw^glob(A) decoded from the saved codes: fl(value[code] * dscale)
-                qa = _dequantize(codes_a, absmax_a, fw, fw_tabs, None, a_dtype)
-                grad_b = _grad_b(qa.view(-1, codes_a.shape[-1]), qg, b_t).to(b_dtype)
-            if need_bias:
-                grad_bias = _sum_rows(g2).to(bias_dtype)
-        return grad_a, grad_b, grad_bias, None, None, None, None, None, None
+
+def _decode(recipe, slot: str, specs, tabs, q: QuantizedOperand, dtype: torch.dtype):
+    i = _SLOT_INDEX[slot]
+    return _decode_operand(q, recipe.rule(slot), specs[i], tabs[i], dtype)
+
+
+def _recipe_specs(recipe) -> tuple:
+    """Per slot: the QuantSpec of its rule (None for high precision), resolved once."""
+    return tuple(None if recipe.rule(s) is None else resolve_spec(recipe.rule(s).format)
+                 for s in fp8core.recipe.SLOTS)
+
+
+def _recipe_tables(specs: tuple, device: torch.device) -> tuple:
+    return tuple(None if spec is None else _tables(spec, device) for spec in specs)
 
 
 def _resolve_code(code: Any, default: str, argname: str) -> QuantSpec:
@@ -207,25 +235,21 @@ def _autocast_inputs(A, B, bias):
     return A, B, bias
 
 
-def _apply_module(fn, A, B, bias, fw, bw, fw_tabs, bw_tabs, bsz, bsz2):
-    """The layers' entry: no argument re-validation, tables from module buffers."""
-    check_float_tensor(A, "input")
-    if A.dim() < 1 or A.shape[-1] != B.shape[0]:
-        _validation.check_matmul_shapes(tuple(A.shape), tuple(B.shape))
+def _apply_module(A, B, bias, recipe, specs):
+    """The layers' entry (input already checked): autocast, empty inputs, the Function."""
     A, B, bias = _autocast_inputs(A, B, bias)
-    dev = A.device.type
-    if A.numel() == 0:
-        with torch.autocast(dev, enabled=False):
+    recipe.check_input(A.dim(), argname="input")
+    with torch.autocast(A.device.type, enabled=False):
+        if A.numel() == 0:
             return _mm(A * 0, B.to(A.dtype) * 0, bias)
-    with torch.autocast(dev, enabled=False):
-        return fn.apply(A, B, bias, fw, bw, fw_tabs, bw_tabs, bsz, bsz2)
+        return _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device))
 
 
-def _apply(fn, A, B, bias, fw, bw, bsz, bsz2, out):
+def _apply(A, B, bias, recipe, out=None):
     dev = A.device.type
     A, B, bias = _autocast_inputs(A, B, bias)
-    fw_tabs = _tables(fw, A.device)
-    bw_tabs = _tables(bw, A.device)
+    recipe.check_input(A.dim())
+    specs = _recipe_specs(recipe)
     if out is not None:
         records = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (A, B, bias))
@@ -241,27 +265,16 @@ def _apply(fn, A, B, bias, fw, bw, bsz, bsz2, out):
             raise ValueError(
                 f"out must be a tensor of shape {expected} and dtype {dtype_name(A.dtype)}, got {got}"
             )
-    if A.numel() == 0 or B.numel() == 0:
-        # empty product: zeros (K == 0) or an empty result; zero gradients.
-        with torch.autocast(dev, enabled=False):
+    with torch.autocast(dev, enabled=False):
+        if A.numel() == 0 or B.numel() == 0:
+            # empty product: zeros (K == 0) or an empty result; zero gradients.
             res = _mm(A * 0, B.to(A.dtype) * 0, bias)
-    else:
-        with torch.autocast(dev, enabled=False):
-            res = fn.apply(A, B, bias, fw, bw, fw_tabs, bw_tabs, bsz, bsz2)
+        else:
+            res = _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device))
     if out is not None:
         out.copy_(res)
         return out
     return res
-
-
-def _block_sizes(A: torch.Tensor, B: torch.Tensor, bsz: Any, bsz2: Any) -> tuple[int, int]:
-    _validation.check_matmul_blocksize(bsz, "bsz")
-    _validation.check_matmul_blocksize(bsz2, "bsz2")
-    if bsz == -1:
-        bsz = fp8core.select_block_size(max(int(A.shape[-1]), 1))
-    if bsz2 == -1:
-        bsz2 = fp8core.select_block_size(max(int(B.shape[1]), 1))
-    return bsz, bsz2
 
 
 def matmul_fp8_mixed(A: torch.Tensor, B: torch.Tensor, fw_code: Any = None, bw_code: Any = None,
@@ -284,11 +297,7 @@ def matmul_fp8_mixed(A: torch.Tensor, B: torch.Tensor, fw_code: Any = None, bw_c
       (..., N) tensor in A's dtype. Gradients: grad_A = Q_bw^blk(g) @ Q_fw(B)ᵀ,
       grad_B = Aᵀ @ g in full precision, grad_bias = Σ g.
     """
-    _check_matmul_inputs(A, B, bias)
-    fw = _resolve_code(fw_code, DEFAULT_FW, "fw_code")
-    bw = _resolve_code(bw_code, DEFAULT_BW, "bw_code")
-    bsz, bsz2 = _block_sizes(A, B, bsz, bsz2)
-    return _apply(_MatMulFP8Mixed, A, B, bias, fw, bw, bsz, bsz2, out)
+    return _bnb("mixed", A, B, fw_code, bw_code, out, bsz, bsz2, bias)
 
 
 def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: Any = None, bw_code: Any = None,
@@ -301,8 +310,39 @@ def matmul_fp8_global(A: torch.Tensor, B: torch.Tensor, fw_code: Any = None, bw_
     scaling has no blocks). Gradients: grad_A = Q_bw(g) @ Q_fw(B)ᵀ,
     grad_B = Q_fw(A)ᵀ @ Q_bw(g), grad_bias = Σ g (unquantized).
     """
+    return _bnb("global", A, B, fw_code, bw_code, out, bsz, bsz2, bias)
+
+
+def _bnb(mode, A, B, fw_code, bw_code, out, bsz, bsz2, bias):
     _check_matmul_inputs(A, B, bias)
     fw = _resolve_code(fw_code, DEFAULT_FW, "fw_code")
     bw = _resolve_code(bw_code, DEFAULT_BW, "bw_code")
-    bsz, bsz2 = _block_sizes(A, B, bsz, bsz2)
-    return _apply(_MatMulFP8Global, A, B, bias, fw, bw, bsz, bsz2, out)
+    _validation.check_matmul_blocksize(bsz, "bsz")
+    _validation.check_matmul_blocksize(bsz2, "bsz2")
+    recipe = fp8core.recipe.bnb_recipe(mode, fw.codebook, bw.codebook,
+                                       None if bsz == -1 else bsz, None if bsz2 == -1 else bsz2)
+    return _apply(A, B, bias, recipe, out)
+
+
+def matmul_fp8(A: torch.Tensor, B: torch.Tensor, *, recipe: Any,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8-simulated ``A @ B`` (+ bias) whose three GEMMs follow ``recipe`` (§9.1).
+
+    Args:
+      A: (..., K) float16/bfloat16/float32/float64 tensor (activations X).
+      B: (K, N) float tensor (``Wᵀ``; a ``weight.t()`` view is used without a copy).
+      recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name
+        (``fp8core.recipe.PRESETS``).
+      bias: optional (N,) bias added in the GEMM.
+
+    Returns:
+      (..., N) tensor in A's dtype. Gradients (straight-through):
+      ``grad_A = Q(g) @ Q(W)``, ``grad_B = Q(A)ᵀ @ Q(g)`` with each Q as the recipe's slot
+      says, ``grad_bias = Σ g`` unquantized.
+
+    Raises:
+      TypeError: A, B or bias not real floating tensors; recipe not a recipe / name.
+      ValueError: shapes; unknown preset; a tile granularity on a 1-D A.
+    """
+    _check_matmul_inputs(A, B, bias)
+    return _apply(A, B, bias, fp8core.recipe.get_recipe(recipe))

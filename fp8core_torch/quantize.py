@@ -29,14 +29,15 @@ run unchunked and inductor fuses them.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 import fp8core
+import fp8core.recipe
 from fp8core import _kernel as _fp8q
 from fp8core import _validation
-from fp8core.blocks import plan_blocks
+from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core_torch import _pool
 from fp8core_torch.config import (
     ARITH,
@@ -55,6 +56,9 @@ __all__ = [
     "quantize_global",
     "dequantize_global",
     "fake_quantize",
+    "quantize_operand",
+    "dequantize_operand",
+    "fake_quantize_operand",
 ]
 
 #: Smallest eager chunk (elements). Large tensors are cut into at most
@@ -127,14 +131,33 @@ def _absmax_rows_bits(x2d: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return _finish_absmax_bits(m, x2d.dtype)
 
 
-def _scales(absmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """§3.3 / §4.1: ``(finite, qscale, dscale)``; non-finite groups get dscale = NaN."""
+def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """§3.3 / §4.1 / §9.2: ``(finite, qscale, dscale)``; non-finite groups get dscale = NaN.
+
+    ``"pow2"`` / ``"pow2_torchao"``: qscale is q0's power of two (plus one binade where
+    q0 reaches the torchao threshold), dscale its exact reciprocal, both from the bits."""
     finite = torch.isfinite(absmax)
     a = torch.where(finite, absmax, 1.0).clamp(spec.scale_floor, spec.scale_ceiling)
     # fl(M / a): a tensor/tensor division. `spec.max / a` would be reciprocal(a) * M.
     qscale = torch.div(torch.full_like(a, spec.max), a)
-    dscale = torch.where(finite, a * spec.inv_max, float("nan"))
+    if scale == "fp32":
+        dscale = torch.where(finite, a * spec.inv_max, float("nan"))
+        return finite, qscale, dscale
+    e = torch.bitwise_right_shift(qscale.view(torch.int32), 23)     # q0 > 0 is a normal
+    if scale == "pow2_torchao":
+        e = e + (qscale >= _pow2_thresholds(absmax.device)[e.long()]).to(torch.int32)
+    elif scale != "pow2":
+        raise ValueError(f"unknown scale rule {scale!r}")
+    qscale = torch.bitwise_left_shift(e, 23).view(torch.float32)
+    dscale = torch.where(finite, torch.bitwise_left_shift(254 - e, 23).view(torch.float32),
+                         float("nan"))
     return finite, qscale, dscale
+
+
+@functools.lru_cache(maxsize=16)
+def _pow2_thresholds(device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(fp8core.recipe.pow2_torchao_thresholds().copy()).to(device)
 
 
 def _round_native_(s: torch.Tensor, spec: QuantSpec, k: torch.Tensor | None = None,
@@ -321,10 +344,12 @@ def _pieces_global(n: int, chunked: bool):
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES) -> bool:
+def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES, *,
+               scale: str = "fp32") -> bool:
     """Whether the fused C kernel can take ``x``: a plain CPU tensor of one of
     ``dtypes`` and a native codebook (``spec=None``: any codebook, for decoding)."""
     return (_fp8q.available()
+            and (scale == "fp32" or _fp8q.ABI_VERSION >= 3)
             and x.device.type == "cpu"
             and x.dtype in dtypes
             and (spec is None or _fp8q.supports(spec.codebook))
@@ -336,7 +361,7 @@ def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES) -
 
 
 def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
-                out_dtype: torch.dtype | None, want_codes: bool
+                out_dtype: torch.dtype | None, want_codes: bool, scale: str = "fp32"
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """:func:`_qdq` through the C kernel (same contract, same bits; see fp8q.c).
     A float64 output is the float32 result widened (exact). Under ``torch.compile``
@@ -344,20 +369,22 @@ def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
     Outputs come from :mod:`fp8core_torch._pool` (no page faults for repeated sizes)."""
     if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
         vals, codes, absmax = _qdq_kernel(x, spec, blocksize, out_dtype=torch.float32,
-                                          want_codes=want_codes)
+                                          want_codes=want_codes, scale=scale)
         return vals.to(out_dtype), codes, absmax
     x = x.detach()
     if torch.compiler.is_compiling():
         vals, codes, absmax = _quantize_op(x, spec.codebook.name, blocksize or 0,
                                            out_dtype or torch.float32, out_dtype is not None,
-                                           want_codes)
+                                           want_codes, scale)
     else:
-        vals, codes, absmax = _quantize_impl(x, spec.codebook, blocksize, out_dtype, want_codes)
+        vals, codes, absmax = _quantize_impl(x, spec.codebook, blocksize, out_dtype, want_codes,
+                                             scale)
     return (vals if out_dtype is not None else None), (codes if want_codes else None), absmax
 
 
 def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: torch.dtype | None,
-                   want_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   want_codes: bool, scale: str = "fp32"
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     absmax = torch.empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32)
@@ -367,21 +394,28 @@ def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: 
                    codes_ptr=codes.data_ptr() if want_codes else None,
                    vals_ptr=vals.data_ptr() if out_dtype is not None else None,
                    out_dtype=dtype_name(out_dtype or torch.float32),
-                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(), openmp=True)
+                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(), openmp=True,
+                   **_scale_kw(scale))
     return vals, codes, absmax
+
+
+def _scale_kw(scale: str) -> dict:
+    """The kernel binding's ``scale=`` keyword (only passed when not the default)."""
+    return {} if scale == "fp32" else {"scale": scale}
 
 
 @torch.library.custom_op("fp8core::quantize", mutates_args=(), device_types="cpu")
 def _quantize_op(x: torch.Tensor, fmt: str, blocksize: int, out_dtype: torch.dtype,
-                 want_vals: bool, want_codes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 want_vals: bool, want_codes: bool, scale: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The C kernel as a torch op (for torch.compile): flat ``(values, codes, absmax)``;
     ``blocksize=0`` is global; unwanted outputs are empty. ``fmt`` names a native format."""
     return _quantize_impl(x, fp8core.resolve_codebook(fmt), blocksize or None,
-                          out_dtype if want_vals else None, want_codes)
+                          out_dtype if want_vals else None, want_codes, scale)
 
 
 @_quantize_op.register_fake
-def _(x, fmt, blocksize, out_dtype, want_vals, want_codes):
+def _(x, fmt, blocksize, out_dtype, want_vals, want_codes, scale):
     n = x.numel()
     return (x.new_empty(n if want_vals else 0, dtype=out_dtype),
             x.new_empty(n if want_codes else 0, dtype=torch.uint8),
@@ -396,6 +430,7 @@ def _qdq(
     *,
     out_dtype: torch.dtype | None,
     want_codes: bool,
+    scale: str = "fp32",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The quantizer. ``x``: float16/bfloat16/float32 (float64 already rounded).
 
@@ -405,8 +440,9 @@ def _qdq(
     x = x.detach()
     flat = x.reshape(-1)
     n = flat.numel()
-    if n and _kernel_ok(x, spec):
-        return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes)
+    if n and _kernel_ok(x, spec, scale=scale):
+        return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes,
+                           scale=scale)
     dev = x.device
     compiling = torch.compiler.is_compiling()
     chunked = not compiling and n > _CHUNK
@@ -436,14 +472,14 @@ def _qdq(
     if compiling:  # functional: inductor fuses, no chunk loop in the graph
         vparts, cparts, aparts = [], [], []
         if blocksize is None:
-            fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
+            fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec, scale))
             v, c = _kernel(flat.view(1, n), qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
             vparts.append(v), cparts.append(c)
         else:
             for _, start, rows, cols in _pieces_blockwise(n, blocksize, False):
                 xc = flat[start:start + rows * cols].view(rows, cols)
                 am = _absmax_rows(xc)
-                fin, qs, ds = _scales(am, spec)
+                fin, qs, ds = _scales(am, spec, scale)
                 v, c = _kernel(xc, qs[:, None], ds[:, None], fin[:, None], spec, tabs, None,
                                out_dtype, want_codes)
                 vparts.append(v), cparts.append(c), aparts.append(am)
@@ -455,7 +491,7 @@ def _qdq(
     vals = torch.empty(n, dtype=out_dtype, device=dev) if out_dtype is not None else None
     codes = torch.empty(n, dtype=torch.uint8, device=dev) if want_codes else None
     if blocksize is None:
-        fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec))
+        fin, qs, ds = (t.view(1, 1) for t in _scales(absmax, spec, scale))
         for start, size in _pieces_global(n, chunked):
             xc = flat[start:start + size].view(1, size)
             vout = vals[start:start + size].view(1, size) if vals is not None else None
@@ -471,7 +507,7 @@ def _qdq(
             absmax[:nfull] = rows_absmax(flat[:nfull * blocksize].view(nfull, blocksize))
         if n > nfull * blocksize:
             absmax[nfull:] = rows_absmax(flat[nfull * blocksize:].view(1, -1))
-        fin, qs, ds = (t[:, None] for t in _scales(absmax, spec))
+        fin, qs, ds = (t[:, None] for t in _scales(absmax, spec, scale))
         for r0, start, rows, cols in _pieces_blockwise(n, blocksize, chunked):
             size = rows * cols
             xc = flat[start:start + size].view(rows, cols)
@@ -485,19 +521,21 @@ def _qdq(
 
 def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
                 tabs: CodebookTensors | None, blocksize: int | None,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, scale: str = "fp32") -> torch.Tensor:
     """§4: ``fl(value[code] * dscale)`` per group, cast once to ``dtype``."""
     flat = codes.reshape(-1)
     n = flat.numel()
     if n == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,)):  # any codebook
-        am = absmax.reshape(-1).to(torch.float32)
+    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,), scale=scale):
+        am = absmax.reshape(-1).to(torch.float32)                   # any codebook
         if not torch.compiler.is_compiling():
-            return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype).view(codes.shape)
+            return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype,
+                                    scale).view(codes.shape)
         if _by_name(spec.codebook):
-            return _dequantize_op(flat, am, spec.codebook.name, blocksize or 0, dtype).view(codes.shape)
-    _, _, dscale = _scales(absmax.reshape(-1), spec)
+            return _dequantize_op(flat, am, spec.codebook.name, blocksize or 0, dtype,
+                                  scale).view(codes.shape)
+    _, _, dscale = _scales(absmax.reshape(-1), spec, scale)
     if blocksize is None:
         y = _decode_scaled(flat, spec, tabs, dscale)
     else:
@@ -513,14 +551,14 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
 
 
 def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocksize: int | None,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, scale: str = "fp32") -> torch.Tensor:
     """:func:`_dequantize` of flat CPU ``codes`` through the C kernel (any codebook)."""
     codes, absmax = codes.contiguous(), absmax.contiguous()
     n = codes.numel()
     y = _pool.empty(n, dtype)
     _fp8q.dequantize(codes.data_ptr(), n, blocksize or n, absmax.data_ptr(), codebook,
                      vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
-                     nthreads=torch.get_num_threads(), openmp=True)
+                     nthreads=torch.get_num_threads(), openmp=True, **_scale_kw(scale))
     return y
 
 
@@ -536,13 +574,14 @@ def _by_name(codebook) -> bool:
 
 @torch.library.custom_op("fp8core::dequantize", mutates_args=(), device_types="cpu")
 def _dequantize_op(codes: torch.Tensor, absmax: torch.Tensor, fmt: str, blocksize: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, scale: str) -> torch.Tensor:
     """The C kernel's dequantize as a torch op (for torch.compile); ``blocksize=0`` is global."""
-    return _dequantize_impl(codes, absmax, fp8core.resolve_codebook(fmt), blocksize or None, dtype)
+    return _dequantize_impl(codes, absmax, fp8core.resolve_codebook(fmt), blocksize or None, dtype,
+                            scale)
 
 
 @_dequantize_op.register_fake
-def _(codes, absmax, fmt, blocksize, dtype):
+def _(codes, absmax, fmt, blocksize, dtype, scale):
     return codes.new_empty(codes.numel(), dtype=dtype)
 
 
@@ -556,6 +595,282 @@ def _decode_scaled(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors |
     v = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     ds = _decode_cast_into_(v, codes.view(spec.torch_dtype), spec, dscale)
     return v.mul_(ds)
+
+
+# ------------------------------------------------------------ tiles (§9.3)
+def _absmax_tiles(x4: torch.Tensor) -> torch.Tensor:
+    """§3.2 per tile of a ``(gr, th, gc, tw)`` view: NaN-propagating max |x| -> (gr, gc)."""
+    a = torch.maximum(torch.amax(x4, dim=(1, 3)), torch.amin(x4, dim=(1, 3)).neg())
+    a = a.to(torch.float32)
+    a = torch.where(a < _F32_SMALLEST_NORMAL, 0.0, a)
+    return a.masked_fill(torch.isnan(a), float("nan"))
+
+
+def _tiled(x: torch.Tensor, plan) -> torch.Tensor:
+    """``(rows, cols)`` -> ``(gr, th, gc, tw)``, zero-padded at partial edges only."""
+    if plan.pad_rows or plan.pad_cols:
+        x = torch.nn.functional.pad(x, (0, plan.pad_cols, 0, plan.pad_rows))
+    gr, gc = plan.grid
+    return x.contiguous().view(gr, plan.tile_rows, gc, plan.tile_cols)
+
+
+def _untiled(t: torch.Tensor, plan) -> torch.Tensor:
+    return t.reshape(plan.padded_shape)[: plan.rows, : plan.cols]
+
+
+def _qdq_tiles(p: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None, tile_rows: int,
+               tile_cols: int, *, out_dtype: torch.dtype | None, want_codes: bool,
+               scale: str = "fp32") -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Quantize a row-major ``(R, C)`` tensor (float16/bfloat16/float32) in
+    ``tile_rows × tile_cols`` tiles: ``(values (R, C) or None, codes (R, C) or None,
+    absmax grid)``, the grid from :func:`fp8core.plan_tiles` (the only tile arithmetic)."""
+    p = p.detach()
+    plan = plan_tiles(p.shape[0], p.shape[1], tile_rows, tile_cols)
+    if plan.n_groups == 0:
+        return (p.new_empty(p.shape, dtype=out_dtype) if out_dtype is not None else None,
+                p.new_empty(p.shape, dtype=torch.uint8) if want_codes else None,
+                p.new_zeros(plan.grid, dtype=torch.float32))
+    if _kernel_ok(p, spec, scale=scale) and hasattr(_fp8q, "quantize_tiles"):
+        return _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, out_dtype=out_dtype,
+                                 want_codes=want_codes, scale=scale)
+    x4 = _tiled(p, plan)
+    absmax = _absmax_tiles(x4)
+    gr, gc = plan.grid
+    fin, qs, ds = (t.view(gr, 1, gc, 1) for t in _scales(absmax, spec, scale))
+    v, c = _kernel(x4, qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
+    return (None if v is None else _untiled(v, plan)), (None if c is None else _untiled(c, plan)), absmax
+
+
+def _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, *, out_dtype, want_codes, scale):
+    if out_dtype is not None and out_dtype not in _KERNEL_DTYPES:
+        v, c, a = _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, out_dtype=torch.float32,
+                                    want_codes=want_codes, scale=scale)
+        return v.to(out_dtype), c, a
+    if torch.compiler.is_compiling():
+        v, c, a = _quantize_tiles_op(p, spec.codebook.name, tile_rows, tile_cols, scale,
+                                     out_dtype or torch.float32, out_dtype is not None, want_codes)
+    else:
+        v, c, a = _quantize_tiles_impl(p, spec.codebook, tile_rows, tile_cols, scale, out_dtype,
+                                       want_codes)
+    shape = p.shape
+    return (v.view(shape) if out_dtype is not None else None), (c.view(shape) if want_codes else None), a
+
+
+def _quantize_tiles_impl(p: torch.Tensor, codebook, tile_rows: int, tile_cols: int, scale: str,
+                         out_dtype: torch.dtype | None, want_codes: bool):
+    p = p.contiguous()
+    rows, cols = p.shape
+    n = rows * cols
+    plan = plan_tiles(rows, cols, tile_rows, tile_cols)
+    absmax = torch.empty(plan.grid, dtype=torch.float32)
+    vals = _pool.empty(n if out_dtype is not None else 0, out_dtype or torch.float32)
+    codes = _pool.empty(n if want_codes else 0, torch.uint8)
+    _fp8q.quantize_tiles(p.data_ptr(), dtype_name(p.dtype), rows, cols, tile_rows, tile_cols,
+                         codebook, scale=scale,
+                         codes_ptr=codes.data_ptr() if want_codes else None,
+                         vals_ptr=vals.data_ptr() if out_dtype is not None else None,
+                         out_dtype=dtype_name(out_dtype or torch.float32),
+                         absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(),
+                         openmp=True)
+    return vals, codes, absmax
+
+
+@torch.library.custom_op("fp8core::quantize_tiles", mutates_args=(), device_types="cpu")
+def _quantize_tiles_op(p: torch.Tensor, fmt: str, tile_rows: int, tile_cols: int, scale: str,
+                       out_dtype: torch.dtype, want_vals: bool, want_codes: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C kernel's tile quantizer as a torch op (for torch.compile); flat outputs."""
+    return _quantize_tiles_impl(p, fp8core.resolve_codebook(fmt), tile_rows, tile_cols, scale,
+                                out_dtype if want_vals else None, want_codes)
+
+
+@_quantize_tiles_op.register_fake
+def _(p, fmt, tile_rows, tile_cols, scale, out_dtype, want_vals, want_codes):
+    n = p.numel()
+    plan = plan_tiles(p.shape[0], p.shape[1], tile_rows, tile_cols)
+    return (p.new_empty(n if want_vals else 0, dtype=out_dtype),
+            p.new_empty(n if want_codes else 0, dtype=torch.uint8),
+            p.new_empty(plan.grid, dtype=torch.float32))
+
+
+def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
+                      tabs: CodebookTensors | None, tile_rows: int, tile_cols: int,
+                      dtype: torch.dtype, scale: str = "fp32") -> torch.Tensor:
+    """§4 per tile of a row-major ``(R, C)`` code tensor, cast once to ``dtype``."""
+    plan = plan_tiles(codes.shape[0], codes.shape[1], tile_rows, tile_cols)
+    if plan.n_groups == 0:
+        return codes.new_empty(codes.shape, dtype=dtype)
+    if (dtype in _KERNEL_DTYPES and hasattr(_fp8q, "dequantize_tiles")
+            and _kernel_ok(codes, None, (torch.uint8,), scale=scale)):
+        if not torch.compiler.is_compiling():
+            return _dequantize_tiles_impl(codes, absmax, spec.codebook, tile_rows, tile_cols,
+                                          dtype, scale)
+        if _by_name(spec.codebook):
+            return _dequantize_tiles_op(codes, absmax, spec.codebook.name, tile_rows, tile_cols,
+                                        dtype, scale)
+    gr, gc = plan.grid
+    _, _, dscale = _scales(absmax.reshape(gr, gc), spec, scale)
+    y = _decode(_tiled(codes, plan), spec, tabs) * dscale.view(gr, 1, gc, 1)
+    return _untiled(y, plan).to(dtype)
+
+
+def _dequantize_tiles_impl(codes, absmax, codebook, tile_rows, tile_cols, dtype, scale):
+    codes, absmax = codes.contiguous(), absmax.contiguous().to(torch.float32)
+    rows, cols = codes.shape
+    y = _pool.empty(rows * cols, dtype)
+    _fp8q.dequantize_tiles(codes.data_ptr(), rows, cols, tile_rows, tile_cols, absmax.data_ptr(),
+                           codebook, scale=scale, vals_ptr=y.data_ptr(),
+                           out_dtype=dtype_name(dtype), nthreads=torch.get_num_threads(),
+                           openmp=True)
+    return y.view(rows, cols)
+
+
+@torch.library.custom_op("fp8core::dequantize_tiles", mutates_args=(), device_types="cpu")
+def _dequantize_tiles_op(codes: torch.Tensor, absmax: torch.Tensor, fmt: str, tile_rows: int,
+                         tile_cols: int, dtype: torch.dtype, scale: str) -> torch.Tensor:
+    return _dequantize_tiles_impl(codes, absmax, fp8core.resolve_codebook(fmt), tile_rows,
+                                  tile_cols, dtype, scale)
+
+
+@_dequantize_tiles_op.register_fake
+def _(codes, absmax, fmt, tile_rows, tile_cols, dtype, scale):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+# ------------------------------------------------------- GEMM operands (§9)
+class QuantizedOperand(NamedTuple):
+    """An operand as the backward keeps it: uint8 codes and absmax in the *physical*
+    layout they were computed in, and how to decode them.
+
+    ``how``: ``("global",)``, ``("flat", blocksize)`` or ``("tiles", tile_rows, tile_cols)``
+    (physical tile); ``transposed``: the logical operand is ``codes.t()``."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    how: tuple
+    transposed: bool
+
+
+def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | None, *,
+             out_dtype: torch.dtype | None, want_codes: bool
+             ) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
+    """Quantize the GEMM operand ``m`` (2-D, contraction axis last) under ``rule``.
+
+    Returns (dequantized values shaped like ``m`` in ``out_dtype`` or None, the
+    :class:`QuantizedOperand` when ``want_codes``). A transposed-contiguous ``m`` (a
+    backward GEMM contracting over a row-major tensor's rows) is quantized in its
+    memory layout with transposed tiles: no transposed copy of the data. Flat blocks
+    follow the logical row-major order (bitsandbytes), so they need ``m`` contiguous."""
+    rows, cols = m.shape
+    plan = plan_operand(rows, cols, rule.granularity)
+    x = _upcast(m)
+    if plan.kind == "flat":
+        phys, transposed, how = x.contiguous(), False, ("flat", plan.flat.blocksize)
+    else:
+        transposed = not x.is_contiguous() and x.t().is_contiguous()
+        phys = x.t() if transposed else x.contiguous()
+        if plan.is_global:
+            how = ("global",)
+        else:
+            th, tw = plan.tiles.tile_rows, plan.tiles.tile_cols
+            how = ("tiles", tw, th) if transposed else ("tiles", th, tw)
+    if how[0] == "tiles":
+        v, c, a = _qdq_tiles(phys, spec, tabs, how[1], how[2], out_dtype=out_dtype,
+                             want_codes=want_codes, scale=rule.scale)
+    else:
+        v, c, a = _qdq(phys, spec, tabs, how[1] if how[0] == "flat" else None,
+                       out_dtype=out_dtype, want_codes=want_codes, scale=rule.scale)
+    if v is not None:
+        v = v.view(phys.shape)
+        v = v.t() if transposed else v
+    q = QuantizedOperand(c.view(phys.shape), a, how, transposed) if want_codes else None
+    return v, q
+
+
+def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTensors | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The logical dequantized operand of :func:`_operand`'s codes (same bits as its values)."""
+    if q.how[0] == "tiles":
+        y = _dequantize_tiles(q.codes, q.absmax, spec, tabs, q.how[1], q.how[2], dtype, rule.scale)
+    else:
+        y = _dequantize(q.codes, q.absmax, spec, tabs, q.how[1] if q.how[0] == "flat" else None,
+                        dtype, rule.scale).view(q.codes.shape)
+    return y.t() if q.transposed else y
+
+
+def _check_rule(rule: Any):
+    if not isinstance(rule, fp8core.recipe.OperandRule):
+        raise TypeError(f"rule must be an fp8core.recipe.OperandRule, got "
+                        f"{type(rule).__name__}: {rule!r}")
+    return rule
+
+
+def _logical(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
+    rows, cols, transposed = operand_matrix(tuple(x.shape), axis)
+    return (x.t() if transposed else x.reshape(rows, cols)), transposed
+
+
+def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
+
+    Args:
+      x: float tensor; ``axis`` is its contraction axis (the last, or 0 of a 2-D tensor).
+      rule: element format, granularity and scale rule.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
+      ``fp8core.plan_operand(rows, cols, rule.granularity).scale_shape`` in the operand's
+      orientation. Bit-identical to :func:`fp8core.reference.quantize_operand`.
+
+    Raises:
+      TypeError: ``x`` not a real floating tensor, ``rule`` not an OperandRule.
+      ValueError: ``axis`` not the last axis or 0 of a 2-D tensor.
+    """
+    check_float_tensor(x, "x")
+    rule = _check_rule(rule)
+    m, transposed = _logical(x, axis)
+    spec = resolve_spec(rule.format)
+    _, q = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=None, want_codes=True)
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
+    absmax = q.absmax.t() if (q.transposed and q.how[0] == "tiles") else q.absmax
+    codes = q.codes.t() if q.transposed else q.codes                  # logical
+    codes = codes.t() if transposed else codes.reshape(x.shape)
+    return codes.contiguous(), absmax.reshape(plan.scale_shape).contiguous()
+
+
+def dequantize_operand(codes: torch.Tensor, absmax: torch.Tensor, rule: Any, *, axis: int = -1,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_operand`: ``fl(value[code] * dscale)`` per group, cast
+    once to ``dtype``."""
+    _check_codes(codes)
+    rule = _check_rule(rule)
+    dtype = _check_out_dtype(dtype)
+    m, transposed = _logical(codes, axis)
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
+    _check_absmax_tensor(absmax, plan.scale_shape)
+    spec = resolve_spec(rule.format)
+    tabs = _tables(spec, codes.device)
+    if plan.kind == "flat":
+        q = QuantizedOperand(m.contiguous(), absmax, ("flat", plan.flat.blocksize), False)
+    elif plan.is_global:
+        q = QuantizedOperand(m.contiguous(), absmax.reshape(()), ("global",), False)
+    else:
+        t = plan.tiles
+        q = QuantizedOperand(m.contiguous(), absmax, ("tiles", t.tile_rows, t.tile_cols), False)
+    y = _decode_operand(q, rule, spec, tabs, dtype)
+    return (y.t() if transposed else y.reshape(codes.shape)).contiguous()
+
+
+def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1) -> torch.Tensor:
+    """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype, fused (codes are not
+    materialized). Not differentiable (detached), like :func:`fake_quantize`."""
+    check_float_tensor(x, "x")
+    rule = _check_rule(rule)
+    m, transposed = _logical(x, axis)
+    spec = resolve_spec(rule.format)
+    v, _ = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=x.dtype, want_codes=False)
+    return (v.t() if transposed else v.reshape(x.shape)).contiguous()
 
 
 # -------------------------------------------------------------- public helpers

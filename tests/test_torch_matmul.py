@@ -277,7 +277,9 @@ def _saved_bytes(fn) -> int:
 
 
 def test_saved_for_backward_memory():
-    """Global saves A's uint8 codes instead of A: for fp32 A, 1/4 of A's bytes."""
+    """What backward reuses in quantized form is saved as uint8 codes + absmax (1 byte
+    per element + 4 per group): Mixed keeps A (its weight gradient is full precision)
+    and Q(W) as codes; Global keeps both as codes. nn.Linear keeps A and W."""
     A = torch.randn(256, 512, requires_grad=True)
     W = torch.randn(128, 512, requires_grad=True)
     lin = _saved_bytes(lambda: torch.nn.functional.linear(A, W))
@@ -285,8 +287,8 @@ def test_saved_for_backward_memory():
     glob = _saved_bytes(lambda: T.matmul_fp8_global(A, W.t()))
     a_bytes, w_bytes = A.numel() * 4, W.numel() * 4
     assert lin == a_bytes + w_bytes                 # nn.Linear: input + weight (a parameter)
-    assert mixed == a_bytes + w_bytes               # A + Q(W)
-    assert glob == A.numel() + 4 + w_bytes          # codes(A) + absmax + Q(W)
+    assert mixed == a_bytes + W.numel() + 4          # A + codes(W) + absmax
+    assert glob == A.numel() + 4 + W.numel() + 4     # codes(A) + absmax + codes(W) + absmax
 
 
 @pytest.mark.parametrize("fn", ["mixed", "global"])
