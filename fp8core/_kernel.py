@@ -3,7 +3,10 @@
 The kernel implements docs/numerics.md §3–§4 for native (ml_dtypes) codebooks on
 host memory: one pass per block (the block's absmax is taken while the block is
 in cache, then it is scaled, saturated, rounded half to even and written as codes
-and/or dequantized values), two passes for global quantization, on POSIX threads.
+and/or dequantized values), two passes for global quantization, on POSIX threads
+or an OpenMP team. 2-D tiles of a row-major matrix (:func:`quantize_tiles`: rows,
+1×B blocks, B×B tiles, columns, column blocks) and every scale rule of §9.2
+(``scale="fp32" | "pow2" | "pow2_torchao"``) are supported by every entry point.
 It is built at install time when a C compiler is present (``pip install``; the
 extension is optional) and is used by the torch backend on CPU tensors. Table
 codebooks, other devices, and installs without the extension use each backend's
@@ -26,16 +29,20 @@ import numpy as np
 
 from fp8core.codebooks import Codebook
 
-__all__ = ["available", "supports", "quantize", "dequantize", "cast", "DTYPE_CODES"]
+__all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
+           "dequantize_tiles", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: dtype name -> the kernel's dtype code.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+#: scale rule (fp8core.recipe.SCALE_RULES) -> ``fp8q_format.scale_rule``.
+SCALE_RULE_CODES = {"fp32": 0, "pow2": 1, "pow2_torchao": 2}
 
 
 class _Format(ctypes.Structure):
-    """``fp8q_format`` in fp8q.c: per-codebook constants."""
+    """``fp8q_format`` in fp8q.c: per-codebook constants and the scale rule
+    (``pow2_thresholds``: the address of ``fp8core.recipe.pow2_torchao_thresholds()``)."""
 
     _fields_ = [
         ("m", ctypes.c_float),
@@ -47,6 +54,8 @@ class _Format(ctypes.Structure):
         ("bits", ctypes.c_int32),
         ("negzero", ctypes.c_int32),
         ("fill_code", ctypes.c_int32),
+        ("scale_rule", ctypes.c_int32),
+        ("pow2_thresholds", ctypes.c_void_p),
     ]
 
 
@@ -67,6 +76,12 @@ def _load() -> ctypes.CDLL | None:
     lib.fp8q_quantize.restype = i32
     lib.fp8q_dequantize.argtypes = [p, i64, i64, p, p, ctypes.POINTER(_Format), p, i32, i32, i32]
     lib.fp8q_dequantize.restype = i32
+    lib.fp8q_quantize_tiles.argtypes = [p, i32, i64, i64, i64, i64, ctypes.POINTER(_Format), p, p,
+                                        i32, p, i32, i32]
+    lib.fp8q_quantize_tiles.restype = i32
+    lib.fp8q_dequantize_tiles.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.POINTER(_Format), p,
+                                          i32, i32, i32]
+    lib.fp8q_dequantize_tiles.restype = i32
     lib.fp8q_cast.argtypes = [p, i32, p, i32, i64]
     lib.fp8q_cast.restype = i32
     return lib
@@ -105,38 +120,108 @@ def _table(codebook: Codebook) -> np.ndarray:
     return np.ascontiguousarray(codebook.values256, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _pow2_thresholds() -> np.ndarray:
+    from fp8core.recipe import pow2_torchao_thresholds  # numpy only; cached, never freed
+
+    return np.ascontiguousarray(pow2_torchao_thresholds(), dtype=np.float32)
+
+
+def scale_rule_code(scale: str) -> int:
+    """The kernel's code of a scale rule (raises ValueError for an unknown one)."""
+    try:
+        return SCALE_RULE_CODES[scale]
+    except (KeyError, TypeError):
+        raise ValueError(f"scale must be one of {', '.join(SCALE_RULE_CODES)}, got {scale!r}") from None
+
+
+def _format_for(codebook: Codebook, scale: str) -> _Format:
+    """:func:`_format` with the scale rule set (read at every call, so that tests can
+    replace ``_format``; a copy for the power-of-two rules, ~1 µs)."""
+    f = _format(codebook)
+    rule = scale_rule_code(scale)
+    if rule == 0:
+        return f
+    g = _Format.from_buffer_copy(f)
+    g.scale_rule = rule
+    g.pow2_thresholds = _pow2_thresholds().ctypes.data
+    return g
+
+
 def quantize(x_ptr: int, in_dtype: str, n: int, group: int, codebook: Codebook, *,
              codes_ptr: int | None, vals_ptr: int | None, out_dtype: str,
-             absmax_ptr: int, nthreads: int, openmp: bool = False) -> None:
+             absmax_ptr: int, nthreads: int, openmp: bool = False, scale: str = "fp32") -> None:
     """Quantize ``n`` contiguous elements at ``x_ptr`` in groups of ``group``.
 
     ``group >= n`` is global quantization (one absmax). Writes
     ``ceil(n / group)`` float32 absmax values, and ``n`` uint8 codes and/or ``n``
     values of ``out_dtype`` where the pointers are given (``None``: not written).
     ``openmp``: split the work over an OpenMP team (for callers whose own thread
-    pool is OpenMP, i.e. torch) instead of POSIX threads.
+    pool is OpenMP, i.e. torch) instead of POSIX threads. ``scale``: the scale rule
+    (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``; docs/numerics.md §9.2).
     The caller guarantees sizes, contiguity and a codebook with :func:`supports`.
     """
-    rc = _LIB.fp8q_quantize(x_ptr, DTYPE_CODES[in_dtype], n, group, ctypes.byref(_format(codebook)),
-                            codes_ptr, vals_ptr, DTYPE_CODES[out_dtype], absmax_ptr, nthreads,
-                            int(openmp))
+    rc = _LIB.fp8q_quantize(x_ptr, DTYPE_CODES[in_dtype], n, group,
+                            ctypes.byref(_format_for(codebook, scale)), codes_ptr, vals_ptr,
+                            DTYPE_CODES[out_dtype], absmax_ptr, nthreads, int(openmp))
     if rc:
         raise ValueError(f"fp8q_quantize rejected its arguments (n={n}, group={group}, "
                          f"in_dtype={in_dtype}, out_dtype={out_dtype}, codebook={codebook.name})")
 
 
 def dequantize(codes_ptr: int, n: int, group: int, absmax_ptr: int, codebook: Codebook, *,
-               vals_ptr: int, out_dtype: str, nthreads: int, openmp: bool = False) -> None:
+               vals_ptr: int, out_dtype: str, nthreads: int, openmp: bool = False,
+               scale: str = "fp32") -> None:
     """``vals = fl(value[code] * dscale)`` for ``n`` codes in groups of ``group``, cast to ``out_dtype``.
 
-    Any codebook (the value table is passed), including tables.
+    Any codebook (the value table is passed), including tables; ``scale`` as :func:`quantize`.
     """
     table = _table(codebook)
     rc = _LIB.fp8q_dequantize(codes_ptr, n, group, absmax_ptr, table.ctypes.data,
-                              ctypes.byref(_format(codebook)), vals_ptr, DTYPE_CODES[out_dtype],
-                              nthreads, int(openmp))
+                              ctypes.byref(_format_for(codebook, scale)), vals_ptr,
+                              DTYPE_CODES[out_dtype], nthreads, int(openmp))
     if rc:
         raise ValueError(f"fp8q_dequantize rejected its arguments (n={n}, group={group})")
+
+
+def quantize_tiles(x_ptr: int, in_dtype: str, rows: int, cols: int, tile_rows: int, tile_cols: int,
+                   codebook: Codebook, *, scale: str = "fp32", codes_ptr: int | None,
+                   vals_ptr: int | None, out_dtype: str, absmax_ptr: int, nthreads: int,
+                   openmp: bool = False) -> None:
+    """Quantize a row-major contiguous ``(rows, cols)`` matrix in ``tile_rows × tile_cols`` tiles.
+
+    The bits of :func:`fp8core.reference.quantize_tiles` (and its dequantized values).
+    Writes the float32 absmax grid ``(ceil(rows / tile_rows), ceil(cols / tile_cols))``
+    (row-major) at ``absmax_ptr``, and ``rows * cols`` uint8 codes and/or values of
+    ``out_dtype`` in ``x``'s layout where the pointers are given. Edge tiles may be
+    partial. ``(1, cols)`` is one group per row, ``(rows, 1)`` one per column (done as
+    row sweeps with per-column maxima and scales, never column by column),
+    ``(rows, cols)`` is global. ``scale``, ``openmp``, ``nthreads`` as :func:`quantize`;
+    the caller guarantees sizes, contiguity and a codebook with :func:`supports`.
+    """
+    rc = _LIB.fp8q_quantize_tiles(x_ptr, DTYPE_CODES[in_dtype], rows, cols, tile_rows, tile_cols,
+                                  ctypes.byref(_format_for(codebook, scale)), codes_ptr, vals_ptr,
+                                  DTYPE_CODES[out_dtype], absmax_ptr, nthreads, int(openmp))
+    if rc:
+        raise ValueError(f"fp8q_quantize_tiles rejected its arguments (shape=({rows}, {cols}), "
+                         f"tile=({tile_rows}, {tile_cols}), in_dtype={in_dtype}, "
+                         f"out_dtype={out_dtype}, codebook={codebook.name})")
+
+
+def dequantize_tiles(codes_ptr: int, rows: int, cols: int, tile_rows: int, tile_cols: int,
+                     absmax_ptr: int, codebook: Codebook, *, scale: str = "fp32", vals_ptr: int,
+                     out_dtype: str, nthreads: int, openmp: bool = False) -> None:
+    """Inverse of :func:`quantize_tiles`: ``fl(value[code] * dscale)`` of a row-major
+    ``(rows, cols)`` uint8 matrix with its absmax grid, cast once to ``out_dtype``; the
+    bits of :func:`fp8core.reference.dequantize_tiles`. Any codebook, including tables.
+    """
+    table = _table(codebook)
+    rc = _LIB.fp8q_dequantize_tiles(codes_ptr, rows, cols, tile_rows, tile_cols, absmax_ptr,
+                                    table.ctypes.data, ctypes.byref(_format_for(codebook, scale)),
+                                    vals_ptr, DTYPE_CODES[out_dtype], nthreads, int(openmp))
+    if rc:
+        raise ValueError(f"fp8q_dequantize_tiles rejected its arguments (shape=({rows}, {cols}), "
+                         f"tile=({tile_rows}, {tile_cols}), out_dtype={out_dtype})")
 
 
 def cast(in_ptr: int, in_dtype: str, out_ptr: int, out_dtype: str, n: int) -> None:

@@ -11,6 +11,21 @@
  * while they spin after torch's last parallel region), POSIX threads otherwise
  * (JAX/XLA and numpy callers, which have no OpenMP pool).
  *
+ * 2-D tiles (fp8q_quantize_tiles / fp8q_dequantize_tiles): a row-major (R, C)
+ * array in tiles of th x tw. Wide tiles are done tile by tile (absmax over the
+ * tile's row segments, then the same segments scaled and written); narrow tiles
+ * (tw < TILE_SEGMENT_MIN, e.g. one group per column) a band of th rows and a
+ * chunk of columns at a time: one row sweep keeps a running max vector over the
+ * columns, a second sweep (the chunk is sized to stay in cache) quantizes with
+ * per-column scale vectors -- never a strided walk down one column per group.
+ * Tilings that are flat blocks of the row-major order (tw >= C, or th == 1 with
+ * C a multiple of tw) take the blockwise / global path.
+ *
+ * Scale rules (fp8q_format.scale_rule, docs/numerics.md §3.3 / §9.2): fp32
+ * (qscale = fl(M / a)), pow2 (the power of two given by q0 = fl(M / a)'s
+ * exponent bits) and pow2_torchao (the same exponent, plus one where q0 >= the
+ * caller's threshold table entry for it); every entry point honours it.
+ *
  * Numerics are the contract's float32 operation sequence, IEEE binary32 with
  * round-to-nearest-even. This file must be compiled WITHOUT -ffast-math and
  * with -ffp-contract=off: `(|s| + K) - K` is a rounding, not a no-op, and no
@@ -24,9 +39,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FP8Q_ABI_VERSION 2
+#define FP8Q_ABI_VERSION 3
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum { SCALE_FP32 = 0, SCALE_POW2 = 1, SCALE_POW2_TORCHAO = 2 };
 
 /* Per-codebook constants, filled in by fp8core/_kernel.py from fp8core.Codebook. */
 typedef struct {
@@ -39,6 +55,10 @@ typedef struct {
     int32_t bits;     /* total bits (sign bit is bit bits-1) */
     int32_t negzero;  /* format has -0 */
     int32_t fill_code;
+    int32_t scale_rule;            /* SCALE_* */
+    const float *pow2_thresholds;  /* float32[256], indexed by q0's biased exponent
+                                      (fp8core.recipe.pow2_torchao_thresholds();
+                                      SCALE_POW2_TORCHAO only, else may be NULL) */
 } fp8q_format;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FP8Q_NO_CLONES)
@@ -107,26 +127,97 @@ INLINE void store_nonnan(void *p, int dt, int64_t i, float v) {
 }
 
 /* ------------------------------------------------------------------ absmax (§3.2) */
-/* Largest magnitude bit pattern in x[start, start+len), as float32 bits. Positive
- * floats order like their bit patterns and every NaN pattern is above inf, so an
- * integer max of |bits| is the NaN-propagating max |x| in any order. */
-HOT static uint32_t absmax_bits(const void *x, int dt, int64_t start, int64_t len) {
+/* Largest magnitude bit pattern of `nrows` runs of `len` elements of x (run r at
+ * start + r * stride), as float32 bits. Positive floats order like their bit
+ * patterns and every NaN pattern is above inf, so an integer max of |bits| is the
+ * NaN-propagating max |x| in any order (and float16 -> float32 is monotonic). */
+HOT static uint32_t absmax_rows(const void *x, int dt, int64_t start, int64_t len, int64_t nrows,
+                                int64_t stride) {
     if (dt == DT_F32) {
-        const uint32_t *p = (const uint32_t *)x + start;
         uint32_t m = 0;
-        for (int64_t i = 0; i < len; i++) {
-            uint32_t a = p[i] & 0x7FFFFFFFu;
-            m = a > m ? a : m;
+        for (int64_t r = 0; r < nrows; r++) {
+            const uint32_t *p = (const uint32_t *)x + start + r * stride;
+            uint32_t mr = 0;
+            for (int64_t i = 0; i < len; i++) {
+                uint32_t a = p[i] & 0x7FFFFFFFu;
+                mr = a > mr ? a : mr;
+            }
+            m = mr > m ? mr : m;
         }
         return m;
     }
-    const uint16_t *p = (const uint16_t *)x + start;
     uint16_t m = 0;
-    for (int64_t i = 0; i < len; i++) {
-        uint16_t a = p[i] & 0x7FFF;
-        m = a > m ? a : m;
+    for (int64_t r = 0; r < nrows; r++) {
+        const uint16_t *p = (const uint16_t *)x + start + r * stride;
+        uint16_t mr = 0;
+        for (int64_t i = 0; i < len; i++) {
+            uint16_t a = p[i] & 0x7FFF;
+            mr = a > mr ? a : mr;
+        }
+        m = mr > m ? mr : m;
     }
     return dt == DT_F16 ? f2u(f16_bits_to_f32(m)) : (uint32_t)m << 16;
+}
+
+static uint32_t absmax_bits(const void *x, int dt, int64_t start, int64_t len) {
+    return absmax_rows(x, dt, start, len, 1, 0);
+}
+
+/* a magnitude in the input's own bits (max_cols) -> float32 bits */
+static uint32_t mag_to_f32_bits(uint32_t m, int dt) {
+    return dt == DT_F32 ? m : dt == DT_F16 ? f2u(f16_bits_to_f32(m)) : m << 16;
+}
+
+/* cm[j] = max over `nrows` runs (run r at start + r * stride) of |bits of x[j]|, in
+ * the input's own bits: a running max vector over the columns, four rows per
+ * sweep of cm (the narrow-tile absmax; never a walk down one column). */
+HOT static void max_cols(const void *x, int dt, int64_t start, int64_t len, int64_t nrows,
+                         int64_t stride, uint32_t *restrict cm) {
+    for (int64_t j = 0; j < len; j++) cm[j] = 0;
+    int64_t r = 0;
+    if (dt == DT_F32) {
+        const uint32_t *p = (const uint32_t *)x + start;
+        for (; r + 4 <= nrows; r += 4) {
+            const uint32_t *restrict p0 = p + r * stride, *restrict p1 = p0 + stride;
+            const uint32_t *restrict p2 = p1 + stride, *restrict p3 = p2 + stride;
+            for (int64_t j = 0; j < len; j++) {
+                uint32_t a0 = p0[j] & 0x7FFFFFFFu, a1 = p1[j] & 0x7FFFFFFFu;
+                uint32_t a2 = p2[j] & 0x7FFFFFFFu, a3 = p3[j] & 0x7FFFFFFFu;
+                a0 = a0 > a1 ? a0 : a1;
+                a2 = a2 > a3 ? a2 : a3;
+                a0 = a0 > a2 ? a0 : a2;
+                cm[j] = a0 > cm[j] ? a0 : cm[j];
+            }
+        }
+        for (; r < nrows; r++) {
+            const uint32_t *restrict p0 = p + r * stride;
+            for (int64_t j = 0; j < len; j++) {
+                uint32_t a0 = p0[j] & 0x7FFFFFFFu;
+                cm[j] = a0 > cm[j] ? a0 : cm[j];
+            }
+        }
+        return;
+    }
+    const uint16_t *p = (const uint16_t *)x + start;
+    for (; r + 4 <= nrows; r += 4) {
+        const uint16_t *restrict p0 = p + r * stride, *restrict p1 = p0 + stride;
+        const uint16_t *restrict p2 = p1 + stride, *restrict p3 = p2 + stride;
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t a0 = p0[j] & 0x7FFFu, a1 = p1[j] & 0x7FFFu;
+            uint32_t a2 = p2[j] & 0x7FFFu, a3 = p3[j] & 0x7FFFu;
+            a0 = a0 > a1 ? a0 : a1;
+            a2 = a2 > a3 ? a2 : a3;
+            a0 = a0 > a2 ? a0 : a2;
+            cm[j] = a0 > cm[j] ? a0 : cm[j];
+        }
+    }
+    for (; r < nrows; r++) {
+        const uint16_t *restrict p0 = p + r * stride;
+        for (int64_t j = 0; j < len; j++) {
+            uint32_t a0 = p0[j] & 0x7FFFu;
+            cm[j] = a0 > cm[j] ? a0 : cm[j];
+        }
+    }
 }
 
 /* float32 bits of a magnitude -> the stored absmax: NaN canonical, subnormal +0 */
@@ -138,20 +229,43 @@ static float finish_absmax(uint32_t a) {
 
 typedef struct { int finite; float qscale, dscale; } scales_t;
 
-/* §3.3 (and §4.1): qscale = fl(M / a), dscale = fl(a * INV_M), a = clip(absmax, FLOOR, CEIL) */
+/* §3.3 / §9.2 (and §4.1): a = clip(absmax, FLOOR, CEIL), q0 = fl(M / a).
+ * fp32: qscale = q0, dscale = fl(a * INV_M).
+ * pow2: qscale = 2**(E-127) with E = q0's biased exponent (q0 is a float32 normal,
+ *       so this is the largest power of two <= q0); dscale = 2**(127-E) = 1/qscale exactly.
+ * pow2_torchao: E += (q0 >= T[E]) first (torchao's float32 exp2(floor(log2(q0)))).
+ * Non-finite absmax: dscale = NaN (qscale unused: such groups store the fill code). */
 static scales_t group_scales(float absmax, const fp8q_format *f) {
     scales_t s;
     s.finite = isfinite(absmax);
     float a = s.finite ? absmax : 1.0f;
     a = a < f->floor_ ? f->floor_ : a;
     a = a > f->ceiling ? f->ceiling : a;
-    s.qscale = f->m / a;
-    s.dscale = s.finite ? a * f->inv_m : u2f(0x7FC00000u);
+    float q0 = f->m / a;
+    if (f->scale_rule == SCALE_FP32) {
+        s.qscale = q0;
+        s.dscale = a * f->inv_m;
+    } else {
+        uint32_t e = (f2u(q0) >> 23) & 0xFFu;
+        if (f->scale_rule == SCALE_POW2_TORCHAO) e += q0 >= f->pow2_thresholds[e];
+        s.qscale = u2f(e << 23);
+        s.dscale = u2f((254u - e) << 23);   /* as the reference: uint32 arithmetic */
+    }
+    if (!s.finite) s.dscale = u2f(0x7FC00000u);
     return s;
 }
 
+/* The format fields every entry point relies on; `rounding`: quantizers (they
+ * round to the format, so it must be a native format of at most 8 bits). */
+static int bad_format(const fp8q_format *f, int rounding) {
+    if (f->scale_rule < SCALE_FP32 || f->scale_rule > SCALE_POW2_TORCHAO) return 1;
+    if (f->scale_rule == SCALE_POW2_TORCHAO && f->pow2_thresholds == 0) return 1;
+    if (rounding && (f->mant < 1 || f->mant > 22 || f->bits < 2 || f->bits > 8)) return 1;
+    return 0;
+}
+
 /* ------------------------------------------------------ scale, round, write (§3.4-§4.4) */
-/* Everything constant for one call; the loop below is specialised on dtypes and
+/* Everything constant for one call; the loops below are specialised on dtypes and
  * outputs by always_inline + constant arguments. */
 typedef struct {
     const void *x;
@@ -161,8 +275,57 @@ typedef struct {
     const fp8q_format *f;
 } call_t;
 
-INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
-                     int in_dt, int want_codes, int want_vals, int out_dt, int negzero) {
+/* The format's rounding constants (see round_bits) */
+typedef struct {
+    float m, sub_scale;
+    uint32_t emin_bits, kshift, bias, mant, sign_shift;
+} rk_t;
+
+INLINE rk_t round_consts(const fp8q_format *f) {
+    rk_t k;
+    k.m = f->m;
+    k.emin_bits = (uint32_t)(f->emin + 127) << 23;                     /* bits of 2**emin */
+    k.kshift = (uint32_t)(23 - f->mant) << 23;
+    k.sub_scale = u2f((uint32_t)(f->mant - f->emin + 127) << 23);      /* 2**(mant-emin) */
+    k.bias = (uint32_t)(1 - f->emin);
+    k.mant = (uint32_t)f->mant;
+    k.sign_shift = (uint32_t)(f->bits - 1);
+    return k;
+}
+
+/* §3.4-§3.5 for s = fl(x * qscale): saturate, round half to even to the format;
+ * the float32 bits of the rounded value, sign kept by the format's -0 rule. */
+INLINE uint32_t round_bits(float s, const rk_t k, int negzero) {
+    s = s > k.m ? k.m : s;
+    s = s < -k.m ? -k.m : s;                                      /* saturate before rounding */
+    /* round half to even: with e = max(binade(|s|), 2**emin) and
+     * K = 2**(e + 23 - mant), float32's ulp on [K, 2K) is the format's
+     * quantum at |s|, so fl(|s| + K) - K is |s| rounded to the format
+     * (K is an even multiple of the quantum: float32 "even" = format "even"). */
+    float as = fabsf(s);
+    uint32_t e = f2u(as) & 0x7F800000u;
+    e = e < k.emin_bits ? k.emin_bits : e;
+    float kk = u2f(e + k.kshift);
+    float r = (as + kk) - kk;
+    uint32_t rb = f2u(r);
+    uint32_t sgn = f2u(s) & 0x80000000u;
+    /* -0 rule: formats with -0 keep the sign; fnuz formats have one zero (+0) */
+    return negzero ? (rb | sgn) : sel(rb != 0, rb | sgn, rb);
+}
+
+/* the code (bit pattern) of a rounded value's float32 bits */
+INLINE uint32_t code_of(uint32_t rb, const rk_t k) {
+    uint32_t mag = rb & 0x7FFFFFFFu;
+    uint32_t normal = ((((mag >> 23) - 127 + k.bias) << k.mant) | ((mag & 0x7FFFFFu) >> (23 - k.mant)));
+    /* subnormal: |r| * 2**(mant - emin) is an exact integer < 2**mant */
+    uint32_t sub = (uint32_t)(int32_t)(u2f(mag < k.emin_bits ? mag : 0) * k.sub_scale);
+    return (mag >= k.emin_bits ? normal : sub) | ((rb >> 31) << k.sign_shift);
+}
+
+/* One group's scales applied to `nrows` runs of `len` elements, run r starting at
+ * start + r * stride (a flat block: nrows = 1; a tile: its row segments). */
+INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                     scales_t sc, int in_dt, int want_codes, int want_vals, int out_dt, int negzero) {
     const fp8q_format *f = c->f;
     /* locals, restrict: a uint8_t store may alias anything, and would otherwise
      * force the loop to reload c->x etc. on every element (no vectorization) */
@@ -170,70 +333,92 @@ INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
     uint8_t *restrict codes = c->codes;
     char *restrict vals = (char *)c->vals;
     if (!sc.finite) {                                             /* §3.6, §4.3 */
-        if (want_codes) memset(codes + start, f->fill_code, (size_t)len);
-        if (want_vals)
-            for (int64_t i = start; i < start + len; i++) store(vals, out_dt, i, u2f(0x7FC00000u));
+        for (int64_t r = 0; r < nrows; r++) {
+            int64_t s0 = start + r * stride;
+            if (want_codes) memset(codes + s0, f->fill_code, (size_t)len);
+            if (want_vals)
+                for (int64_t i = s0; i < s0 + len; i++) store(vals, out_dt, i, u2f(0x7FC00000u));
+        }
         return;
     }
-    const float m = f->m, qscale = sc.qscale, dscale = sc.dscale;
-    const uint32_t emin_bits = (uint32_t)(f->emin + 127) << 23;  /* bits of 2**emin */
-    const uint32_t kshift = (uint32_t)(23 - f->mant) << 23;
-    const float sub_scale = u2f((uint32_t)(f->mant - f->emin + 127) << 23);  /* 2**(mant-emin) */
-    const uint32_t bias = (uint32_t)(1 - f->emin), mant = (uint32_t)f->mant;
-    const uint32_t sign_shift = (uint32_t)(f->bits - 1);
-    const int64_t end = start + len;
-    for (int64_t i = start; i < end; i++) {
-        float s = load(x, in_dt, i) * qscale;                     /* §3.4 fl(x * qscale) */
-        s = s > m ? m : s;
-        s = s < -m ? -m : s;                                      /* saturate before rounding */
-        /* §3.5 round half to even: with e = max(binade(|s|), 2**emin) and
-         * K = 2**(e + 23 - mant), float32's ulp on [K, 2K) is the format's
-         * quantum at |s|, so fl(|s| + K) - K is |s| rounded to the format
-         * (K is an even multiple of the quantum: float32 "even" = format "even"). */
-        float as = fabsf(s);
-        uint32_t e = f2u(as) & 0x7F800000u;
-        e = e < emin_bits ? emin_bits : e;
-        float k = u2f(e + kshift);
-        float r = (as + k) - k;
-        uint32_t rb = f2u(r);
-        uint32_t sgn = f2u(s) & 0x80000000u;
-        /* -0 rule: formats with -0 keep the sign; fnuz formats have one zero (+0) */
-        rb = negzero ? (rb | sgn) : sel(rb != 0, rb | sgn, rb);
-        if (want_codes) {
-            uint32_t mag = rb & 0x7FFFFFFFu;
-            uint32_t normal = ((((mag >> 23) - 127 + bias) << mant) | ((mag & 0x7FFFFFu) >> (23 - mant)));
-            /* subnormal: |r| * 2**(mant - emin) is an exact integer < 2**mant */
-            uint32_t sub = (uint32_t)(int32_t)(u2f(mag < emin_bits ? mag : 0) * sub_scale);
-            uint32_t code = (mag >= emin_bits ? normal : sub) | ((rb >> 31) << sign_shift);
-            codes[i] = (uint8_t)code;
+    const rk_t k = round_consts(f);
+    const float qscale = sc.qscale, dscale = sc.dscale;
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t s0 = start + r * stride, end = s0 + len;
+        for (int64_t i = s0; i < end; i++) {
+            uint32_t rb = round_bits(load(x, in_dt, i) * qscale, k, negzero);  /* §3.4 fl(x * qscale) */
+            if (want_codes) codes[i] = (uint8_t)code_of(rb, k);
+            if (want_vals) store_nonnan(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
         }
-        if (want_vals) store_nonnan(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
+    }
+}
+
+/* Per-column scales: `nrows` runs of `len` elements (run r at start + r * stride),
+ * element j of a run scaled by qs[j] / ds[j]; ok[j] = ~0 for a finite group, 0 for
+ * a non-finite one (qs[j] = 0, ds[j] = NaN: fill code, NaN values). */
+INLINE void qdq_cols_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                          const float *restrict qs, const float *restrict ds,
+                          const uint32_t *restrict ok, int in_dt, int want_codes, int want_vals,
+                          int out_dt, int negzero) {
+    const char *restrict x = (const char *)c->x;
+    uint8_t *restrict codes = c->codes;
+    char *restrict vals = (char *)c->vals;
+    const rk_t k = round_consts(c->f);
+    const uint32_t fill = (uint32_t)c->f->fill_code;
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t s0 = start + r * stride;
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t i = s0 + j;
+            uint32_t rb = round_bits(load(x, in_dt, i) * qs[j], k, negzero);
+            if (want_codes) codes[i] = (uint8_t)((code_of(rb, k) & ok[j]) | (fill & ~ok[j]));
+            if (want_vals) store(vals, out_dt, i, u2f(rb) * ds[j]);   /* NaN in non-finite groups */
+        }
     }
 }
 
 /* every (outputs, output dtype, -0 rule) combination as its own specialised loop */
-#define QDQ_CASES(IN, NZ)                                                               \
-    if (!wv) { if (wc) qdq_loop(c, s, n, sc, IN, 1, 0, DT_F32, NZ); }                   \
-    else if (o == DT_F32 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F32, NZ);            \
-    else if (o == DT_F32) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F32, NZ);                  \
-    else if (o == DT_F16 && wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_F16, NZ);            \
-    else if (o == DT_F16) qdq_loop(c, s, n, sc, IN, 0, 1, DT_F16, NZ);                  \
-    else if (wc) qdq_loop(c, s, n, sc, IN, 1, 1, DT_BF16, NZ);                          \
-    else qdq_loop(c, s, n, sc, IN, 0, 1, DT_BF16, NZ);
+#define QDQ_CASES(LOOP, IN, NZ, ...)                                                    \
+    if (!wv) { if (wc) LOOP(__VA_ARGS__, IN, 1, 0, DT_F32, NZ); }                       \
+    else if (o == DT_F32 && wc) LOOP(__VA_ARGS__, IN, 1, 1, DT_F32, NZ);                \
+    else if (o == DT_F32) LOOP(__VA_ARGS__, IN, 0, 1, DT_F32, NZ);                      \
+    else if (o == DT_F16 && wc) LOOP(__VA_ARGS__, IN, 1, 1, DT_F16, NZ);                \
+    else if (o == DT_F16) LOOP(__VA_ARGS__, IN, 0, 1, DT_F16, NZ);                      \
+    else if (wc) LOOP(__VA_ARGS__, IN, 1, 1, DT_BF16, NZ);                              \
+    else LOOP(__VA_ARGS__, IN, 0, 1, DT_BF16, NZ);
 #define QDQ_OUT(IN)                                                                     \
-    static void qdq_in_##IN(const call_t *c, int64_t s, int64_t n, scales_t sc) {       \
+    static void qdq_in_##IN(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
+                            scales_t sc) {                                              \
         int wc = c->codes != 0, wv = c->vals != 0, o = c->out_dt;                       \
-        if (c->f->negzero) { QDQ_CASES(IN, 1) } else { QDQ_CASES(IN, 0) }               \
+        if (c->f->negzero) { QDQ_CASES(qdq_loop, IN, 1, c, s, n, nr, st, sc) }          \
+        else { QDQ_CASES(qdq_loop, IN, 0, c, s, n, nr, st, sc) }                        \
+    }                                                                                   \
+    static void qdqc_in_##IN(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
+                             const float *qs, const float *ds, const uint32_t *ok) {    \
+        int wc = c->codes != 0, wv = c->vals != 0, o = c->out_dt;                       \
+        if (c->f->negzero) { QDQ_CASES(qdq_cols_loop, IN, 1, c, s, n, nr, st, qs, ds, ok) } \
+        else { QDQ_CASES(qdq_cols_loop, IN, 0, c, s, n, nr, st, qs, ds, ok) }           \
     }
-/* HOT on the outer function so each clone inlines its own vector loop */
+/* HOT on the outer functions so each clone inlines its own vector loop */
 HOT QDQ_OUT(DT_F32)
 HOT QDQ_OUT(DT_F16)
 HOT QDQ_OUT(DT_BF16)
 
+static void qdq_rows(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                     scales_t sc) {
+    if (c->in_dt == DT_F32) qdq_in_DT_F32(c, start, len, nrows, stride, sc);
+    else if (c->in_dt == DT_F16) qdq_in_DT_F16(c, start, len, nrows, stride, sc);
+    else qdq_in_DT_BF16(c, start, len, nrows, stride, sc);
+}
+
 static void qdq_range(const call_t *c, int64_t start, int64_t len, scales_t sc) {
-    if (c->in_dt == DT_F32) qdq_in_DT_F32(c, start, len, sc);
-    else if (c->in_dt == DT_F16) qdq_in_DT_F16(c, start, len, sc);
-    else qdq_in_DT_BF16(c, start, len, sc);
+    qdq_rows(c, start, len, 1, 0, sc);
+}
+
+static void qdq_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                     const float *qs, const float *ds, const uint32_t *ok) {
+    if (c->in_dt == DT_F32) qdqc_in_DT_F32(c, start, len, nrows, stride, qs, ds, ok);
+    else if (c->in_dt == DT_F16) qdqc_in_DT_F16(c, start, len, nrows, stride, qs, ds, ok);
+    else qdqc_in_DT_BF16(c, start, len, nrows, stride, qs, ds, ok);
 }
 
 /* ------------------------------------------------------------------- threading */
@@ -317,7 +502,7 @@ int fp8q_cast(const void *in, int in_dt, void *out, int out_dt, int64_t n) {
 int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q_format *f,
                   uint8_t *codes, void *vals, int out_dt, float *absmax, int nthreads, int openmp) {
     if (n < 0 || group <= 0 || in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2) return -1;
-    if (f->mant < 1 || f->mant > 22 || f->bits < 2 || f->bits > 8) return -1;
+    if (bad_format(f, 1)) return -1;
     if (n == 0) return 0;                              /* callers handle empty tensors */
     call_t c = {x, in_dt, out_dt, codes, vals, f};
     job_t jobs[MAX_THREADS];
@@ -386,7 +571,7 @@ static void *run_djob(void *arg) {
 int fp8q_dequantize(const uint8_t *codes, int64_t n, int64_t group, const float *absmax,
                     const float *table, const fp8q_format *f, void *vals, int out_dt, int nthreads,
                     int openmp) {
-    if (n < 0 || group <= 0 || out_dt < 0 || out_dt > 2) return -1;
+    if (n < 0 || group <= 0 || out_dt < 0 || out_dt > 2 || bad_format(f, 0)) return -1;
     if (n == 0) return 0;
     int nt = clamp_threads(nthreads, n);
     djob_t jobs[MAX_THREADS];
@@ -395,5 +580,194 @@ int fp8q_dequantize(const uint8_t *codes, int64_t n, int64_t group, const float 
         jobs[t] = j;
     }
     run_parallel(run_djob, jobs, sizeof(djob_t), nt, openmp);
+    return 0;
+}
+
+
+/* ------------------------------------------------------------------ 2-D tiles */
+/* A row-major (rows, cols) array in tiles of th x tw (edge tiles partial), absmax
+ * as the row-major grid (ceil(rows/th), ceil(cols/tw)). Work items: wide tiles
+ * (tw >= TILE_SEGMENT_MIN) one tile each; narrow tiles one (band of th rows) x
+ * (chunk of w columns, a multiple of tw) each, the chunk sized so that the band's
+ * piece of the input stays in cache between the max sweep and the quantize sweep.
+ * Items are split over threads in contiguous ranges (bands, and chunks of
+ * columns when there are fewer bands than threads). */
+#define TILE_SEGMENT_MIN 32      /* tile widths from here on: tile by tile */
+#define CHUNK_COLS_MAX 1024      /* narrow tiles: columns per item (scratch on the stack) */
+#define CHUNK_COLS_MIN 64
+#define CHUNK_BYTES (1 << 20)    /* narrow tiles: input bytes per item */
+
+typedef struct {
+    const call_t *c;            /* quantize; NULL: dequantize */
+    const uint8_t *codes;       /* dequantize */
+    const float *table;
+    void *vals;
+    int out_dt;
+    const fp8q_format *f;
+    float *absmax;              /* grid (written by quantize, read by dequantize) */
+    int64_t rows, cols, th, tw, gc;
+    int64_t w, nck;             /* narrow: chunk columns, chunks per band; wide: 0 */
+    int64_t lo, hi;             /* items [lo, hi) */
+} tjob_t;
+
+#define DEQT_OUT(DT)                                                                      \
+    HOT static void deqt_##DT(const uint8_t *restrict codes, const float *restrict table, \
+                              char *restrict vals, int64_t start, int64_t len, int64_t nrows, \
+                              int64_t stride, const float *restrict ds, float d) {        \
+        for (int64_t r = 0; r < nrows; r++) {                                             \
+            const int64_t s0 = start + r * stride;                                        \
+            if (ds)                                                                       \
+                for (int64_t j = 0; j < len; j++)                                         \
+                    store(vals, DT, s0 + j, table[codes[s0 + j]] * ds[j]);                \
+            else                                                                          \
+                for (int64_t i = s0; i < s0 + len; i++) store(vals, DT, i, table[codes[i]] * d); \
+        }                                                                                 \
+    }
+DEQT_OUT(DT_F32)
+DEQT_OUT(DT_F16)
+DEQT_OUT(DT_BF16)
+
+/* nrows runs of len values, scaled by d (ds == NULL) or ds[j] per column */
+static void deq_tile(const tjob_t *j, int64_t start, int64_t len, int64_t nrows,
+                     const float *ds, float d) {
+    char *vals = (char *)j->vals;
+    if (j->out_dt == DT_F32) deqt_DT_F32(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
+    else if (j->out_dt == DT_F16) deqt_DT_F16(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
+    else deqt_DT_BF16(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
+}
+
+static void tile_item(const tjob_t *j, int64_t item) {
+    const call_t *c = j->c;
+    const int64_t C = j->cols;
+    if (j->nck == 0) {                                            /* wide: one tile */
+        const int64_t b = item / j->gc, t = item % j->gc;
+        const int64_t r0 = b * j->th, nr = j->rows - r0 < j->th ? j->rows - r0 : j->th;
+        const int64_t c0 = t * j->tw, cw = C - c0 < j->tw ? C - c0 : j->tw;
+        if (c) {
+            float a = finish_absmax(absmax_rows(c->x, c->in_dt, r0 * C + c0, cw, nr, C));
+            j->absmax[item] = a;
+            qdq_rows(c, r0 * C + c0, cw, nr, C, group_scales(a, j->f));
+        } else {
+            deq_tile(j, r0 * C + c0, cw, nr, 0, group_scales(j->absmax[item], j->f).dscale);
+        }
+        return;
+    }
+    /* narrow: a band x a chunk of columns, per-column scale vectors */
+    const int64_t b = item / j->nck, k = item % j->nck;
+    const int64_t r0 = b * j->th, nr = j->rows - r0 < j->th ? j->rows - r0 : j->th;
+    const int64_t c0 = k * j->w, cw = C - c0 < j->w ? C - c0 : j->w;
+    float qs[CHUNK_COLS_MAX], ds[CHUNK_COLS_MAX];
+    uint32_t ok[CHUNK_COLS_MAX], cm[CHUNK_COLS_MAX];
+    if (c) max_cols(c->x, c->in_dt, r0 * C + c0, cw, nr, C, cm);
+    for (int64_t g0 = 0; g0 < cw; g0 += j->tw) {
+        const int64_t glen = cw - g0 < j->tw ? cw - g0 : j->tw;
+        float *am = j->absmax + b * j->gc + (c0 + g0) / j->tw;
+        float a;
+        if (c) {
+            uint32_t m = 0;
+            for (int64_t i = g0; i < g0 + glen; i++) m = cm[i] > m ? cm[i] : m;
+            a = finish_absmax(mag_to_f32_bits(m, c->in_dt));
+            *am = a;
+        } else {
+            a = *am;
+        }
+        scales_t sc = group_scales(a, j->f);
+        for (int64_t i = g0; i < g0 + glen; i++) {
+            qs[i] = sc.finite ? sc.qscale : 0.0f;
+            ds[i] = sc.dscale;
+            ok[i] = sc.finite ? ~0u : 0u;
+        }
+    }
+    if (c) qdq_cols(c, r0 * C + c0, cw, nr, C, qs, ds, ok);
+    else deq_tile(j, r0 * C + c0, cw, nr, ds, 0.0f);
+}
+
+static void *run_tjob(void *arg) {
+    tjob_t *j = (tjob_t *)arg;
+    for (int64_t item = j->lo; item < j->hi; item++) tile_item(j, item);
+    return 0;
+}
+
+/* Plan the items and run them (quantize when j0->c, else dequantize). */
+static void run_tiles(tjob_t *j0, int esize, int nthreads, int openmp) {
+    const int64_t R = j0->rows, C = j0->cols, th = j0->th, tw = j0->tw;
+    const int64_t nb = (R + th - 1) / th;
+    j0->gc = (C + tw - 1) / tw;
+    int nt = clamp_threads(nthreads, R * C);
+    int64_t items;
+    if (tw >= TILE_SEGMENT_MIN) {
+        j0->w = 0;
+        j0->nck = 0;
+        items = nb * j0->gc;
+    } else {
+        int64_t w = CHUNK_BYTES / (th * esize);
+        w = w < CHUNK_COLS_MIN ? CHUNK_COLS_MIN : w > CHUNK_COLS_MAX ? CHUNK_COLS_MAX : w;
+        if (nb < nt) {                         /* fewer bands than threads: split the columns */
+            int64_t per_band = (nt + nb - 1) / nb;
+            int64_t wt = (C + per_band - 1) / per_band;
+            w = wt < w ? wt : w;
+        }
+        w = (w + tw - 1) / tw * tw;            /* whole groups */
+        w = w > CHUNK_COLS_MAX ? CHUNK_COLS_MAX / tw * tw : w;
+        j0->w = w;
+        j0->nck = (C + w - 1) / w;
+        items = nb * j0->nck;
+    }
+    if (nt > items) nt = (int)items;
+    tjob_t jobs[MAX_THREADS];
+    for (int t = 0; t < nt; t++) {
+        jobs[t] = *j0;
+        jobs[t].lo = items * t / nt;
+        jobs[t].hi = items * (t + 1) / nt;
+    }
+    run_parallel(run_tjob, jobs, sizeof(tjob_t), nt, openmp);
+}
+
+/* Quantize a row-major contiguous (rows, cols) array x (in_dt) in tiles of
+ * tile_rows x tile_cols (edge tiles partial). Writes the absmax grid
+ * absmax[ceil(rows/tile_rows) * ceil(cols/tile_cols)] (row-major), and
+ * codes[rows*cols] (uint8) and/or vals[rows*cols] (out_dt) in x's layout when not
+ * NULL. Same bits as fp8core.reference.quantize_tiles with f's scale rule.
+ * Returns 0, or -1 on bad arguments. */
+int fp8q_quantize_tiles(const void *x, int in_dt, int64_t rows, int64_t cols, int64_t tile_rows,
+                        int64_t tile_cols, const fp8q_format *f, uint8_t *codes, void *vals,
+                        int out_dt, float *absmax, int nthreads, int openmp) {
+    if (rows < 0 || cols < 0 || tile_rows <= 0 || tile_cols <= 0) return -1;
+    if (in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2 || bad_format(f, 1)) return -1;
+    if (rows == 0 || cols == 0) return 0;
+    const int64_t th = tile_rows < rows ? tile_rows : rows, tw = tile_cols < cols ? tile_cols : cols;
+    /* tilings that are flat blocks of the row-major order (tw == cols: whole rows,
+     * contiguous; one tile of everything is global) */
+    if (tw == cols)
+        return fp8q_quantize(x, in_dt, rows * cols, th * cols, f, codes, vals, out_dt, absmax,
+                             nthreads, openmp);
+    if (th == 1 && cols % tw == 0)
+        return fp8q_quantize(x, in_dt, rows * cols, tw, f, codes, vals, out_dt, absmax, nthreads,
+                             openmp);
+    call_t c = {x, in_dt, out_dt, codes, vals, f};
+    tjob_t j = {&c, 0, 0, 0, 0, f, absmax, rows, cols, th, tw, 0, 0, 0, 0, 0};
+    run_tiles(&j, in_dt == DT_F32 ? 4 : 2, nthreads, openmp);
+    return 0;
+}
+
+/* vals = fl(table[codes] * dscale(absmax of the element's tile)), cast once to
+ * out_dt, for codes a row-major (rows, cols) array in tiles of tile_rows x tile_cols
+ * with the absmax grid of fp8q_quantize_tiles. Any 256-entry table. Returns 0, or
+ * -1 on bad arguments. */
+int fp8q_dequantize_tiles(const uint8_t *codes, int64_t rows, int64_t cols, int64_t tile_rows,
+                          int64_t tile_cols, const float *absmax, const float *table,
+                          const fp8q_format *f, void *vals, int out_dt, int nthreads, int openmp) {
+    if (rows < 0 || cols < 0 || tile_rows <= 0 || tile_cols <= 0) return -1;
+    if (out_dt < 0 || out_dt > 2 || bad_format(f, 0)) return -1;
+    if (rows == 0 || cols == 0) return 0;
+    const int64_t th = tile_rows < rows ? tile_rows : rows, tw = tile_cols < cols ? tile_cols : cols;
+    if (tw == cols)
+        return fp8q_dequantize(codes, rows * cols, th * cols, absmax, table, f, vals, out_dt,
+                               nthreads, openmp);
+    if (th == 1 && cols % tw == 0)
+        return fp8q_dequantize(codes, rows * cols, tw, absmax, table, f, vals, out_dt, nthreads,
+                               openmp);
+    tjob_t j = {0, codes, table, vals, out_dt, f, (float *)absmax, rows, cols, th, tw, 0, 0, 0, 0, 0};
+    run_tiles(&j, out_dt == DT_F32 ? 4 : 2, nthreads, openmp);
     return 0;
 }

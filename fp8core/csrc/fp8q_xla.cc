@@ -16,6 +16,8 @@ extern "C" {
 typedef struct {
   float m, inv_m, floor_, ceiling;
   int32_t mant, emin, bits, negzero, fill_code;
+  int32_t scale_rule;
+  const float *pow2_thresholds;
 } fp8q_format;  // as in fp8q.c
 
 typedef int (*quantize_fn)(const void *, int, int64_t, int64_t, const fp8q_format *, uint8_t *,
@@ -46,7 +48,7 @@ int DtypeCode(ffi::DataType t) {
 
 fp8q_format Format(float m, float inv_m, float floor_, float ceiling, int32_t mant, int32_t emin,
                    int32_t bits, int32_t negzero, int32_t fill_code) {
-  return fp8q_format{m, inv_m, floor_, ceiling, mant, emin, bits, negzero, fill_code};
+  return fp8q_format{m, inv_m, floor_, ceiling, mant, emin, bits, negzero, fill_code, 0, nullptr};
 }
 
 // x -> (values in vals' dtype, uint8 codes, float32 absmax). An output with no
