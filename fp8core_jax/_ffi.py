@@ -35,7 +35,7 @@ import numpy as np
 from fp8core import _kernel
 from fp8core.codebooks import Codebook
 
-__all__ = ["available", "quantize", "dequantize"]
+__all__ = ["available", "quantize", "dequantize", "quantize_tiles", "dequantize_tiles"]
 
 _SOURCE = Path(_kernel.__file__).resolve().parent / "csrc" / "fp8q_xla.cc"
 _LOCK = threading.Lock()
@@ -83,10 +83,11 @@ def _load() -> None:
     if _kernel._LIB is None:
         raise RuntimeError("fp8core's C kernel (fp8core._fp8q) is not built")
     lib = ctypes.CDLL(str(_build()))
-    lib.fp8q_xla_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.fp8q_xla_bind(ctypes.cast(_kernel._LIB.fp8q_quantize, ctypes.c_void_p),
-                      ctypes.cast(_kernel._LIB.fp8q_dequantize, ctypes.c_void_p))
-    for name in ("fp8q_xla_quantize", "fp8q_xla_dequantize"):
+    entries = ("fp8q_quantize", "fp8q_dequantize", "fp8q_quantize_tiles", "fp8q_dequantize_tiles")
+    lib.fp8q_xla_bind.argtypes = [ctypes.c_void_p] * len(entries)
+    lib.fp8q_xla_bind(*(ctypes.cast(getattr(_kernel._LIB, e), ctypes.c_void_p) for e in entries))
+    for name in ("fp8q_xla_quantize", "fp8q_xla_dequantize", "fp8q_xla_quantize_tiles",
+                 "fp8q_xla_dequantize_tiles"):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     _STATE["lib"] = lib
 
@@ -114,36 +115,87 @@ def _nthreads() -> int:
         return os.cpu_count() or 1
 
 
-def _scale_attrs(codebook: Codebook) -> dict:
+_NO_THRESHOLDS = np.zeros(0, np.float32)
+
+
+def _scale_attrs(codebook: Codebook, scale: str = "fp32") -> dict:
+    """The scale constants, the scale rule and its threshold table as attributes
+    (read at trace time from ``_kernel._format``, as the ctypes binding does)."""
     f = _kernel._format(codebook)
+    rule = _kernel.scale_rule_code(scale)
+    thresholds = _kernel._pow2_thresholds() if rule == _kernel.SCALE_RULE_CODES["pow2_torchao"] \
+        else _NO_THRESHOLDS
     return dict(m=np.float32(f.m), inv_m=np.float32(f.inv_m), floor=np.float32(f.floor_),
-                ceiling=np.float32(f.ceiling), nthreads=np.int32(_nthreads()))
+                ceiling=np.float32(f.ceiling), nthreads=np.int32(_nthreads()),
+                scale_rule=np.int32(rule), pow2_thresholds=thresholds)
+
+
+def _round_attrs(codebook: Codebook) -> dict:
+    f = _kernel._format(codebook)
+    return dict(mant=np.int32(f.mant), emin=np.int32(f.emin), bits=np.int32(f.bits),
+                negzero=np.int32(f.negzero), fill_code=np.int32(f.fill_code))
 
 
 def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dtype,
-             want_codes: bool) -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
+             want_codes: bool, scale: str = "fp32") -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
     """Flat ``(values or None, uint8 codes or None, float32 absmax)`` of ``x`` (f32/f16/bf16)
-    through the kernel; ``blocksize=None`` is global (0-d absmax). CPU lowering only."""
+    through the kernel; ``blocksize=None`` is global (0-d absmax); ``scale`` is the scale
+    rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``). CPU lowering only."""
     n = x.size
     nb = -(-n // blocksize) if blocksize else 1
-    f = _kernel._format(codebook)
     shapes = (jax.ShapeDtypeStruct((n if out_dtype is not None else 0,), out_dtype or jnp.float32),
               jax.ShapeDtypeStruct((n if want_codes else 0,), jnp.uint8),
               jax.ShapeDtypeStruct((nb,), jnp.float32))
     call = jax.ffi.ffi_call("fp8q_xla_quantize", shapes, vmap_method="sequential")
-    vals, codes, absmax = call(x.reshape(-1), group=np.int64(blocksize or 0), mant=np.int32(f.mant),
-                               emin=np.int32(f.emin), bits=np.int32(f.bits),
-                               negzero=np.int32(f.negzero), fill_code=np.int32(f.fill_code),
-                               **_scale_attrs(codebook))
+    vals, codes, absmax = call(x.reshape(-1), group=np.int64(blocksize or 0), **_round_attrs(codebook),
+                               **_scale_attrs(codebook, scale))
     return (vals if out_dtype is not None else None, codes if want_codes else None,
             absmax if blocksize else absmax.reshape(()))
 
 
 def dequantize(codes: jax.Array, absmax: jax.Array, codebook: Codebook, blocksize: int | None,
-               dtype) -> jax.Array:
+               dtype, *, scale: str = "fp32") -> jax.Array:
     """Flat ``fl(value[code] * dscale)`` in ``dtype`` (f32/f16/bf16), any codebook. CPU only."""
     call = jax.ffi.ffi_call("fp8q_xla_dequantize",
                             jax.ShapeDtypeStruct((codes.size,), dtype), vmap_method="sequential")
     table = jnp.asarray(_kernel._table(codebook))
     return call(codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table,
-                group=np.int64(blocksize or 0), **_scale_attrs(codebook))
+                group=np.int64(blocksize or 0), **_scale_attrs(codebook, scale))
+
+
+def quantize_tiles(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: int, *,
+                   scale: str = "fp32", out_dtype, want_codes: bool
+                   ) -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
+    """``(values (R, C) or None, uint8 codes (R, C) or None, float32 absmax grid)`` of a 2-D
+    row-major ``x`` (f32/f16/bf16) in ``tile_rows × tile_cols`` tiles through the kernel —
+    the bits of :func:`fp8core.reference.quantize_tiles`. The grid is
+    ``(ceil(R / tile_rows), ceil(C / tile_cols))``. CPU lowering only."""
+    if x.ndim != 2:
+        raise ValueError(f"quantize_tiles: x must be 2-D, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
+    shapes = (jax.ShapeDtypeStruct((rows, cols) if out_dtype is not None else (0,), out_dtype or jnp.float32),
+              jax.ShapeDtypeStruct((rows, cols) if want_codes else (0,), jnp.uint8),
+              jax.ShapeDtypeStruct(grid, jnp.float32))
+    call = jax.ffi.ffi_call("fp8q_xla_quantize_tiles", shapes, vmap_method="sequential")
+    vals, codes, absmax = call(x, tile_rows=np.int64(tile_rows), tile_cols=np.int64(tile_cols),
+                               **_round_attrs(codebook), **_scale_attrs(codebook, scale))
+    return vals if out_dtype is not None else None, codes if want_codes else None, absmax
+
+
+def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, tile_rows: int,
+                     tile_cols: int, dtype, *, scale: str = "fp32") -> jax.Array:
+    """``fl(value[code] * dscale)`` of 2-D ``codes`` with their absmax grid, in ``dtype``
+    (f32/f16/bf16), shape ``codes.shape``; any codebook. CPU only."""
+    if codes.ndim != 2:
+        raise ValueError(f"dequantize_tiles: codes must be 2-D, got shape {tuple(codes.shape)}")
+    rows, cols = codes.shape
+    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
+    if tuple(absmax.shape) != grid:
+        raise ValueError(f"dequantize_tiles: absmax must have the grid shape {grid}, got "
+                         f"{tuple(absmax.shape)}")
+    call = jax.ffi.ffi_call("fp8q_xla_dequantize_tiles",
+                            jax.ShapeDtypeStruct((rows, cols), dtype), vmap_method="sequential")
+    table = jnp.asarray(_kernel._table(codebook))
+    return call(codes, absmax.astype(jnp.float32), table, tile_rows=np.int64(tile_rows),
+                tile_cols=np.int64(tile_cols), **_scale_attrs(codebook, scale))

@@ -1,12 +1,16 @@
 // XLA FFI handlers around fp8core's C kernel (fp8q.c), for fp8core_jax on CPU.
 //
 // This file holds no numerics: it unpacks XLA buffers and attributes and calls
-// the kernel's fp8q_quantize / fp8q_dequantize through function pointers that
-// fp8core_jax/_ffi.py binds at load time (the addresses of the functions in the
-// installed fp8core._fp8q extension), so there is one compiled copy of the
-// quantizer. Built on first use against jax.ffi.include_dir() (header-only
-// XLA FFI API) and cached; see fp8core_jax/_ffi.py.
+// the kernel's fp8q_quantize / fp8q_dequantize / fp8q_quantize_tiles /
+// fp8q_dequantize_tiles through function pointers that fp8core_jax/_ffi.py binds
+// at load time (the addresses of the functions in the installed fp8core._fp8q
+// extension), so there is one compiled copy of the quantizer. The codebook's
+// constants and the scale rule arrive as attributes (the pow2_torchao threshold
+// table as a float32[256] array attribute, empty for the other rules). Built on
+// first use against jax.ffi.include_dir() (header-only XLA FFI API) and cached;
+// see fp8core_jax/_ffi.py.
 #include <cstdint>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -24,14 +28,23 @@ typedef int (*quantize_fn)(const void *, int, int64_t, int64_t, const fp8q_forma
                            void *, int, float *, int, int);
 typedef int (*dequantize_fn)(const uint8_t *, int64_t, int64_t, const float *, const float *,
                              const fp8q_format *, void *, int, int, int);
+typedef int (*quantize_tiles_fn)(const void *, int, int64_t, int64_t, int64_t, int64_t,
+                                 const fp8q_format *, uint8_t *, void *, int, float *, int, int);
+typedef int (*dequantize_tiles_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t,
+                                   const float *, const float *, const fp8q_format *, void *, int,
+                                   int, int);
 
 static quantize_fn g_quantize = nullptr;
 static dequantize_fn g_dequantize = nullptr;
+static quantize_tiles_fn g_quantize_tiles = nullptr;
+static dequantize_tiles_fn g_dequantize_tiles = nullptr;
 
 // Called once from Python with the kernel's entry points.
-void fp8q_xla_bind(void *quantize, void *dequantize) {
+void fp8q_xla_bind(void *quantize, void *dequantize, void *quantize_tiles, void *dequantize_tiles) {
   g_quantize = reinterpret_cast<quantize_fn>(quantize);
   g_dequantize = reinterpret_cast<dequantize_fn>(dequantize);
+  g_quantize_tiles = reinterpret_cast<quantize_tiles_fn>(quantize_tiles);
+  g_dequantize_tiles = reinterpret_cast<dequantize_tiles_fn>(dequantize_tiles);
 }
 }
 
@@ -46,44 +59,109 @@ int DtypeCode(ffi::DataType t) {
   }
 }
 
-fp8q_format Format(float m, float inv_m, float floor_, float ceiling, int32_t mant, int32_t emin,
-                   int32_t bits, int32_t negzero, int32_t fill_code) {
-  return fp8q_format{m, inv_m, floor_, ceiling, mant, emin, bits, negzero, fill_code, 0, nullptr};
+// The scale constants, the scale rule and (pow2_torchao) the threshold table;
+// the rounding fields are zero for dequantize (any codebook).
+struct Scales {
+  float m, inv_m, floor_, ceiling;
+  int32_t scale_rule;
+  ffi::Span<const float> pow2_thresholds;
+};
+
+fp8q_format Format(const Scales &s, int32_t mant = 0, int32_t emin = 0, int32_t bits = 0,
+                   int32_t negzero = 0, int32_t fill_code = 0) {
+  // a table of the wrong size is passed as NULL, which the kernel rejects for pow2_torchao
+  const float *t = s.pow2_thresholds.size() == 256 ? s.pow2_thresholds.begin() : nullptr;
+  return fp8q_format{s.m, s.inv_m, s.floor_, s.ceiling, mant, emin, bits, negzero, fill_code,
+                     s.scale_rule, t};
 }
+
+ffi::Error Rejected(const char *what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + " rejected its arguments");
+}
+
+ffi::Error Unbound() { return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "fp8q kernel not bound"); }
 
 // x -> (values in vals' dtype, uint8 codes, float32 absmax). An output with no
 // elements (while x has some) is not written: callers ask for what they need.
 ffi::Error Quantize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
                     ffi::Result<ffi::Buffer<ffi::U8>> codes, ffi::Result<ffi::Buffer<ffi::F32>> absmax,
                     int64_t group, float m, float inv_m, float floor_, float ceiling, int32_t mant,
-                    int32_t emin, int32_t bits, int32_t negzero, int32_t fill_code, int32_t nthreads) {
+                    int32_t emin, int32_t bits, int32_t negzero, int32_t fill_code, int32_t nthreads,
+                    int32_t scale_rule, ffi::Span<const float> pow2_thresholds) {
   const int64_t n = static_cast<int64_t>(x.element_count());
-  if (g_quantize == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "fp8q kernel not bound");
+  if (g_quantize == nullptr) return Unbound();
   if (n == 0) return ffi::Error::Success();
   const bool want_vals = vals->element_count() == static_cast<size_t>(n);
   const bool want_codes = codes->element_count() == static_cast<size_t>(n);
-  const fp8q_format f = Format(m, inv_m, floor_, ceiling, mant, emin, bits, negzero, fill_code);
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds}, mant, emin,
+                               bits, negzero, fill_code);
   const int rc = g_quantize(x.untyped_data(), DtypeCode(x.element_type()), n, group > 0 ? group : n, &f,
                             want_codes ? codes->typed_data() : nullptr,
                             want_vals ? vals->untyped_data() : nullptr,
                             want_vals ? DtypeCode(vals->element_type()) : 0, absmax->typed_data(),
                             nthreads, /*openmp=*/0);  // XLA has no OpenMP pool: POSIX threads
-  if (rc != 0) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_quantize rejected its arguments");
+  if (rc != 0) return Rejected("fp8q_quantize");
   return ffi::Error::Success();
 }
 
 // (codes, absmax, 256-entry value table) -> values in vals' dtype.
 ffi::Error Dequantize(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table,
                       ffi::Result<ffi::AnyBuffer> vals, int64_t group, float m, float inv_m, float floor_,
-                      float ceiling, int32_t nthreads) {
+                      float ceiling, int32_t nthreads, int32_t scale_rule,
+                      ffi::Span<const float> pow2_thresholds) {
   const int64_t n = static_cast<int64_t>(codes.element_count());
-  if (g_dequantize == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "fp8q kernel not bound");
+  if (g_dequantize == nullptr) return Unbound();
   if (n == 0) return ffi::Error::Success();
-  const fp8q_format f = Format(m, inv_m, floor_, ceiling, 0, 0, 0, 0, 0);
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds});
   const int rc = g_dequantize(codes.typed_data(), n, group > 0 ? group : n, absmax.typed_data(),
                               table.typed_data(), &f, vals->untyped_data(),
                               DtypeCode(vals->element_type()), nthreads, /*openmp=*/0);
-  if (rc != 0) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_dequantize rejected its arguments");
+  if (rc != 0) return Rejected("fp8q_dequantize");
+  return ffi::Error::Success();
+}
+
+// 2-D x (row-major) -> (values (R, C), uint8 codes (R, C), float32 absmax grid), in
+// tiles of tile_rows x tile_cols. Unwanted outputs have no elements, as Quantize.
+ffi::Error QuantizeTiles(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
+                         ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                         ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t tile_rows,
+                         int64_t tile_cols, float m, float inv_m, float floor_, float ceiling,
+                         int32_t mant, int32_t emin, int32_t bits, int32_t negzero, int32_t fill_code,
+                         int32_t nthreads, int32_t scale_rule, ffi::Span<const float> pow2_thresholds) {
+  if (g_quantize_tiles == nullptr) return Unbound();
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_xla_quantize_tiles: x must be 2-D");
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  if (n == 0) return ffi::Error::Success();
+  const bool want_vals = vals->element_count() == static_cast<size_t>(n);
+  const bool want_codes = codes->element_count() == static_cast<size_t>(n);
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds}, mant, emin,
+                               bits, negzero, fill_code);
+  const int rc = g_quantize_tiles(x.untyped_data(), DtypeCode(x.element_type()), rows, cols, tile_rows,
+                                  tile_cols, &f, want_codes ? codes->typed_data() : nullptr,
+                                  want_vals ? vals->untyped_data() : nullptr,
+                                  want_vals ? DtypeCode(vals->element_type()) : 0,
+                                  absmax->typed_data(), nthreads, /*openmp=*/0);
+  if (rc != 0) return Rejected("fp8q_quantize_tiles");
+  return ffi::Error::Success();
+}
+
+// (2-D codes, absmax grid, 256-entry value table) -> values (R, C) in vals' dtype.
+ffi::Error DequantizeTiles(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax,
+                           ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> vals,
+                           int64_t tile_rows, int64_t tile_cols, float m, float inv_m, float floor_,
+                           float ceiling, int32_t nthreads, int32_t scale_rule,
+                           ffi::Span<const float> pow2_thresholds) {
+  if (g_dequantize_tiles == nullptr) return Unbound();
+  const auto dims = codes.dimensions();
+  if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_xla_dequantize_tiles: codes must be 2-D");
+  const int64_t rows = dims[0], cols = dims[1];
+  if (rows * cols == 0) return ffi::Error::Success();
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds});
+  const int rc = g_dequantize_tiles(codes.typed_data(), rows, cols, tile_rows, tile_cols,
+                                    absmax.typed_data(), table.typed_data(), &f, vals->untyped_data(),
+                                    DtypeCode(vals->element_type()), nthreads, /*openmp=*/0);
+  if (rc != 0) return Rejected("fp8q_dequantize_tiles");
   return ffi::Error::Success();
 }
 
@@ -105,7 +183,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize, Quantize,
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("negzero")
                                   .Attr<int32_t>("fill_code")
-                                  .Attr<int32_t>("nthreads"));
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize, Dequantize,
                               ffi::Ffi::Bind()
@@ -118,4 +198,43 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize, Dequantize,
                                   .Attr<float>("inv_m")
                                   .Attr<float>("floor")
                                   .Attr<float>("ceiling")
-                                  .Attr<int32_t>("nthreads"));
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize_tiles, QuantizeTiles,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("tile_rows")
+                                  .Attr<int64_t>("tile_cols")
+                                  .Attr<float>("m")
+                                  .Attr<float>("inv_m")
+                                  .Attr<float>("floor")
+                                  .Attr<float>("ceiling")
+                                  .Attr<int32_t>("mant")
+                                  .Attr<int32_t>("emin")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("negzero")
+                                  .Attr<int32_t>("fill_code")
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize_tiles, DequantizeTiles,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("tile_rows")
+                                  .Attr<int64_t>("tile_cols")
+                                  .Attr<float>("m")
+                                  .Attr<float>("inv_m")
+                                  .Attr<float>("floor")
+                                  .Attr<float>("ceiling")
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
