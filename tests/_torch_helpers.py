@@ -96,3 +96,22 @@ def quant_path(request, monkeypatch):
         pytest.skip("fp8core's C kernel is not built (no C compiler at install time)")
     monkeypatch.setattr(_kernel, "ENABLED", request.param == "kernel")
     return request.param
+
+
+#: Unit roundoff of each output dtype (the final cast of a float32 product).
+UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float64": 2.0**-24}
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def assert_close(actual, want, bound, k, dtype, what):
+    """|actual - want| <= out-dtype rounding + k * 2**-23 * sum |a||b| (+ tiny)."""
+    actual = f64(to_numpy(actual))
+    tol = UNIT[dtype] * np.abs(want) + (k + 2) * 2.0**-23 * bound + 1e-30
+    err = np.abs(actual - want)
+    bad = np.flatnonzero(~(err <= tol))
+    assert bad.size == 0, (f"{what}: {bad.size} of {err.size} outside tolerance; worst excess "
+                           f"{np.max(err - tol):.3g}; got {actual.reshape(-1)[bad[:3]]} "
+                           f"want {want.reshape(-1)[bad[:3]]}")

@@ -14,6 +14,9 @@ from fp8core import reference as R
 import fp8core_torch as T
 
 from _torch_helpers import (  # noqa: F401
+    UNIT,
+    assert_close,
+    f64,
     NP_DTYPES,
     assert_bits_equal,
     pinned_numerics,
@@ -26,11 +29,6 @@ from _torch_helpers import (  # noqa: F401
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.usefixtures("quant_path")]
 
-UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "float64": 2.0**-24}
-
-
-def f64(a) -> np.ndarray:
-    return np.asarray(a).astype(np.float64)
 
 
 def expected(mode, A, B, g, fw="e4m3", bw="e5m2", bsz=None, bsz2=None, bias=None):
@@ -54,17 +52,6 @@ def expected(mode, A, B, g, fw="e4m3", bw="e5m2", bsz=None, bsz2=None, bias=None
     bound_out = np.abs(qa) @ np.abs(qb) + (0 if bias is None else np.abs(f64(bias)))
     bound_ga = (np.abs(qg) @ np.abs(qb.T)).reshape(A.shape)
     return out, grad_a, grad_b, bound_out, bound_ga
-
-
-def assert_close(actual, want, bound, k, dtype, what):
-    """|actual - want| <= out-dtype rounding + k * 2**-23 * sum |a||b| (+ tiny)."""
-    actual = f64(to_numpy(actual))
-    tol = UNIT[dtype] * np.abs(want) + (k + 2) * 2.0**-23 * bound + 1e-30
-    err = np.abs(actual - want)
-    bad = np.flatnonzero(~(err <= tol))
-    assert bad.size == 0, (f"{what}: {bad.size} of {err.size} outside tolerance; worst excess "
-                           f"{np.max(err - tol):.3g}; got {actual.reshape(-1)[bad[:3]]} "
-                           f"want {want.reshape(-1)[bad[:3]]}")
 
 
 CASES = [((24, 96), 40), ((3, 8, 96), 200), ((2, 3, 4, 70), 33), ((5, 130), 64)]
