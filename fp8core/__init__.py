@@ -1,25 +1,36 @@
-"""fp8core: backend-agnostic FP8 formats, codebooks, block sizes and the numpy
-reference quantizers that define the numerics contract (docs/numerics.md).
+"""fp8core: backend-agnostic FP8 formats, codebooks, block sizes, recipes
+(:mod:`fp8core.recipe`), plans, and the numpy reference quantizers that define the
+numerics contract (docs/numerics.md).
 
 Imports numpy and ml_dtypes only — never torch or jax.
 """
 
+from fp8core import recipe
 from fp8core.blocks import (
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
     BlockPlan,
+    OperandPlan,
+    TilePlan,
+    operand_matrix,
     plan_blocks,
+    plan_operand,
+    plan_tiles,
     select_block_size,
     select_block_sizes,
 )
 from fp8core.codebooks import LEGACY_NAMES, Codebook, create_fp8_map, resolve_codebook
 from fp8core.formats import ALIASES, FORMAT_NAMES, FormatSpec, all_formats, get_format
+from fp8core.recipe import LinearRecipe, OperandRule, get_recipe
 from fp8core.reference import (
     dequantize_blockwise,
     dequantize_global,
+    dequantize_operand,
     fake_quantize,
+    fake_quantize_operand,
     quantize_blockwise,
     quantize_global,
+    quantize_operand,
 )
 
 __version__ = "0.1.0"
@@ -37,18 +48,30 @@ __all__ = [
     "FORMAT_NAMES",
     "FormatSpec",
     "LEGACY_NAMES",
+    "LinearRecipe",
     "MAX_BLOCK_SIZE",
     "MIN_BLOCK_SIZE",
     "NATIVE_8BIT_FORMATS",
+    "OperandPlan",
+    "OperandRule",
+    "TilePlan",
     "all_formats",
     "create_fp8_map",
     "dequantize_blockwise",
     "dequantize_global",
+    "dequantize_operand",
     "fake_quantize",
+    "fake_quantize_operand",
     "get_format",
+    "get_recipe",
+    "operand_matrix",
     "plan_blocks",
+    "plan_operand",
+    "plan_tiles",
     "quantize_blockwise",
     "quantize_global",
+    "quantize_operand",
+    "recipe",
     "resolve_codebook",
     "select_block_size",
     "select_block_sizes",
