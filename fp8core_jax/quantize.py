@@ -40,6 +40,8 @@ import numpy as np
 from jax import lax
 
 import fp8core
+import fp8core.recipe
+from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand
 from fp8core import _kernel, _validation
 from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
 from fp8core_jax import _ffi
@@ -50,6 +52,9 @@ __all__ = [
     "quantize_global",
     "dequantize_global",
     "fake_quantize",
+    "quantize_operand",
+    "dequantize_operand",
+    "fake_quantize_operand",
     "NATIVE_CAST_FORMATS",
 ]
 
@@ -198,19 +203,38 @@ def _group_absmax(groups: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(top, jnp.float32)
 
 
-def _group_scales(absmax: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """§3.3: ``(finite, qscale, dscale)``.
+def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """§3.3 / §9.2: ``(finite, qscale, dscale)`` under the scale rule ``scale``.
 
-    ``a = clip(absmax, FLOOR, CEIL)``; ``qscale = fl(M / a)`` (a division of a
-    constant by a variable — XLA does not turn it into a reciprocal);
-    ``dscale = fl(a * INV_M)`` (a multiplication by the host constant
-    ``fl(1/M)``, never a division by M). Non-finite groups: ``qscale = 0``
-    (unused), ``dscale = NaN``.
+    ``a = clip(absmax, FLOOR, CEIL)``; ``q0 = fl(M / a)`` (a division of a
+    constant by a variable — XLA does not turn it into a reciprocal).
+    ``"fp32"``: ``qscale = q0``, ``dscale = fl(a * INV_M)`` (a multiplication by
+    the host constant ``fl(1/M)``, never a division by M). ``"pow2"``: ``qscale``
+    = the largest power of two ≤ ``q0`` (its exponent bits ``E``; ``q0`` is a
+    float32 normal for any absmax, by the clip); ``"pow2_torchao"``: that power
+    of two, or the next one when ``q0 ≥ fp8core.recipe.pow2_torchao_thresholds()[E]``
+    (torchao's float32 ``exp2(floor(log2(q0)))``); both: ``dscale = 1/qscale``
+    exactly, written as exponent bits (no division). Non-finite groups:
+    ``qscale = 0`` (unused), ``dscale = NaN``.
     """
     finite = jnp.isfinite(absmax)
     a = jnp.clip(jnp.where(finite, absmax, jnp.float32(1)), c.floor, c.ceiling)
-    qscale = jnp.where(finite, jnp.float32(c.m) / a, jnp.float32(0))
-    dscale = jnp.where(finite, a * jnp.float32(c.inv_m), jnp.float32(np.nan))
+    q0 = jnp.float32(c.m) / a
+    if scale == "fp32":
+        qscale, dscale = q0, a * jnp.float32(c.inv_m)
+    elif scale in ("pow2", "pow2_torchao"):
+        e = (lax.bitcast_convert_type(q0, jnp.uint32) >> 23) & jnp.uint32(0xFF)
+        if scale == "pow2_torchao":
+            thresholds = jnp.asarray(fp8core.recipe.pow2_torchao_thresholds())
+            e = e + (q0 >= thresholds[e.astype(jnp.int32)]).astype(jnp.uint32)
+        qscale = lax.bitcast_convert_type(e << 23, jnp.float32)
+        dscale = lax.bitcast_convert_type((jnp.uint32(254) - e) << 23, jnp.float32)
+    else:
+        raise ValueError(f"unknown scale rule {scale!r}; expected one of "
+                         f"{', '.join(fp8core.recipe.SCALE_RULES)}")
+    qscale = jnp.where(finite, qscale, jnp.float32(0))
+    dscale = jnp.where(finite, dscale, jnp.float32(np.nan))
     return finite, qscale, dscale
 
 
@@ -283,9 +307,10 @@ def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
     return _decode(_round_to_codes(s, c), c)
 
 
-def _quantize_groups(groups: jax.Array, c: _Constants) -> tuple[jax.Array, jax.Array]:
+def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32"
+                     ) -> tuple[jax.Array, jax.Array]:
     absmax = _group_absmax(groups)                                     # §3.2
-    finite, qscale, _ = _group_scales(absmax, c)                       # §3.3
+    finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c)                         # §3.4
     s = jnp.where(finite[..., None], s, jnp.float32(0))
     codes = _round_to_codes(s, c)                                      # §3.5
@@ -293,19 +318,20 @@ def _quantize_groups(groups: jax.Array, c: _Constants) -> tuple[jax.Array, jax.A
     return codes, absmax
 
 
-def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants) -> jax.Array:
-    _, _, dscale = _group_scales(absmax, c)                            # §4.1
+def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants,
+                       scale: str = "fp32") -> jax.Array:
+    _, _, dscale = _group_scales(absmax, c, scale)                     # §4.1
     return _decode(codes, c) * dscale[..., None]                       # §4.2–4.3
 
 
-def _fake_groups(groups: jax.Array, c: _Constants) -> jax.Array:
+def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32") -> jax.Array:
     """dequantize(quantize(groups)) without materialising codes.
 
     Same float32 operations: non-finite groups get ``dscale = NaN`` so every
     element becomes NaN, as the fill code dequantizes in §4.
     """
     absmax = _group_absmax(groups)
-    _, qscale, dscale = _group_scales(absmax, c)
+    _, qscale, dscale = _group_scales(absmax, c, scale)
     s = _scale_and_saturate(groups, qscale, c)
     return _round_to_values(s, c) * dscale[..., None]
 
@@ -556,3 +582,295 @@ def _fake_quantize_jvp(codebook, blocksize, primals, tangents):
     (the custom call has no JVP; the XLA body's integer bitcasts fail inside JAX)."""
     (x,), (dx,) = primals, tangents
     return _fake_quantize(x, codebook, blocksize), jnp.zeros_like(dx)
+
+
+# ------------------------------------------------------ §9: GEMM operands
+# An operand is viewed as the matrix ``(rows, contraction)`` of its GEMM
+# (fp8core.blocks.operand_matrix); its groups come from fp8core.blocks.plan_operand
+# only. Tiles are taken on the *physical* row-major array: an operand contracted
+# along axis 0 of a 2-D array is its transpose, whose tiles are the physical
+# array's transposed tiles (TilePlan.transposed), so no transposed copy is made
+# and only the absmax grid is transposed. Flat blocks follow the operand's own
+# row-major flattening (a transposed flat operand is flattened transposed).
+class _Layout(NamedTuple):
+    plan: OperandPlan                    # in the operand's orientation (rows × contraction)
+    transposed: bool                     # the operand is the transpose of the physical array
+    phys: TilePlan | None                # tiles of the physical array (tile kinds)
+
+    @property
+    def runs(self) -> int | None:
+        """Group size when every group is a run of the physical flattening (flat blocks;
+        tiles one row high, or as wide as the array, with no column padding), else None."""
+        if self.plan.kind == "flat":
+            return None if self.transposed else self.plan.flat.blocksize
+        t = self.phys
+        if t.pad_cols == 0 and (t.tile_rows == 1 or t.grid[1] == 1):
+            return t.tile_rows * t.tile_cols
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], granularity, axis: int) -> _Layout:
+    """Validates ``axis`` for ``shape`` (errors at trace time) and plans the groups."""
+    rows, cols, transposed = operand_matrix(tuple(shape), axis)
+    plan = plan_operand(rows, cols, granularity)
+    phys = None
+    if plan.tiles is not None:
+        phys = plan.tiles.transposed() if transposed else plan.tiles
+    return _Layout(plan, transposed, phys)
+
+
+def _tiles_to_groups(m: jax.Array, t: TilePlan) -> jax.Array:
+    """``(rows, cols)`` → ``(n_groups, tile_rows * tile_cols)``, tiles in row-major grid
+    order; edge tiles padded with zeros (which never change an absmax)."""
+    if t.pad_rows or t.pad_cols:
+        m = jnp.pad(m, ((0, t.pad_rows), (0, t.pad_cols)))
+    gr, gc = t.grid
+    m4 = m.reshape(gr, t.tile_rows, gc, t.tile_cols)
+    if t.tile_rows > 1 and gc > 1:  # otherwise (gr, th, gc, tw) already lists whole tiles
+        m4 = m4.transpose(0, 2, 1, 3)
+    return m4.reshape(gr * gc, t.tile_rows * t.tile_cols)
+
+
+def _groups_to_tiles(groups: jax.Array, t: TilePlan) -> jax.Array:
+    gr, gc = t.grid
+    m4 = groups.reshape(gr, gc, t.tile_rows, t.tile_cols)
+    if t.tile_rows > 1 and gc > 1:
+        m4 = m4.transpose(0, 2, 1, 3)
+    m = m4.reshape(t.padded_shape)
+    return m[: t.rows, : t.cols] if (t.pad_rows or t.pad_cols) else m
+
+
+def _operand_groups(x: jax.Array, lay: _Layout) -> jax.Array:
+    if lay.plan.kind == "flat":
+        return _to_blocks((x.T if lay.transposed else x).reshape(-1), lay.plan.flat)
+    return _tiles_to_groups(x.reshape(lay.phys.rows, lay.phys.cols), lay.phys)
+
+
+def _operand_ungroup(groups: jax.Array, lay: _Layout, shape: tuple[int, ...]) -> jax.Array:
+    if lay.plan.kind == "flat":
+        if lay.transposed:
+            return _from_blocks(groups, lay.plan.flat, (lay.plan.rows, lay.plan.cols)).T
+        return _from_blocks(groups, lay.plan.flat, shape)
+    return _groups_to_tiles(groups, lay.phys).reshape(shape)
+
+
+def _grid_of_groups(absmax: jax.Array, lay: _Layout) -> jax.Array:
+    """Per-group absmax (physical group order) → the operand's ``plan.scale_shape``."""
+    if lay.plan.kind == "flat":
+        return absmax.reshape(lay.plan.scale_shape)
+    grid = absmax.reshape(lay.phys.grid)
+    return grid.T if lay.transposed else grid
+
+
+def _groups_of_grid(absmax: jax.Array, lay: _Layout) -> jax.Array:
+    if lay.plan.kind == "flat":
+        return absmax.reshape(-1)
+    return (absmax.T if lay.transposed else absmax).reshape(-1)
+
+
+def _ffi_recipes() -> bool:
+    """The custom calls take scale rules and tiles (``_ffi.quantize_tiles`` and the
+    ``scale=`` keyword landed together)."""
+    return hasattr(_ffi, "quantize_tiles")
+
+
+def _operand_kernel(rule, lay: _Layout, codebook: Codebook | None, *dtypes) -> bool:
+    """The C kernel serves this operand (decided outside the trace; ``codebook=None``:
+    decoding, which takes any codebook)."""
+    if lay.plan.rows * lay.plan.cols == 0 or not _kernel_path(codebook, *dtypes):
+        return False
+    if rule.scale != "fp32" or (lay.plan.kind == "tiles" and lay.runs is None
+                                and lay.phys.grid != (1, 1)):
+        return _ffi_recipes()
+    return True
+
+
+def _scale_kw(rule) -> dict:
+    return {} if rule.scale == "fp32" else {"scale": rule.scale}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _operand_jit(x, rule, axis: int, out_dtype: str | None, want_codes: bool, kernel: bool):
+    """``(values in out_dtype or None, codes or None, absmax of plan.scale_shape)``:
+    dequantize(quantize(x)) and/or the codes, in one pass on the kernel path."""
+    lay = _layout(tuple(x.shape), rule.granularity, axis)
+    cb = rule.format
+
+    def xla(x):
+        if x.size == 0:
+            zeros = jnp.zeros(x.shape, out_dtype or jnp.float32)
+            return (zeros if out_dtype else None, jnp.zeros(x.shape, jnp.uint8) if want_codes else None,
+                    jnp.zeros(lay.plan.scale_shape, jnp.float32))
+        c = _constants(cb)
+        groups = _operand_groups(x.astype(jnp.float32), lay)
+        vals = codes = None
+        if want_codes:
+            g_codes, absmax = _quantize_groups(groups, c, rule.scale)
+            codes = _operand_ungroup(g_codes, lay, x.shape)
+            if out_dtype:
+                vals = _dequantize_groups(g_codes, absmax, c, rule.scale)
+        else:
+            absmax = _group_absmax(groups)
+            vals = _fake_groups(groups, c, rule.scale)
+        if out_dtype:
+            vals = _cast_out(_operand_ungroup(vals, lay, x.shape), out_dtype)
+        return vals, codes, _grid_of_groups(absmax, lay)
+
+    def fused(x):
+        kw = dict(out_dtype=jnp.dtype(out_dtype) if out_dtype else None, want_codes=want_codes,
+                  **_scale_kw(rule))
+        if lay.plan.kind == "flat" and lay.transposed:
+            vals, codes, absmax = _ffi.quantize(x.T, cb, lay.plan.flat.blocksize, **kw)
+            back = lambda y: y.reshape(x.shape[::-1]).T  # noqa: E731
+        else:
+            back = lambda y: y.reshape(x.shape)  # noqa: E731
+            if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
+                blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
+                vals, codes, absmax = _ffi.quantize(x, cb, blocksize, **kw)
+            else:
+                t = lay.phys
+                vals, codes, absmax = _ffi.quantize_tiles(x.reshape(t.rows, t.cols), cb, t.tile_rows,
+                                                          t.tile_cols, **kw)
+        return (back(vals) if out_dtype else None, back(codes) if want_codes else None,
+                _grid_of_groups(absmax.reshape(-1), lay))
+
+    return _dispatch(kernel, (x,), fused, xla)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _dequantize_operand_jit(codes, absmax, rule, axis: int, dtype: str, kernel: bool):
+    """§4 per group under ``rule``, cast once to ``dtype``."""
+    lay = _layout(tuple(codes.shape), rule.granularity, axis)
+    cb = rule.format
+
+    def xla(codes, absmax):
+        if codes.size == 0:
+            return jnp.zeros(codes.shape, dtype)
+        y = _dequantize_groups(_operand_groups(codes, lay), _groups_of_grid(absmax, lay),
+                               _constants(cb), rule.scale)
+        return _cast_out(_operand_ungroup(y, lay, codes.shape), dtype)
+
+    def fused(codes, absmax):
+        kw = _scale_kw(rule)
+        flat_absmax = _groups_of_grid(absmax, lay)
+        if lay.plan.kind == "flat" and lay.transposed:
+            y = _ffi.dequantize(codes.T, flat_absmax, cb, lay.plan.flat.blocksize, jnp.dtype(dtype), **kw)
+            return y.reshape(codes.shape[::-1]).T
+        if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
+            blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
+            y = _ffi.dequantize(codes, flat_absmax, cb, blocksize, jnp.dtype(dtype), **kw)
+        else:
+            t = lay.phys
+            y = _ffi.dequantize_tiles(codes.reshape(t.rows, t.cols), flat_absmax.reshape(t.grid), cb,
+                                      t.tile_rows, t.tile_cols, jnp.dtype(dtype), **kw)
+        return y.reshape(codes.shape)
+
+    return _dispatch(kernel, (codes, absmax), fused, xla)
+
+
+def _operand(x, rule, axis: int, out_dtype: str | None, want_codes: bool):
+    """Internal entry of the matmuls (arguments already checked)."""
+    lay = _layout(tuple(x.shape), rule.granularity, axis)
+    kernel = _operand_kernel(rule, lay, rule.format, x.dtype, *([out_dtype] if out_dtype else []))
+    return _operand_jit(x, rule, axis, out_dtype, want_codes, kernel)
+
+
+def _dequantize_operand(codes, absmax, rule, axis: int, dtype: str):
+    lay = _layout(tuple(codes.shape), rule.granularity, axis)
+    return _dequantize_operand_jit(codes, absmax, rule, axis, dtype,
+                                   _operand_kernel(rule, lay, None, dtype))
+
+
+def _fake_operand(x, rule, axis: int):
+    return _operand(x, rule, axis, np.dtype(x.dtype).name, False)[0]
+
+
+def _check_rule(rule: Any, argname: str = "rule"):
+    if not isinstance(rule, fp8core.recipe.OperandRule):
+        raise TypeError(f"{argname} must be an fp8core.recipe.OperandRule, got "
+                        f"{type(rule).__name__}: {rule!r}")
+    return rule
+
+
+def _check_axis(shape: tuple[int, ...], rule, axis: Any) -> int:
+    _layout(tuple(shape), rule.granularity, axis)  # raises for a bad axis
+    return int(axis)
+
+
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
+
+    Args:
+      x: float16 / bfloat16 / float32 array; ``axis`` is its contraction axis (the
+        last, or 0 of a 2-D array — the transposed orientation a backward GEMM uses).
+      rule: element format, granularity (tensor, axiswise, block(B), tile(B),
+        flat(B)) and scale rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``). Static.
+
+    Returns:
+      ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
+      :attr:`fp8core.OperandPlan.scale_shape` in the operand's orientation (rows ×
+      groups along the contraction axis). Bit-identical to
+      :func:`fp8core.reference.quantize_operand`.
+
+    Numerics: §3 per group with the rule's scale (§9.2): upcast to float32; absmax
+    NaN-propagating; ``qscale`` from ``fl(M / clip(absmax))`` (power-of-two rules take
+    its exponent bits); ``clip(fl(x * qscale), -M, M)``; round half to even (native)
+    or ties-to-lower (tables); NaN/inf groups store the fill code. Groups come from
+    :func:`fp8core.plan_operand`: edge blocks and tiles are partial (padded with zeros,
+    which never change an absmax).
+
+    Raises:
+      TypeError: ``x`` not floating point, ``rule`` not an OperandRule, ``axis`` not an int.
+      ValueError: ``axis`` neither the last axis nor 0 of a 2-D array.
+    """
+    x = _check_x(x)
+    rule = _check_rule(rule)
+    axis = _check_axis(tuple(x.shape), rule, axis)
+    _, codes, absmax = _operand(x, rule, axis, None, True)
+    return codes, absmax
+
+
+def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
+                       dtype: Any = jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_operand`: ``fl(value[code] * dscale)`` per group, cast
+    once to ``dtype``; NaN/inf groups dequantize to NaN. Bit-identical to
+    :func:`fp8core.reference.dequantize_operand`.
+
+    Raises:
+      TypeError: ``codes`` not uint8, ``absmax`` not float32, ``rule`` not an
+        OperandRule, ``dtype`` not a float dtype.
+      ValueError: ``absmax`` not of shape ``plan.scale_shape``; bad ``axis``.
+    """
+    codes = jnp.asarray(codes) if not hasattr(codes, "dtype") else codes
+    absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
+    rule = _check_rule(rule)
+    _validation.check_codes_dtype(np.dtype(codes.dtype).name)
+    axis = _check_axis(tuple(codes.shape), rule, axis)
+    plan = _layout(tuple(codes.shape), rule.granularity, axis).plan
+    _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), plan.scale_shape)
+    return _dequantize_operand(codes, absmax, rule, axis, _dtype_name(dtype))
+
+
+def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> jax.Array:
+    """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype, fused (no codes
+    materialised); bit-identical to :func:`fp8core.reference.fake_quantize_operand`.
+
+    Derivative: zero almost everywhere, as :func:`fake_quantize` (``custom_jvp``).
+    Arguments and errors as :func:`quantize_operand`.
+    """
+    x = _check_x(x)
+    rule = _check_rule(rule)
+    axis = _check_axis(tuple(x.shape), rule, axis)
+    return _fake_operand_zero_grad(x, rule, axis)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fake_operand_zero_grad(x, rule, axis: int):
+    return _fake_operand(x, rule, axis)
+
+
+@_fake_operand_zero_grad.defjvp
+def _fake_operand_jvp(rule, axis, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _fake_operand(x, rule, axis), jnp.zeros_like(dx)
