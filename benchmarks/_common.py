@@ -1,0 +1,122 @@
+"""What both benchmark scripts share: the targets, the machine report (CPU flags, load
+average, the library tree), and paired timing. Not a test; no framework imported here."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+#: case -> target ratio (FP8 / its high-precision baseline, same run). Never lowered: a
+#: missed target is printed as missed.
+TARGETS = {"layer float32": 1.10, "layer bfloat16": 1.25, "small 32x64->128": 1.5,
+           "small 512x256->256": 1.15, "model": 1.15}
+#: (tokens, in_features, out_features) of the small layers
+SMALL_SHAPES = ((32, 64, 128), (512, 256, 256))
+#: the small transformer of the model step
+MODEL = dict(layers=2, d_model=256, heads=4, seq=128, batch=8, vocab=512)
+#: our presets that torchao 0.18 also has (Float8LinearConfig.from_recipe_name)
+TORCHAO_RECIPES = {"TENSORWISE": "tensorwise", "ROWWISE": "rowwise",
+                   "ROWWISE_WITH_GW_HP": "rowwise_with_gw_hp"}
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
+BF16_REASON = ("the CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 GEMMs are emulated "
+               "and the baseline is not one anybody trains with")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU flags that decide the GEMM paths, as lscpu prints them."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set()
+    for line in text.splitlines():
+        if line.lower().startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return {f: f in flags for f in CPU_FLAGS}
+
+
+def native_bf16(flags: dict[str, bool]) -> bool:
+    """Native bfloat16 GEMMs: AVX512-BF16 dot products or AMX-BF16 tiles."""
+    return flags["avx512_bf16"] or flags["amx_bf16"]
+
+
+def flags_line(flags: dict[str, bool]) -> str:
+    return ("CPU flags: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items())
+            + f" -> native bfloat16 GEMMs {'yes' if native_bf16(flags) else 'no'}")
+
+
+def stamp() -> str:
+    """UTC time and the 1/5/15-minute load averages (the benchmark's own threads included)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S UTC")
+    return f"{now}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+
+
+def header() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} {stamp()}, library {tree()}"
+
+
+def tree() -> str:
+    """The library tree benchmarked: its git commit (+ whether fp8core* has uncommitted
+    changes), or its directory (a snapshot named by its commit)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "fp8core",
+                                "fp8core_torch", "fp8core_jax"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return f"{root} at {head}{' + uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return str(root)
+
+
+def verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f"≤ {target:.2f} {'✓' if ratio <= target else '✗'}"
+
+
+def timed(fn, inner: int = 1) -> float:
+    """Seconds per call of ``fn`` (which must block until its result exists)."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def paired(base, cand, repeats: int, warmup: int = 2, min_sample: float = 0.0
+           ) -> tuple[float, float, float]:
+    """(median base s, median cand s, median of the per-pair ratios): baseline and
+    candidate timed back to back ``repeats`` times after ``warmup`` pairs, so that load
+    from other processes hits both sides of each ratio alike. With ``min_sample`` each
+    sample is a loop of calls lasting at least that long (tiny layers)."""
+    for _ in range(warmup):
+        base(), cand()
+    inner = 1
+    if min_sample:
+        inner = max(1, math.ceil(min_sample / timed(base, 10)))
+    b, c, r = [], [], []
+    for _ in range(repeats):
+        tb, tc = timed(base, inner), timed(cand, inner)
+        b.append(tb), c.append(tc), r.append(tc / tb)
+    return statistics.median(b), statistics.median(c), statistics.median(r)
+
+
+def print_rows(rows, unit: str = "ms", scale: float = 1e3) -> None:
+    """rows of (label, base s, cand s, ratio, target or None or a failure string)."""
+    print(f"  {'candidate':36} {'base ' + unit:>10} {'FP8 ' + unit:>10} {'ratio':>6}  target")
+    for label, tb, tc, ratio, target in rows:
+        if ratio is None:
+            print(f"  {label:36} {target}", flush=True)
+            continue
+        print(f"  {label:36} {tb * scale:10.1f} {tc * scale:10.1f} {ratio:6.2f}  "
+              f"{verdict(ratio, target)}", flush=True)
+
+
+def failed(label: str, e: BaseException):
+    return (label, None, None, None, f"failed: {type(e).__name__}: {e}"[:200])
