@@ -6,6 +6,7 @@ that every implementation raises the same error with the same words.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 #: Input dtypes every quantizer accepts (float64 is rounded to float32 first).
@@ -70,3 +71,21 @@ def check_matmul_blocksize(bsz: Any, argname: str) -> None:
     if isinstance(bsz, int) and not isinstance(bsz, bool) and bsz == -1:
         return
     check_blocksize(bsz, argname=argname)
+
+
+def cached_hash(self) -> int:
+    """``__hash__`` for frozen dataclasses used as cache keys and static arguments: the
+    hash of the fields, computed once per object (recipes and codebooks are hashed on
+    every quantizer call; their field trees are deep). Never pickled (see
+    :func:`state_without_hash`): string hashes differ between processes."""
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = hash((type(self).__qualname__,
+                  *(getattr(self, f.name) for f in dataclasses.fields(self))))
+        object.__setattr__(self, "_hash", h)
+    return h
+
+
+def state_without_hash(self) -> dict:
+    """``__getstate__`` partner of :func:`cached_hash`."""
+    return {k: v for k, v in self.__dict__.items() if k != "_hash"}

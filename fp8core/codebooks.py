@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fp8core import _validation
 from fp8core import formats as _formats
 
 __all__ = [
@@ -62,6 +63,9 @@ class Codebook:
     Build one with :meth:`from_format`, :meth:`from_table`, :func:`create_fp8_map`
     or :func:`resolve_codebook`.
     """
+
+    __hash__ = _validation.cached_hash
+    __getstate__ = _validation.state_without_hash
 
     name: str
     format: _formats.FormatSpec | None

@@ -14,6 +14,8 @@ import functools
 import ml_dtypes
 import numpy as np
 
+from fp8core import _validation
+
 __all__ = [
     "FormatSpec",
     "FORMAT_NAMES",
@@ -80,6 +82,9 @@ class FormatSpec:
       torch_dtype, jax_dtype: the framework dtype names, or ``None`` where the
         framework has no such dtype.
     """
+
+    __hash__ = _validation.cached_hash
+    __getstate__ = _validation.state_without_hash
 
     name: str
     aliases: tuple[str, ...]

@@ -81,6 +81,9 @@ class Granularity:
     Build with :func:`tensor`, :func:`axiswise`, :func:`block`, :func:`tile`, :func:`flat`.
     """
 
+    __hash__ = _validation.cached_hash
+    __getstate__ = _validation.state_without_hash
+
     kind: str
     size: int | None = None
 
@@ -152,6 +155,9 @@ class OperandRule:
       granularity: a :class:`Granularity` (default one scale per tensor).
       scale: one of :data:`SCALE_RULES` (default ``"fp32"``).
     """
+
+    __hash__ = _validation.cached_hash
+    __getstate__ = _validation.state_without_hash
 
     format: Any
     granularity: Granularity = dataclasses.field(default_factory=tensor)
@@ -228,6 +234,9 @@ class LinearRecipe:
     Slots are :class:`OperandRule`, ``None`` (high precision) or :data:`REUSE`
     (backward slots only). ``name`` is for display.
     """
+
+    __hash__ = _validation.cached_hash
+    __getstate__ = _validation.state_without_hash
 
     input: Slot
     weight: Slot

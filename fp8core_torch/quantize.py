@@ -344,12 +344,10 @@ def _pieces_global(n: int, chunked: bool):
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES, *,
-               scale: str = "fp32") -> bool:
+def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES) -> bool:
     """Whether the fused C kernel can take ``x``: a plain CPU tensor of one of
     ``dtypes`` and a native codebook (``spec=None``: any codebook, for decoding)."""
     return (_fp8q.available()
-            and (scale == "fp32" or _fp8q.ABI_VERSION >= 3)
             and x.device.type == "cpu"
             and x.dtype in dtypes
             and (spec is None or _fp8q.supports(spec.codebook))
@@ -395,13 +393,8 @@ def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: 
                    vals_ptr=vals.data_ptr() if out_dtype is not None else None,
                    out_dtype=dtype_name(out_dtype or torch.float32),
                    absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(), openmp=True,
-                   **_scale_kw(scale))
+                   scale=scale)
     return vals, codes, absmax
-
-
-def _scale_kw(scale: str) -> dict:
-    """The kernel binding's ``scale=`` keyword (only passed when not the default)."""
-    return {} if scale == "fp32" else {"scale": scale}
 
 
 @torch.library.custom_op("fp8core::quantize", mutates_args=(), device_types="cpu")
@@ -440,7 +433,7 @@ def _qdq(
     x = x.detach()
     flat = x.reshape(-1)
     n = flat.numel()
-    if n and _kernel_ok(x, spec, scale=scale):
+    if n and _kernel_ok(x, spec):
         return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes,
                            scale=scale)
     dev = x.device
@@ -527,7 +520,7 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
     n = flat.numel()
     if n == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,), scale=scale):
+    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,)):
         am = absmax.reshape(-1).to(torch.float32)                   # any codebook
         if not torch.compiler.is_compiling():
             return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype,
@@ -558,7 +551,7 @@ def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocks
     y = _pool.empty(n, dtype)
     _fp8q.dequantize(codes.data_ptr(), n, blocksize or n, absmax.data_ptr(), codebook,
                      vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
-                     nthreads=torch.get_num_threads(), openmp=True, **_scale_kw(scale))
+                     nthreads=torch.get_num_threads(), openmp=True, scale=scale)
     return y
 
 
@@ -630,7 +623,7 @@ def _qdq_tiles(p: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None, t
         return (p.new_empty(p.shape, dtype=out_dtype) if out_dtype is not None else None,
                 p.new_empty(p.shape, dtype=torch.uint8) if want_codes else None,
                 p.new_zeros(plan.grid, dtype=torch.float32))
-    if _kernel_ok(p, spec, scale=scale) and hasattr(_fp8q, "quantize_tiles"):
+    if _kernel_ok(p, spec):
         return _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, out_dtype=out_dtype,
                                  want_codes=want_codes, scale=scale)
     x4 = _tiled(p, plan)
@@ -700,8 +693,7 @@ def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec
     plan = plan_tiles(codes.shape[0], codes.shape[1], tile_rows, tile_cols)
     if plan.n_groups == 0:
         return codes.new_empty(codes.shape, dtype=dtype)
-    if (dtype in _KERNEL_DTYPES and hasattr(_fp8q, "dequantize_tiles")
-            and _kernel_ok(codes, None, (torch.uint8,), scale=scale)):
+    if dtype in _KERNEL_DTYPES and _kernel_ok(codes, None, (torch.uint8,)):
         if not torch.compiler.is_compiling():
             return _dequantize_tiles_impl(codes, absmax, spec.codebook, tile_rows, tile_cols,
                                           dtype, scale)
