@@ -47,6 +47,8 @@ class QuantSpec:
       has_negative_zero: negatives rounding to zero keep their sign (§3.5).
       torch_dtype: torch's float8 dtype for this format, if torch has it.
       fill_code, zero_code, negzero_code: codes of §3.6 / §3.5.
+      by_name: whether the codebook's name resolves back to it (native formats, bnb
+        tables): only those can cross a custom op's schema as a string.
     """
 
     codebook: Codebook
@@ -64,6 +66,7 @@ class QuantSpec:
     fill_code: int
     zero_code: int
     negzero_code: int | None
+    by_name: bool = False
 
     @property
     def name(self) -> str:
@@ -113,7 +116,15 @@ def _spec(cb: Codebook) -> QuantSpec:
         fill_code=int(cb.fill_code),
         zero_code=int(cb.zero_code),
         negzero_code=cb.negzero_code,
+        by_name=_resolves_by_name(cb),
     )
+
+
+def _resolves_by_name(cb: Codebook) -> bool:
+    try:
+        return fp8core.resolve_codebook(cb.name) == cb
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_spec(spec: Any, *, argname: str = "codebook") -> QuantSpec:

@@ -525,7 +525,7 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
         if not torch.compiler.is_compiling():
             return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype,
                                     scale).view(codes.shape)
-        if _by_name(spec.codebook):
+        if spec.by_name:
             return _dequantize_op(flat, am, spec.codebook.name, blocksize or 0, dtype,
                                   scale).view(codes.shape)
     _, _, dscale = _scales(absmax.reshape(-1), spec, scale)
@@ -553,16 +553,6 @@ def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocks
                      vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
                      nthreads=torch.get_num_threads(), openmp=True, scale=scale)
     return y
-
-
-@functools.lru_cache(maxsize=None)
-def _by_name(codebook) -> bool:
-    """Whether the codebook's name resolves back to it (native formats, bnb tables):
-    only those can cross a custom op's schema as a string."""
-    try:
-        return fp8core.resolve_codebook(codebook.name) == codebook
-    except (TypeError, ValueError):
-        return False
 
 
 @torch.library.custom_op("fp8core::dequantize", mutates_args=(), device_types="cpu")
@@ -697,7 +687,7 @@ def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec
         if not torch.compiler.is_compiling():
             return _dequantize_tiles_impl(codes, absmax, spec.codebook, tile_rows, tile_cols,
                                           dtype, scale)
-        if _by_name(spec.codebook):
+        if spec.by_name:
             return _dequantize_tiles_op(codes, absmax, spec.codebook.name, tile_rows, tile_cols,
                                         dtype, scale)
     gr, gc = plan.grid
