@@ -120,3 +120,52 @@ def print_rows(rows, unit: str = "ms", scale: float = 1e3) -> None:
 
 def failed(label: str, e: BaseException):
     return (label, None, None, None, f"failed: {type(e).__name__}: {e}"[:200])
+
+
+#: slot -> (tensor, contraction axis of the row-major tensor) for each framework's weight
+#: layout: X (M, K) and dY (M, N) everywhere; W is (N, K) in torch (nn.Linear.weight), (K, N)
+#: in JAX (nnx.Linear.kernel, matmul_fp8's B).
+_AXES = {
+    "torch": {"input": ("X", 1), "weight": ("W", 1), "grad_output": ("dY", 1),
+              "weight_for_grad_input": ("W", 0), "input_for_grad_weight": ("X", 0),
+              "grad_output_for_grad_weight": ("dY", 0)},
+    "jax": {"input": ("X", 1), "weight": ("W", 0), "grad_output": ("dY", 1),
+            "weight_for_grad_input": ("W", 1), "input_for_grad_weight": ("X", 0),
+            "grad_output_for_grad_weight": ("dY", 0)},
+}
+
+
+def quantization_work(recipe, m: int, k: int, n: int, layout: str = "torch") -> dict:
+    """What one training step of ``recipe`` quantizes at m × k → n (pure arithmetic on the
+    recipe's slots): elements quantized, of which in column-wise groups (axiswise or 1×B
+    blocks along the tensor's non-contiguous axis: the kernel's band sweeps), the slots
+    that re-quantize a tensor, and the elements decoded from saved codes in backward."""
+    from fp8core.recipe import SLOTS
+    size = {"X": m * k, "W": k * n, "dY": m * n}
+    quantized = column = decoded = 0
+    requant = []
+    for slot in SLOTS:
+        rule = recipe.rule(slot)
+        if rule is None:
+            continue
+        if slot in ("input", "weight", "grad_output") or recipe.source(slot) == "quantize":
+            t, axis = _AXES[layout][slot]
+            quantized += size[t]
+            if axis == 0 and rule.granularity.kind in ("axiswise", "block"):
+                column += size[t]
+            if slot not in ("input", "weight", "grad_output"):
+                requant.append(slot)
+    saved = recipe.saved(True, True)
+    decoded = sum(size[t] for t, form in saved.items() if form == "codes")
+    return dict(quantized=quantized, column=column, decoded=decoded, requant=requant, saved=saved)
+
+
+def print_work(recipes, m: int, k: int, n: int, layout: str) -> None:
+    from fp8core.recipe import PRESETS
+    print(f"\nquantization work per training step at {m} x {k} -> {n} ({layout} weight layout; "
+          f"M elements; X {m * k / 2**20:g}M, W {k * n / 2**20:g}M, dY {m * n / 2**20:g}M)")
+    print(f"  {'preset':20} {'quantized':>9} {'column-wise':>11} {'decoded':>8}  re-quantized slots")
+    for name in recipes:
+        w = quantization_work(PRESETS[name], m, k, n, layout)
+        print(f"  {name:20} {w['quantized'] / 2**20:9g} {w['column'] / 2**20:11g} "
+              f"{w['decoded'] / 2**20:8g}  {', '.join(w['requant']) or '-'}")

@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _common import (BF16_REASON, MODEL, SMALL_SHAPES, TARGETS, cpu_flags, failed,  # noqa: E402
-                     flags_line, header, native_bf16, paired, print_rows, stamp, verdict)
+                     flags_line, header, native_bf16, paired, print_rows, print_work, stamp)
 from flax import nnx  # noqa: E402
 
 import fp8core_jax  # noqa: E402
@@ -99,6 +99,7 @@ def section_layers(args, bf16_ok: bool):
     rng = np.random.default_rng(0)
     print(f"\nfwd+bwd (jit(value_and_grad)), {args.m} x {args.k} @ {args.k} x {args.n} "
           f"(ratio = FP8 / jitted x @ W, same run)")
+    print_work(args.recipes, args.m, args.k, args.n, "jax")
     plain = fwd_bwd(lambda x, w: x @ w)
     f32acc = fwd_bwd(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
     for dtype in (jnp.float32, jnp.bfloat16):

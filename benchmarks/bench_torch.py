@@ -46,7 +46,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fp8core_torch as T  # noqa: E402
 from _common import (BF16_REASON, MODEL, SMALL_SHAPES, TARGETS, TORCHAO_RECIPES,  # noqa: E402
-                     cpu_flags, failed, flags_line, header, native_bf16, paired, print_rows, stamp)
+                     cpu_flags, failed, flags_line, header, native_bf16, paired, print_rows,
+                     print_work, stamp)
 from fp8core import _kernel  # noqa: E402
 from fp8core.recipe import PRESETS  # noqa: E402
 from fp8core_torch import _pool  # noqa: E402
@@ -275,6 +276,7 @@ def section_memory(args):
         layer = T.LinearFP8.from_linear(ref, recipe=name)
         a, o = saved_bytes(lambda: layer(x), params)
         print(f"  {name:34} {a / 2**20:8.2f} {o / 2**20:8.2f} {o / base_own:6.2f}")
+    print_work(args.recipes, args.tokens, k, n, "torch")
 
 
 # ----------------------------------------------------------------------------- quantizers
