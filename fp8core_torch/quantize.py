@@ -385,7 +385,7 @@ def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: 
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
-    absmax = torch.empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32)
+    absmax = torch.empty(plan_blocks(n, blocksize).n_blocks if blocksize else (), dtype=torch.float32)
     vals = _pool.empty(n if out_dtype is not None else 0, out_dtype or torch.float32)
     codes = _pool.empty(n if want_codes else 0, torch.uint8)
     _fp8q.quantize(flat.data_ptr(), dtype_name(flat.dtype), n, blocksize or n, codebook,
@@ -412,7 +412,8 @@ def _(x, fmt, blocksize, out_dtype, want_vals, want_codes, scale):
     n = x.numel()
     return (x.new_empty(n if want_vals else 0, dtype=out_dtype),
             x.new_empty(n if want_codes else 0, dtype=torch.uint8),
-            x.new_empty(-(-n // blocksize) if blocksize else (), dtype=torch.float32))
+            x.new_empty(plan_blocks(n, blocksize).n_blocks if blocksize else (),
+                        dtype=torch.float32))
 
 
 def _qdq(
@@ -456,7 +457,7 @@ def _qdq(
         else:
             absmax = _absmax_all(flat)
     else:
-        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=dev)
+        absmax = torch.empty(plan_blocks(n, blocksize).n_blocks, dtype=torch.float32, device=dev)
     if n == 0:
         vals = torch.empty(0, dtype=out_dtype, device=dev) if out_dtype is not None else None
         codes = torch.empty(0, dtype=torch.uint8, device=dev) if want_codes else None
