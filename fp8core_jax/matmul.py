@@ -1,16 +1,19 @@
-"""FP8-simulated matmuls with custom VJPs (docs/numerics.md §6).
+"""FP8-simulated matmuls with custom VJPs (docs/numerics.md §6, §9).
 
-``matmul_fp8_mixed`` and ``matmul_fp8_global`` have the PyTorch backend's
-semantics. Quantization is ``fake_quantize`` (bit-identical to the reference);
-the products accumulate in float32 (``preferred_element_type``) and are cast to
-A's dtype, so they agree with a float64 product of the reference's quantized
-operands within float32 accumulation bounds (not bit for bit: XLA chooses the
-summation order).
+:func:`matmul_fp8` executes an :class:`fp8core.recipe.LinearRecipe`: one generic
+``jax.custom_vjp`` whose three GEMMs (fprop, dgrad, wgrad) quantize each operand
+as the recipe's slot says. ``matmul_fp8_mixed`` and ``matmul_fp8_global`` are
+bitsandbytes' call shape over the presets :func:`fp8core.recipe.bnb_recipe` builds,
+with the PyTorch backend's semantics. Quantization is bit-identical to the
+reference; the products accumulate in float32 (``preferred_element_type``) and are
+cast once to A's dtype, so they agree with a float64 product of
+:func:`fp8core.reference.linear_operands` within float32 accumulation bounds (not
+bit for bit: XLA chooses the summation order).
 
 Layout follows optax: private ``_f``, ``_f_fwd``, ``_f_bwd``, ``_f.defvjp``;
-the public wrappers validate arguments (at trace time), resolve formats to
-hashable :class:`fp8core.Codebook` values and block sizes to ints, and pass
-them as non-differentiable static arguments — never arrays.
+the public wrappers validate arguments (at trace time), resolve recipes and
+formats to hashable values, and pass them as non-differentiable static
+arguments — never arrays.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import fp8core
+import fp8core.recipe
 from fp8core import _validation
 from fp8core.codebooks import Codebook
+from fp8core.recipe import LinearRecipe
 from fp8core_jax import quantize as _q
 
-__all__ = ["matmul_fp8_mixed", "matmul_fp8_global"]
+__all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
 
 
 def _dot(a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
@@ -39,90 +44,177 @@ def _flat2d(x: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
-# ------------------------------------------------------------------ mixed
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _mixed(A, B, fw: Codebook, bw: Codebook, bsz: int, bsz2: int, b_dtype: str):
-    return _mixed_fwd(A, B, fw, bw, bsz, bsz2, b_dtype)[0]
+# ------------------------------------------------------------- operands
+def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None):
+    """``(value in dtype, residual)`` of one forward operand: the value the GEMM uses
+    (``t`` itself for a high-precision slot) and what backward keeps of ``t`` —
+    ``"codes"``: its uint8 codes + absmax (backward decodes the same value), ``"hp"``:
+    ``t``, ``None``: nothing."""
+    if rule is None:
+        return t.astype(dtype), (t if keep == "hp" else None)
+    if keep == "codes":
+        vals, codes, absmax = _q._operand(t, rule, axis, dtype, True)
+        return vals, (codes, absmax)
+    return _q._fake_operand(t, rule, axis).astype(dtype), (t if keep == "hp" else None)
 
 
-def _mixed_fwd(A, B, fw, bw, bsz, bsz2, b_dtype):
-    a_q = _q._fake_quantize(A, fw, bsz)                         # Q_fw^blk(A), A's dtype
-    b_codes, b_absmax = _q._quantize_global(B, fw)              # Q_fw^glob(B) as uint8 + scale
-    b_q = _q._dequantize_global(b_codes, b_absmax, fw, b_dtype).astype(A.dtype)
-    out = _dot(a_q, b_q, A.dtype)
-    return out, (A, b_codes, b_absmax)                          # A: grad_B is full precision
+def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype: str,
+                      reused=None):
+    """A backward slot's operand in ``dtype`` (the slot's tensor's own dtype): the
+    source slot's value (``reused``, or decoded from the residual codes), the tensor
+    ``hp`` in high precision, or ``hp`` quantized by the slot's own rule along ``axis``."""
+    src = recipe.source(slot)
+    if src == "reuse":
+        if reused is not None:
+            return reused
+        codes, absmax = res
+        rule = recipe.rule(fp8core.recipe.REUSE_SOURCE[slot])
+        src_axis = -1 if slot == "input_for_grad_weight" else 0
+        return _q._dequantize_operand(codes, absmax, rule, src_axis, dtype)
+    if src == "hp":
+        return hp.astype(dtype)
+    return _q._fake_operand(hp.astype(dtype), recipe.rule(slot), axis)
 
 
-def _mixed_bwd(fw, bw, bsz, bsz2, b_dtype, res, g):
-    A, b_codes, b_absmax = res
-    g_q = _q._fake_quantize(g, bw, bsz2)                        # Q_bw^blk(g)
-    b_q = _q._dequantize_global(b_codes, b_absmax, fw, b_dtype).astype(A.dtype)
-    grad_A = _dot(g_q, b_q.T, A.dtype)
-    grad_B = _dot(_flat2d(A).T, _flat2d(g), A.dtype).astype(b_dtype)  # Aᵀ·g, unquantized
+# ------------------------------------------------------------------ recipe
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _f(A, B, recipe: LinearRecipe, b_dtype: str):
+    return _f_fwd(A, B, recipe, b_dtype)[0]
+
+
+def _f_fwd(A, B, recipe, b_dtype):
+    a_dtype = np.dtype(A.dtype).name
+    saved = recipe.saved(True, True)
+    a_q, x_res = _quantized(A, recipe.input, -1, a_dtype, saved["X"])      # Q_input(A along K)
+    b_q, w_res = _quantized(B, recipe.weight, 0, b_dtype, saved["W"])      # Q_weight(B along K)
+    out = _dot(a_q, b_q.astype(a_dtype), a_dtype)
+    return out, (x_res, w_res)
+
+
+def _f_bwd(recipe, b_dtype, res, g):
+    x_res, w_res = res
+    dtype = np.dtype(g.dtype).name                                         # A's dtype
+    # dgrad: grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(B along N)ᵀ
+    rule_g = recipe.grad_output
+    g_q = g if rule_g is None else _q._fake_operand(g, rule_g, -1)
+    w = _backward_operand(recipe, "weight_for_grad_input", w_res, w_res, 1, b_dtype)
+    grad_A = _dot(g_q, w.astype(dtype).T, dtype)
+    # wgrad: grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along M)
+    k = grad_A.shape[-1]
+    x_hp = None if x_res is None or isinstance(x_res, tuple) else _flat2d(x_res)
+    x = _backward_operand(recipe, "input_for_grad_weight", x_res, x_hp, 0, dtype)
+    g2 = _flat2d(g)
+    gw = _backward_operand(recipe, "grad_output_for_grad_weight", None, g2, 0, dtype,
+                           reused=_flat2d(g_q))
+    grad_B = _dot(x.reshape(-1, k).T, gw, dtype).astype(b_dtype)
     return grad_A, grad_B
 
 
-_mixed.defvjp(_mixed_fwd, _mixed_bwd)
-
-
-# ----------------------------------------------------------------- global
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _global(A, B, fw: Codebook, bw: Codebook, b_dtype: str):
-    return _global_fwd(A, B, fw, bw, b_dtype)[0]
-
-
-def _global_fwd(A, B, fw, bw, b_dtype):
-    a_codes, a_absmax = _q._quantize_global(A, fw)
-    b_codes, b_absmax = _q._quantize_global(B, fw)
-    a_q = _q._dequantize_global(a_codes, a_absmax, fw, A.dtype.name)
-    b_q = _q._dequantize_global(b_codes, b_absmax, fw, b_dtype).astype(A.dtype)
-    out = _dot(a_q, b_q, A.dtype)
-    # residuals: uint8 codes + one float32 scale each, never A or B themselves
-    return out, (a_codes, a_absmax, b_codes, b_absmax)
-
-
-def _global_bwd(fw, bw, b_dtype, res, g):
-    a_codes, a_absmax, b_codes, b_absmax = res
-    out_dtype = g.dtype
-    g_q = _q._fake_quantize(g, bw, None)                        # Q_bw^glob(g)
-    a_q = _q._dequantize_global(a_codes, a_absmax, fw, out_dtype.name)
-    b_q = _q._dequantize_global(b_codes, b_absmax, fw, b_dtype).astype(out_dtype)
-    grad_A = _dot(g_q, b_q.T, out_dtype)
-    grad_B = _dot(_flat2d(a_q).T, _flat2d(g_q), out_dtype).astype(b_dtype)
-    return grad_A, grad_B
-
-
-_global.defvjp(_global_fwd, _global_bwd)
+_f.defvjp(_f_fwd, _f_bwd)
 
 
 # ------------------------------------------------------------- validation
-def _prepare(A, B, fw_format, bw_format, bsz, bsz2):
-    if not hasattr(A, "dtype"):
-        A = jnp.asarray(A)
-    if not hasattr(B, "dtype"):
-        B = jnp.asarray(B)
-    _validation.check_float_dtype(np.dtype(A.dtype).name, argname="A")
+def _as_array(x):
+    return x if hasattr(x, "dtype") else jnp.asarray(x)
+
+
+def _check_inputs(A, B, bias=None, argname: str = "A"):
+    A, B = _as_array(A), _as_array(B)
+    _validation.check_float_dtype(np.dtype(A.dtype).name, argname=argname)
     _validation.check_float_dtype(np.dtype(B.dtype).name, argname="B")
     _validation.check_matmul_shapes(tuple(A.shape), tuple(B.shape))
+    if bias is not None:
+        bias = _as_array(bias)
+        _validation.check_float_dtype(np.dtype(bias.dtype).name, argname="bias")
+        if tuple(bias.shape) != (B.shape[1],):
+            raise ValueError(f"bias must have shape ({B.shape[1]},), got {tuple(bias.shape)}")
+    return A, B, bias
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``y + bias`` in their promoted dtype, cast back to y's (PyTorch's ``out += bias``)."""
+    if bias is None:
+        return y
+    return (y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))).astype(y.dtype)
+
+
+def _apply(A, B, bias, recipe: LinearRecipe, argname: str = "A") -> jax.Array:
+    """Checked inputs → the recipe's custom VJP (+ bias); an empty product is zeros."""
+    recipe.check_input(A.ndim, argname=argname)
+    if A.size == 0 or B.size == 0:  # nothing to quantize: zeros (K == 0) or an empty result
+        y = _dot(A * 0, (B * 0).astype(A.dtype), A.dtype)
+    else:
+        y = _f(A, B, recipe, np.dtype(B.dtype).name)
+    return _add_bias(y, bias)
+
+
+def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None) -> jax.Array:
+    """FP8-simulated ``A @ B`` (+ ``bias``) whose three GEMMs follow ``recipe`` (§9.1).
+
+    With ``A2 = A.reshape(-1, K)`` and ``g = dL/dout``:
+
+    * fprop ``out = Q_input(A along K) @ Q_weight(B along K)``;
+    * dgrad ``grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(B along N)ᵀ``;
+    * wgrad ``grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along M)``;
+
+    each ``Q`` as the slot says (:meth:`~fp8core.recipe.LinearRecipe.source`: high
+    precision, the forward's quantized value reused, or re-quantized in the backward
+    GEMM's orientation). Gradients are straight-through (quantization is the identity
+    in backward); ``grad_bias = Σ g``, unquantized.
+
+    Args:
+      A: ``(..., K)`` float16/bfloat16/float32 array (activations X).
+      B: ``(K, N)`` float array (``kernel`` of an ``nnx.Linear``, = Wᵀ); quantized in its
+        own dtype, then cast to A's.
+      recipe: an :class:`fp8core.recipe.LinearRecipe` or a preset name
+        (``fp8core.recipe.PRESETS``: ``"TENSORWISE"``, ``"ROWWISE"``, …). Static.
+      bias: optional ``(N,)`` float array, added after the product's cast in the
+        promoted dtype of output and bias, and cast back to the output's dtype.
+
+    Returns:
+      ``(..., N)`` array of A's dtype.
+
+    Numerics: each quantized operand is bit-identical to
+    :func:`fp8core.reference.linear_operands` (in its own tensor's dtype, then cast to
+    A's dtype); products accumulate in float32 and are rounded once to A's dtype;
+    grad_B is cast to B's dtype. Residuals (``recipe.saved``): uint8 codes + absmax for
+    a tensor whose quantized value backward reuses, else the tensor itself.
+
+    Raises:
+      TypeError: A, B or bias not floating point; recipe not a recipe or a preset name.
+      ValueError: shapes; unknown preset; a tile granularity for the input or
+        grad_output slots of a 1-D A.
+    """
+    recipe = fp8core.recipe.get_recipe(recipe)
+    A, B, bias = _check_inputs(A, B, bias)
+    return _apply(A, B, bias, recipe)
+
+
+@functools.lru_cache(maxsize=256)
+def _bnb(mode: str, fw: Codebook, bw: Codebook, bsz: int, bsz2: int) -> LinearRecipe:
+    """bitsandbytes' layers as a recipe; ``-1`` (automatic) is ``None`` there."""
+    return fp8core.recipe.bnb_recipe(mode, fw, bw, None if bsz == -1 else bsz,
+                                     None if bsz2 == -1 else bsz2)
+
+
+def _prepare(mode, A, B, fw_format, bw_format, bsz, bsz2):
+    A, B, _ = _check_inputs(A, B)
     _validation.check_matmul_blocksize(bsz, "bsz")
     _validation.check_matmul_blocksize(bsz2, "bsz2")
     fw = _q._resolve_named(fw_format, "fw_format")
     bw = _q._resolve_named(bw_format, "bw_format")
-    K, N = B.shape
-    if bsz == -1:
-        bsz = fp8core.select_block_size(max(K, 1))
-    if bsz2 == -1:
-        bsz2 = fp8core.select_block_size(max(N, 1))
-    return A, B, fw, bw, bsz, bsz2
+    return A, B, _bnb(mode, fw, bw, bsz, bsz2)
 
 
 def matmul_fp8_mixed(A: Any, B: Any, fw_format: Any = "e4m3", bw_format: Any = "e5m2",
                      bsz: int = -1, bsz2: int = -1) -> jax.Array:
     """``A @ B`` with A quantized blockwise and B globally (bitsandbytes' "mixed" FP8).
 
-    Forward: ``out = Q_fw^blk(A; bsz) @ Q_fw^glob(B)``. Backward with ``g = dL/dout``:
-    ``grad_A = Q_bw^blk(g; bsz2) @ Q_fw^glob(B)ᵀ`` and ``grad_B = Aᵀ @ g`` in
-    full precision (straight-through: quantization is the identity in backward).
+    The preset ``fp8core.recipe.bnb_recipe("mixed", fw_format, bw_format, bsz, bsz2)``
+    run by :func:`matmul_fp8`. Forward: ``out = Q_fw^blk(A; bsz) @ Q_fw^glob(B)``.
+    Backward with ``g = dL/dout``: ``grad_A = Q_bw^blk(g; bsz2) @ Q_fw^glob(B)ᵀ`` and
+    ``grad_B = Aᵀ @ g`` in full precision (straight-through: quantization is the
+    identity in backward).
 
     Args:
       A: ``(..., K)`` float16/bfloat16/float32 array; blocks run over its
@@ -146,19 +238,20 @@ def matmul_fp8_mixed(A: Any, B: Any, fw_format: Any = "e4m3", bw_format: Any = "
       TypeError: A or B not floating point; bsz/bsz2 not ints; bad format type.
       ValueError: shapes do not match; bsz/bsz2 not -1 or positive; unknown format.
     """
-    A, B, fw, bw, bsz, bsz2 = _prepare(A, B, fw_format, bw_format, bsz, bsz2)
-    return _mixed(A, B, fw, bw, bsz, bsz2, np.dtype(B.dtype).name)
+    A, B, recipe = _prepare("mixed", A, B, fw_format, bw_format, bsz, bsz2)
+    return _apply(A, B, None, recipe)
 
 
 def matmul_fp8_global(A: Any, B: Any, fw_format: Any = "e4m3", bw_format: Any = "e5m2",
                       bsz: int = -1, bsz2: int = -1) -> jax.Array:
     """``A @ B`` with every operand quantized globally (one scale per tensor).
 
+    The preset ``fp8core.recipe.bnb_recipe("global", ...)`` run by :func:`matmul_fp8`.
     Forward: ``out = Q_fw^glob(A) @ Q_fw^glob(B)``. Backward:
     ``grad_A = Q_bw^glob(g) @ Q_fw^glob(B)ᵀ``, ``grad_B = Q_fw^glob(A)ᵀ @ Q_bw^glob(g)``.
     ``bsz``/``bsz2`` are validated and accepted for signature parity with
     :func:`matmul_fp8_mixed` but unused. Residuals are A's and B's uint8 codes
     and scales only. Arguments, numerics and errors as :func:`matmul_fp8_mixed`.
     """
-    A, B, fw, bw, _, _ = _prepare(A, B, fw_format, bw_format, bsz, bsz2)
-    return _global(A, B, fw, bw, np.dtype(B.dtype).name)
+    A, B, recipe = _prepare("global", A, B, fw_format, bw_format, bsz, bsz2)
+    return _apply(A, B, None, recipe)

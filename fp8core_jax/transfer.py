@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fp8core_jax.nn import LinearFP8Global, LinearFP8Mixed
+from fp8core_jax.nn import LinearFP8
 
 __all__ = ["torch_names", "load_linear_state_dict", "load_state_dict", "to_state_dict"]
 
-_LINEAR_TYPES = (nnx.Linear, LinearFP8Mixed, LinearFP8Global)
+_LINEAR_TYPES = (nnx.Linear, LinearFP8)  # LinearFP8Mixed / LinearFP8Global are LinearFP8s
 
 
 def _linears(model: nnx.Module) -> list[tuple[tuple[Any, ...], nnx.Module]]:

@@ -3,8 +3,8 @@ reference's quantized operands (docs/numerics.md §6).
 
 The forward is piecewise constant, so finite differences say nothing; the
 backward is checked against its documented formulas instead (jax.vjp vs the
-oracle). Tolerance: float32 accumulation over K terms,
-``|got - want| <= K * 2**-23 * (|a| @ |b|) + eps_out * |want| + subnormal_out / 2``.
+oracle). Tolerance (``_jax_testutil.assert_close_to_oracle``): float32 accumulation
+over K terms, ``|got - want| <= K * 2**-23 * (|a| @ |b|) + eps_out * |want| + subnormal_out / 2``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import fp8core
+import fp8core.recipe
 from fp8core import reference as ref
 from fp8core_jax import matmul as jm
 from fp8core_jax.matmul import matmul_fp8_global, matmul_fp8_mixed
-from _jax_testutil import DTYPES, jax_path  # noqa: F401
+from _jax_testutil import DTYPES, assert_close_to_oracle, jax_path  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("jax_path")
 
@@ -30,29 +31,6 @@ F32 = np.float32
 def _highest_precision():
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def _out_eps(dtype) -> float:
-    return {np.dtype(np.float32): 2.0**-24, np.dtype(np.float16): 2.0**-11,
-            np.dtype(ml_dtypes.bfloat16): 2.0**-8}[np.dtype(dtype)]
-
-
-def assert_close_to_oracle(got, a, b, out_dtype, what):
-    """``got`` ≈ float64 ``a @ b`` (a, b already quantized operands)."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    want = a64 @ b64
-    k = a64.shape[-1]
-    # accumulation + one rounding to the output dtype (relative, or half a subnormal step)
-    bound = (k * 2.0**-23 * (np.abs(a64) @ np.abs(b64)) + _out_eps(out_dtype) * np.abs(want)
-             + float(ml_dtypes.finfo(out_dtype).smallest_subnormal) / 2)
-    got = np.asarray(got)
-    assert got.dtype == np.dtype(out_dtype), f"{what}: dtype {got.dtype} != {out_dtype}"
-    err = np.abs(got.astype(np.float64) - want)
-    bad = ~(err <= bound)
-    assert not bad.any(), (
-        f"{what}: {bad.sum()} of {bad.size} outside accumulation bound; worst err "
-        f"{err[bad].max()} vs bound {bound[bad].min()}"
-    )
 
 
 def _operands(a_shape, n, a_dtype, b_dtype, seed=0):
@@ -165,15 +143,14 @@ def test_transforms_agree(mode):
 
 
 def test_residuals_are_small():
-    """Global keeps uint8 codes + scalar scales (never A or B); Mixed keeps A + B's codes."""
+    """Global keeps uint8 codes + one scale each (never A or B); Mixed keeps A + B's codes."""
     A, B, _ = _operands((8, 64), 32, "float32", "float32")
-    fw = bw = fp8core.resolve_codebook("e4m3")
-    _, res = jm._global_fwd(A, B, fw, bw, "float32")
-    assert [(r.dtype, r.shape) for r in res] == [
-        (np.uint8, A.shape), (np.float32, ()), (np.uint8, B.shape), (np.float32, ())]
-    _, res = jm._mixed_fwd(A, B, fw, bw, 64, 64, "float32")
-    assert [(r.dtype, r.shape) for r in res] == [
-        (np.float32, A.shape), (np.uint8, B.shape), (np.float32, ())]
+    _, res = jm._f_fwd(A, B, fp8core.recipe.BNB_GLOBAL, "float32")
+    assert [(r.dtype, r.shape) for r in jax.tree.leaves(res)] == [
+        (np.uint8, A.shape), (np.float32, (1, 1)), (np.uint8, B.shape), (np.float32, (1, 1))]
+    _, res = jm._f_fwd(A, B, fp8core.recipe.bnb_recipe("mixed", bsz=64, bsz2=64), "float32")
+    assert [(r.dtype, r.shape) for r in jax.tree.leaves(res)] == [
+        (np.float32, A.shape), (np.uint8, B.shape), (np.float32, (1, 1))]
 
 
 def test_nan_and_inf_propagate():
