@@ -7,16 +7,19 @@ import sys
 import time
 
 from conformance import golden, runner
-from conformance.adapters import BACKENDS
+from conformance.adapters import ALIASES, BACKENDS, resolve_backends
 from conformance.cases import all_cases, select
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m conformance",
-        description="Run the fp8core conformance suite on numpy (reference), torch and JAX.")
-    p.add_argument("--backends", default="numpy,torch,jax",
-                   help="comma-separated backends to run (default: numpy,torch,jax); numpy is the reference")
+        description="Run the fp8core conformance suite on numpy (reference) and on every path of "
+                    "torch and JAX.")
+    aliases = "; ".join(f"{a} = {'+'.join(v)}" for a, v in ALIASES.items())
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma-separated backend paths to run (default: {','.join(BACKENDS)}; "
+                        f"{aliases}); numpy, the reference, always runs")
     p.add_argument("--filter", default=None, metavar="PATTERN",
                    help="run only cases whose id contains PATTERN, or matches it as a glob (* ?)")
     p.add_argument("--quick", action="store_true", help="the quick subset (< 30 s; what the tests run)")
@@ -28,12 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    names = tuple(n.strip() for n in args.backends.split(",") if n.strip())
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown:
-        p.error(f"--backends: unknown backend(s) {', '.join(unknown)}; valid: {', '.join(BACKENDS)}")
-    if "numpy" not in names:
-        names = ("numpy",) + names  # the reference is always the first column
+    try:  # the reference is always the first column
+        names = resolve_backends(n.strip() for n in args.backends.split(",") if n.strip())
+    except ValueError as err:
+        p.error(f"--backends: {err}")
 
     if args.regenerate_golden:
         for path in golden.regenerate():

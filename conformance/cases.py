@@ -13,12 +13,20 @@ import fnmatch
 import functools
 
 import fp8core
+from fp8core import recipe as R
 
 QUANTIZER_OPS = ("quantize_blockwise", "quantize_global", "fake_quantize_blockwise", "fake_quantize_global")
 MATMUL_OPS = ("matmul_fp8_mixed", "matmul_fp8_global")
 MODULE_OPS = ("linear_fp8_mixed", "linear_fp8_global")
 TRAIN_OPS = ("train_mlp_mixed", "train_mlp_global")
-OPERATIONS = QUANTIZER_OPS + MATMUL_OPS + MODULE_OPS + TRAIN_OPS
+#: the recipe engine (docs/numerics.md §9): operands under an OperandRule, and per preset
+#: the matmul, the layer and a training run
+OPERAND_OPS = ("quantize_operand", "fake_quantize_operand")
+RECIPE_MATMUL_OPS = ("matmul_fp8",)
+RECIPE_MODULE_OPS = ("linear_fp8",)
+RECIPE_TRAIN_OPS = ("train_mlp",)
+OPERATIONS = (QUANTIZER_OPS + MATMUL_OPS + MODULE_OPS + TRAIN_OPS
+              + OPERAND_OPS + RECIPE_MATMUL_OPS + RECIPE_MODULE_OPS + RECIPE_TRAIN_OPS)
 
 DTYPES = ("float32", "float16", "bfloat16")
 DISTRIBUTIONS = (
@@ -46,6 +54,11 @@ class Case:
       bw_codebook, b_shape, blocksize2: matmul/module extras (backward codebook, B's shape, ``bsz2``).
       tier: ``"bitwise"`` or ``"tolerance"`` (results that go through a matmul).
       steps: training steps (training cases only).
+      rule: the :class:`fp8core.recipe.OperandRule` of an operand case.
+      axis: the contraction axis of an operand case (-1, or 0 of a 2-D input).
+      recipe: the preset name of a recipe matmul / module / training case.
+      not_on: backend paths that do not run the case, by design (a deterministic subset of a
+        cross product that one path compiles case by case; see :data:`XLA_SUBSET`).
     """
 
     op: str
@@ -60,10 +73,20 @@ class Case:
     blocksize2: int | None = None
     tier: str = "bitwise"
     steps: int = 0
+    rule: R.OperandRule | None = None
+    axis: int = -1
+    recipe: str | None = None
+    not_on: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
         dims = "x".join(map(str, self.shape))
+        if self.op in OPERAND_OPS:
+            return f"{self.op}[{self.rule}, {dims}, axis={self.axis}, {self.dtype}, {self.distribution}]"
+        if self.op in RECIPE_MATMUL_OPS + RECIPE_MODULE_OPS:
+            return f"{self.op}[{self.recipe}, {dims} @ {'x'.join(map(str, self.b_shape))}, {self.dtype}]"
+        if self.op in RECIPE_TRAIN_OPS:
+            return f"{self.op}[{self.recipe}, batch {dims}, {self.steps} steps]"
         if self.op in QUANTIZER_OPS:
             bs = f", bs={self.blocksize}" if self.blocksize else ""
             return f"{self.op}[{self.codebook}, {dims}, {self.dtype}{bs}, {self.distribution}]"
@@ -73,6 +96,18 @@ class Case:
             bs = f", bsz={self.blocksize or 'auto'}"
             return f"{self.op}[{fmts}, {dims} @ {bdims}, {self.dtype}{bs}]"
         return f"{self.op}[{fmts}, batch {dims}, {self.steps} steps]"
+
+
+#: jax[xla] compiles every (shape, codebook, dtype, op) of a quantizer row (~0.3 s each on
+#: a 2-core CPU; the other paths take under 0.05 s): in the full run it takes one shape per
+#: codebook × dtype of the cross product (rotating, so every shape is covered), with every
+#: distribution and op. The other paths run all of it.
+XLA_SUBSET = "jax[xla]"
+
+
+def _xla_shape(codebook: str, dtype: str, shapes) -> tuple[int, ...]:
+    i = QUANTIZER_CODEBOOKS.index(codebook) + DTYPES.index(dtype)
+    return shapes[i % len(shapes)][0]
 
 
 def _quantizer_cases(seed: int, quick: bool) -> list[Case]:
@@ -89,18 +124,23 @@ def _quantizer_cases(seed: int, quick: bool) -> list[Case]:
             for shape, bs in shapes:
                 if len(shape) == 1 and dtype != "float32" and not quick:
                     continue  # 1-D is a layout case: float32 covers it (keeps the full run < 3 min)
+                if quick and dtype != "float32" and cb != "float8_e4m3fn":
+                    continue  # quick: bfloat16 through one format (each path compiles per dtype)
+                usable = [s for s in shapes if len(s[0]) > 1 or dtype == "float32"]
+                not_on = (XLA_SUBSET,) if not quick and shape != _xla_shape(cb, dtype, usable) else ()
                 for dist in dists:
                     if dist == "fp16_max" and dtype != "float16":
                         continue
                     for op in QUANTIZER_OPS:
                         blockwise = op.endswith("blockwise")
-                        cases.append(Case(op, cb, shape, dtype, dist, seed, bs if blockwise else None))
+                        cases.append(Case(op, cb, shape, dtype, dist, seed, bs if blockwise else None,
+                                          not_on=not_on))
     return cases
 
 
 def _matmul_cases(seed: int, quick: bool) -> list[Case]:
     cases = []
-    a_shapes = ((2, 64, 768), (96, 128), (2, 3, 16, 48)) if not quick else ((2, 64, 768),)
+    a_shapes = ((2, 64, 768), (96, 128), (2, 3, 16, 48)) if not quick else ((96, 128),)
     n_out = {768: 3072, 128: 256, 48: 80}
     pairs = (("float8_e4m3fn", "float8_e5m2"), ("bnb_e4m3", "bnb_e5m2"))
     dtypes = DTYPES if not quick else ("float16",)
@@ -130,7 +170,128 @@ def _training_cases(seed: int, quick: bool) -> list[Case]:
     steps = 20
     return [Case(op, "float8_e4m3fn", (32, 64), "float32", "normal", seed, None, "float8_e5m2",
                  (64, 10), None, "tolerance", steps)
-            for op in (TRAIN_OPS[:1] if quick else TRAIN_OPS)]
+            for op in (() if quick else TRAIN_OPS)]  # quick: train_mlp[BLOCKWISE_1x128] (same engine)
+
+
+# ------------------------------------------------------------------ recipes
+
+#: element formats of the operand cases: the presets' two, one more native format, and a
+#: bitsandbytes table (scale "fp32" only: the power-of-two rules need a native format)
+OPERAND_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "bnb_e4m3")
+OPERAND_GRANULARITIES = (R.tensor(), R.axiswise(), R.block(128), R.tile(128), R.flat())
+#: (shape, contraction axis): full 128-blocks and tiles, partial ones, 3-D (axis -1 only)
+OPERAND_SHAPES = (((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 200), 0),
+                  ((3, 50, 72), -1))
+#: (A's shape, N) of the recipe matmuls: K = 256 (two full blocks) and N = 200 (a partial
+#: tile), then K = 72 and N = 130 (partial blocks and tiles, 3-D A)
+RECIPE_MATMUL_SHAPES = (((96, 256), 200), ((3, 10, 72), 130))
+#: the --quick presets: one scale per tensor, high-precision wgrad with pow2 scales, and
+#: blocks and tiles (the bitsandbytes presets are the quick matmul_fp8_* / linear_fp8_* rows)
+QUICK_PRESETS = ("TENSORWISE", "ROWWISE_WITH_GW_HP", "BLOCKWISE_1x128")
+
+
+@functools.lru_cache(maxsize=1)
+def preset_rules() -> tuple[R.OperandRule, ...]:
+    """Every distinct OperandRule of every preset, in preset and slot order."""
+    out: list[R.OperandRule] = []
+    for recipe in R.PRESETS.values():
+        for slot in R.SLOTS:
+            rule = recipe.rule(slot)
+            if rule is not None and rule not in out:
+                out.append(rule)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def operand_rules() -> tuple[R.OperandRule, ...]:
+    """The presets' rules, then formats × granularities × scale rules (tables: "fp32")."""
+    out = list(preset_rules())
+    for fmt in OPERAND_FORMATS:
+        native = fp8core.resolve_codebook(fmt).is_native
+        for gran in OPERAND_GRANULARITIES:
+            for scale in (R.SCALE_RULES if native else ("fp32",)):
+                rule = R.OperandRule(fmt, gran, scale)
+                if rule not in out:
+                    out.append(rule)
+    return tuple(out)
+
+
+def _group_hint(rule: R.OperandRule, shape, axis) -> int | None:
+    """The group length the input generator aligns its special values to (midpoints' ±M,
+    zero blocks) in the row-major flattening: a row for row-shaped groups."""
+    cols = shape[-1] if axis == -1 else shape[0]
+    kind, size = rule.granularity.kind, rule.granularity.size
+    if kind == "tensor":
+        return None
+    if kind == "flat":
+        return size or fp8core.select_block_size(cols)
+    return shape[-1]
+
+
+def _operand_cases(seed: int, quick: bool) -> list[Case]:
+    """quantize_operand / fake_quantize_operand cases (a deterministic subset of rules ×
+    (shape, axis) × dtype × distribution; see the README's conformance section):
+
+    * the presets' rules: every (shape, axis) in float32 with every distribution, plus
+      bfloat16 and float16 on a rotating (shape, axis);
+    * every other rule: two (shape, axis, dtype) combinations picked by rotation (so the
+      rules together cover every combination), each with four distributions (normal and a
+      rotating three of the special ones).
+
+    ``quick``: one preset rule per granularity, one rotating (shape, axis, dtype) each.
+    """
+    combos = [(shape, axis, dtype) for shape, axis in OPERAND_SHAPES for dtype in DTYPES]
+    specials = [d for d in DISTRIBUTIONS if d not in ("normal", "fp16_max")]
+    presets = preset_rules()
+    plan = []
+    for i, rule in enumerate(operand_rules()):
+        if quick:
+            if rule in presets and rule.granularity.kind not in {r.granularity.kind for r, _, _ in plan}:
+                plan.append((rule, [combos[(4 * i) % len(combos)]],
+                             ("normal", "midpoints", "nan_block", "zero_blocks")))
+            continue
+        if rule in presets:
+            chosen = [c for c in combos if c[2] == "float32"]
+            chosen += [c for j, c in enumerate(combos) if c[2] != "float32" and j % 5 == i % 5][:2]
+            plan.append((rule, chosen, DISTRIBUTIONS))
+        else:
+            chosen = [combos[(7 * i) % len(combos)], combos[(7 * i + 8) % len(combos)]]
+            dists = ("normal",) + tuple(specials[(3 * i + k) % len(specials)] for k in range(3))
+            plan.append((rule, chosen, dists))
+    cases = []
+    for rule, chosen, dists in plan:
+        for shape, axis, dtype in chosen:
+            for dist in dists:
+                if dist == "fp16_max" and dtype != "float16":
+                    continue
+                for op in OPERAND_OPS:
+                    cases.append(Case(op, rule.format.name, shape, dtype, dist, seed,
+                                      _group_hint(rule, shape, axis), rule=rule, axis=axis))
+    return cases
+
+
+def _recipe_cases(seed: int, quick: bool) -> list[Case]:
+    """Per preset: matmul_fp8 forward + backward, LinearFP8 with transferred weights, and a
+    short training run. ``quick``: the presets in :data:`QUICK_PRESETS` only, one matmul
+    shape in float32, no bf16 layer, and one training run (BLOCKWISE_1x128)."""
+    cases = []
+    for name in R.PRESETS:
+        if quick and name not in QUICK_PRESETS:
+            continue
+        for shape, n in (RECIPE_MATMUL_SHAPES[1:] if quick else RECIPE_MATMUL_SHAPES):
+            k = shape[-1]
+            for dtype in (("float32",) if quick else DTYPES):
+                cases.append(Case("matmul_fp8", "float8_e4m3fn", shape, dtype, "normal", seed, None,
+                                  None, (k, n), None, "tolerance", recipe=name))
+        for dtype in (("float32",) if quick else ("float32", "bfloat16")):
+            cases.append(Case("linear_fp8", "float8_e4m3fn", (4, 16, 96), dtype, "normal", seed, None,
+                              None, (96, 160), None, "tolerance", recipe=name))
+    for name in R.PRESETS:
+        if quick and name != "BLOCKWISE_1x128":
+            continue
+        cases.append(Case("train_mlp", "float8_e4m3fn", (32, 64), "float32", "normal", seed, None, None,
+                          (64, 10), None, "tolerance", 20, recipe=name))
+    return cases
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,7 +299,7 @@ def all_cases(seed: int = 0, quick: bool = False) -> tuple[Case, ...]:
     """The full suite (or the ``--quick`` subset) for ``seed``."""
     return tuple(
         _quantizer_cases(seed, quick) + _matmul_cases(seed, quick) + _module_cases(seed, quick)
-        + _training_cases(seed, quick)
+        + _training_cases(seed, quick) + _operand_cases(seed, quick) + _recipe_cases(seed, quick)
     )
 
 

@@ -14,13 +14,30 @@ import math
 import pathlib
 import time
 import traceback
+import warnings
 
 import numpy as np
 
+import fp8core
+from fp8core import _kernel
+from fp8core.recipe import PRESETS
 from conformance import compare
-from conformance.adapters import BACKENDS, NumpyBackend
-from conformance.cases import MATMUL_OPS, MODULE_OPS, QUANTIZER_OPS, TRAIN_OPS, Case
+from conformance.adapters import BACKENDS, CROSS_PAIRS, NumpyBackend
+from conformance.cases import (
+    MATMUL_OPS,
+    MODULE_OPS,
+    OPERAND_OPS,
+    QUANTIZER_OPS,
+    RECIPE_MATMUL_OPS,
+    RECIPE_MODULE_OPS,
+    RECIPE_TRAIN_OPS,
+    TRAIN_OPS,
+    Case,
+)
 from conformance.inputs import NP_DTYPES, draw, rng_for
+
+#: every backend path, reference first (the default of :func:`run_case` and :func:`run`)
+DEFAULT_BACKENDS = tuple(BACKENDS)
 
 #: Loss trajectories of the same training run may differ by this much (absolute, per step).
 TRAIN_LOSS_TOLERANCE = 2e-3
@@ -50,23 +67,23 @@ class Result:
 @functools.lru_cache(maxsize=64)
 def case_inputs(case: Case) -> dict[str, np.ndarray]:
     """The case's inputs (cached: every backend gets the same arrays)."""
-    if case.op in QUANTIZER_OPS:
+    if case.op in QUANTIZER_OPS + OPERAND_OPS:
         return {"x": draw(case.distribution, case.shape, case.dtype, case.seed, case.codebook, case.blocksize)}
-    if case.op in MATMUL_OPS:
+    if case.op in MATMUL_OPS + RECIPE_MATMUL_OPS:
         k, n = case.b_shape
         return {
             "a": draw(case.distribution, case.shape, case.dtype, case.seed, label="A"),
             "b": (draw("normal", case.b_shape, "float32", case.seed, label="B") / np.float32(math.sqrt(k))),
             "g": draw("normal", case.shape[:-1] + (n,), case.dtype, case.seed, label="grad"),
         }
-    if case.op in MODULE_OPS:
+    if case.op in MODULE_OPS + RECIPE_MODULE_OPS:
         k, n = case.b_shape
         return {
             "x": draw(case.distribution, case.shape, case.dtype, case.seed, label="x"),
             "weight": draw("uniform", (n, k), "float32", case.seed, label="W") / np.float32(3 * math.sqrt(k)),
             "bias": draw("uniform", (n,), "float32", case.seed, label="bias") / np.float32(3 * math.sqrt(k)),
         }
-    if case.op in TRAIN_OPS:
+    if case.op in TRAIN_OPS + RECIPE_TRAIN_OPS:
         batch, features = case.shape
         hidden, classes = 32, case.b_shape[1]
         rng = rng_for(case.seed, "train", case.id)
@@ -91,6 +108,11 @@ def _mode(op: str) -> str:
     return "mixed" if "mixed" in op else "global"
 
 
+def _layer(case: Case):
+    """What a module/training case's layers are: ``"mixed"``, ``"global"`` or a LinearRecipe."""
+    return PRESETS[case.recipe] if case.recipe else _mode(case.op)
+
+
 def execute(case: Case, backend) -> dict[str, np.ndarray]:
     """Run ``case`` on one backend; returns named numpy outputs."""
     inp = case_inputs(case)
@@ -106,29 +128,78 @@ def execute(case: Case, backend) -> dict[str, np.ndarray]:
         return {"values": backend.fake_quantize(inp["x"], cb, case.blocksize)}
     if case.op == "fake_quantize_global":
         return {"values": backend.fake_quantize(inp["x"], cb, None)}
+    if case.op == "quantize_operand":
+        codes, absmax = backend.quantize_operand(inp["x"], case.rule, case.axis)
+        deq = backend.dequantize_operand(codes, absmax, case.rule, case.axis, case.dtype)
+        return {"codes": codes, "absmax": absmax, "dequantized": deq}
+    if case.op == "fake_quantize_operand":
+        return {"values": backend.fake_quantize_operand(inp["x"], case.rule, case.axis)}
     if case.op in MATMUL_OPS:
         return backend.matmul(_mode(case.op), inp["a"], inp["b"], inp["g"], cb, case.bw_codebook,
                               case.blocksize, case.blocksize2)
-    if case.op in MODULE_OPS:
-        return {"out": backend.linear(_mode(case.op), inp["x"], inp["weight"], inp["bias"], cb, case.bw_codebook)}
-    if case.op in TRAIN_OPS:
+    if case.op in RECIPE_MATMUL_OPS:
+        return backend.matmul_recipe(inp["a"], inp["b"], inp["g"], PRESETS[case.recipe])
+    if case.op in MODULE_OPS + RECIPE_MODULE_OPS:
+        return {"out": backend.linear(_layer(case), inp["x"], inp["weight"], inp["bias"], cb, case.bw_codebook)}
+    if case.op in TRAIN_OPS + RECIPE_TRAIN_OPS:
         params = {k: inp[k] for k in ("w1", "b1", "w2", "b2")}
-        return {"loss": backend.train(_mode(case.op), params, inp["batches"], inp["labels"], cb,
+        return {"loss": backend.train(_layer(case), params, inp["batches"], inp["labels"], cb,
                                       case.bw_codebook, TRAIN_LR)}
     raise ValueError(f"unknown op {case.op!r}")
 
 
+def _codebooks(case: Case):
+    """The codebooks a case quantizes with."""
+    if case.rule is not None:
+        return (case.rule.format,)
+    if case.recipe:
+        recipe = PRESETS[case.recipe]
+        return tuple(recipe.rule(s).format for s in ("input", "weight", "grad_output") if recipe.rule(s))
+    return tuple(fp8core.resolve_codebook(c) for c in (case.codebook, case.bw_codebook) if c)
+
+
+def path_problem(case: Case, name: str, probe) -> str | None:
+    """Why ``probe`` shows that backend ``name`` did not run the path it was forced to, or None.
+
+    A forced-off path must never reach the C kernel; a forced-on path must reach it at
+    least once when the case has a codebook the kernel takes (tables are rounded by the
+    framework on every path). torch counts kernel calls, JAX records each kernel/XLA
+    decision (none at all would mean a trace cached across the flag: the path is unknown).
+    """
+    if probe.kernel is None:
+        return None
+    native = any(_kernel.supports(cb) for cb in _codebooks(case))
+    if name.startswith("torch"):
+        if not probe.kernel and probe.kernel_calls:
+            return f"{name} was forced off the C kernel but called it {probe.kernel_calls} times"
+        if probe.kernel and native and not probe.kernel_calls:
+            return f"{name} was forced onto the C kernel but never called it"
+        return None
+    if not probe.decisions and (probe.kernel or native):
+        return f"{name}: fp8core_jax made no kernel/XLA decision (a trace cached across the flag?)"
+    if not probe.kernel and any(probe.decisions):
+        return f"{name} was forced onto XLA but chose the kernel {sum(probe.decisions)} times"
+    if probe.kernel and native and not any(probe.decisions):
+        return f"{name} was forced onto the kernel but chose XLA every time"
+    return None
+
+
 def _bounds(case: Case, oracle: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     inp = case_inputs(case)
-    if case.op in MATMUL_OPS:
-        ops = NumpyBackend.operands(_mode(case.op), inp["a"], inp["b"], inp["g"], case.codebook,
-                                    case.bw_codebook, case.blocksize, case.blocksize2)
+    if case.op in MATMUL_OPS + RECIPE_MATMUL_OPS:
+        if case.recipe:
+            ops = NumpyBackend.recipe_operands(inp["a"], inp["b"], inp["g"], PRESETS[case.recipe])
+        else:
+            ops = NumpyBackend.operands(_mode(case.op), inp["a"], inp["b"], inp["g"], case.codebook,
+                                        case.bw_codebook, case.blocksize, case.blocksize2)
         out_dtype = {"out": case.dtype, "grad_a": case.dtype, "grad_b": "float32"}
-        return {k: compare.accumulation_bound(x, y, oracle[k], case.dtype, out_dtype[k]) for k, (x, y) in ops.items()}
-    if case.op in MODULE_OPS:
+        return {k: compare.accumulation_bound(x.reshape(-1, x.shape[-1]), y, oracle[k].reshape(-1, y.shape[-1]),
+                                              case.dtype, out_dtype[k]).reshape(oracle[k].shape)
+                for k, (x, y) in ops.items()}
+    if case.op in MODULE_OPS + RECIPE_MODULE_OPS:
         x, w = inp["x"], inp["weight"]
         k = w.shape[1]
-        qx, qw = NumpyBackend.linear_operands(_mode(case.op), x, w, case.codebook)
+        qx, qw = NumpyBackend.linear_operands(_layer(case), x, w, case.codebook)
         acc = compare.accumulation_bound(qx.reshape(-1, k), qw.T, oracle["out"].reshape(-1, w.shape[0]),
                                          case.dtype, case.dtype).reshape(oracle["out"].shape)
         u = compare._UNIT_ROUNDOFF[case.dtype]
@@ -141,7 +212,7 @@ def _compare(case: Case, name_a: str, out_a: dict, name_b: str, out_b: dict, bou
     for key in out_a:
         if case.tier == "bitwise":
             outcomes.append(compare.compare_bits(key, out_a[key], out_b[key]))
-        elif case.op in TRAIN_OPS:
+        elif case.op in TRAIN_OPS + RECIPE_TRAIN_OPS:
             bound = np.full(out_a[key].shape, TRAIN_LOSS_TOLERANCE)
             outcomes.append(compare.compare_tolerance(key, np.asarray(out_a[key], np.float64), out_b[key], bound))
         else:
@@ -157,8 +228,18 @@ def _compare(case: Case, name_a: str, out_a: dict, name_b: str, out_b: dict, bou
     )
 
 
-def run_case(case: Case, backend_names=("numpy", "torch", "jax")) -> list[Result]:
-    """Run one case on every named backend and compare every pair."""
+def pairs_for(backend_names) -> list[tuple[str, str]]:
+    """The comparisons of a run: numpy with every other backend, then the
+    :data:`~conformance.adapters.CROSS_PAIRS` whose backends are both in the run."""
+    names = tuple(backend_names)
+    pairs = [(names[0], b) for b in names[1:]]
+    return pairs + [p for p in CROSS_PAIRS if p[0] in names and p[1] in names]
+
+
+def run_case(case: Case, backend_names=DEFAULT_BACKENDS) -> list[Result]:
+    """Run one case on every named backend (the first is the reference, numpy) with each
+    backend's path forced, check that the path ran, and compare the :func:`pairs_for`."""
+    backend_names = tuple(n for n in backend_names if n not in case.not_on)  # by design (Case.not_on)
     outputs, skipped = {}, {}
     for name in backend_names:
         backend = BACKENDS[name]
@@ -167,13 +248,18 @@ def run_case(case: Case, backend_names=("numpy", "torch", "jax")) -> list[Result
             skipped[name] = reason
             continue
         try:
-            outputs[name] = execute(case, backend)
+            with backend.forced() as probe, warnings.catch_warnings(), np.errstate(all="ignore"):
+                # bitsandbytes' flat blocks spanning rows: the layers' documented warning
+                warnings.filterwarnings("ignore", message=r".*which span rows of the", category=UserWarning)
+                outputs[name] = execute(case, backend)
+            problem = path_problem(case, name, probe)
+            if problem:
+                raise RuntimeError(problem)
         except Exception as err:  # a crash is a failure of that backend, reported with the case
-            skipped[name] = None
             outputs[name] = err
     bounds = _bounds(case, outputs["numpy"]) if isinstance(outputs.get("numpy"), dict) else {}
     results = []
-    for a, b in itertools.combinations(backend_names, 2):
+    for a, b in pairs_for(backend_names):
         pair = f"{a}~{b}"
         if skipped.get(a) or skipped.get(b):
             results.append(Result(case.id, case.op, pair, "skipped", message=skipped.get(a) or skipped.get(b)))
@@ -189,7 +275,7 @@ def run_case(case: Case, backend_names=("numpy", "torch", "jax")) -> list[Result
     return results
 
 
-def run(cases, backend_names=("numpy", "torch", "jax"), progress: bool = True) -> list[Result]:
+def run(cases, backend_names=DEFAULT_BACKENDS, progress: bool = True) -> list[Result]:
     """Run every case; a tqdm progress bar on stderr when ``progress``."""
     iterator = cases
     if progress:

@@ -1,14 +1,15 @@
 """The conformance --quick set through the same runner as ``python -m conformance``."""
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
 
-from conformance import golden, runner
+from conformance import adapters, golden, runner
 from conformance.__main__ import main
-from conformance.adapters import BACKENDS
-from conformance.cases import all_cases, select
+from conformance.adapters import BACKENDS, PathProbe, resolve_backends
+from conformance.cases import all_cases, operand_rules, preset_rules, select
 
 QUICK = all_cases(0, quick=True)
 
@@ -33,8 +34,8 @@ def test_golden_check_catches_a_moved_reference(monkeypatch):
     import fp8core.reference as ref
     original = ref.group_scales
 
-    def shifted(absmax, codebook):  # dscale one ulp too large: every backend could "agree", golden does not
-        finite, q, d = original(absmax, codebook)
+    def shifted(absmax, codebook, *args):  # dscale one ulp too large: every backend could "agree", golden does not
+        finite, q, d = original(absmax, codebook, *args)
         return finite, q, np.nextafter(d, np.float32(np.inf))
 
     monkeypatch.setattr(ref, "group_scales", shifted)
@@ -77,6 +78,29 @@ def test_case_ids_are_unique_and_readable():
     ids = {c.id for c in cases}
     assert "matmul_fp8_mixed[float8_e4m3fn/float8_e5m2, 2x64x768 @ 768x3072, float16, bsz=auto]" in ids
     assert "quantize_blockwise[bnb_e4m3, 3x100, bfloat16, bs=64, nan_block]" in ids
+    assert "quantize_operand[float8_e4m3fn/axiswise, pow2_torchao, 130x200, axis=0, float32, midpoints]" in ids
+    assert "matmul_fp8[BLOCKWISE_1x128, 3x10x72 @ 72x130, bfloat16]" in ids
+    assert "linear_fp8[ROWWISE, 4x16x96 @ 96x160, float32]" in ids
+    assert "train_mlp[TENSORWISE, batch 32x64, 20 steps]" in ids
+
+
+def test_recipe_cases_cover_every_rule_and_preset():
+    """Every distinct OperandRule of every preset runs on every (shape, axis) in float32 and in
+    both half dtypes somewhere; every rule of the cross product runs; every preset has its
+    matmul, layer and training rows."""
+    from fp8core.recipe import PRESETS
+    cases = all_cases(0)
+    operand = [c for c in cases if c.op in ("quantize_operand", "fake_quantize_operand")]
+    assert {c.rule for c in operand} == set(operand_rules())
+    for rule in preset_rules():
+        mine = [c for c in operand if c.rule == rule]
+        assert {(c.shape, c.axis) for c in mine if c.dtype == "float32"} == {
+            ((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 200), 0), ((3, 50, 72), -1)}
+        assert {c.dtype for c in mine} >= {"float32", "bfloat16"} or {c.dtype for c in mine} >= {"float32", "float16"}
+    assert {c.dtype for c in operand} == {"float32", "bfloat16", "float16"}
+    assert {c.axis for c in operand} == {-1, 0} and {len(c.shape) for c in operand} == {2, 3}
+    for op in ("matmul_fp8", "linear_fp8", "train_mlp"):
+        assert {c.recipe for c in cases if c.op == op} == set(PRESETS), op
 
 
 def test_inputs_are_numpy_generated_and_stable():
@@ -88,10 +112,59 @@ def test_inputs_are_numpy_generated_and_stable():
     assert x1.dtype == np.float32 and x1.shape == (3, 100)
 
 
-@pytest.mark.parametrize("name", ["torch", "jax"])
+@pytest.mark.parametrize("name", ["torch[kernel]", "torch[ops]", "jax[ffi]", "jax[xla]"])
 def test_missing_backend_is_skipped_not_failed(monkeypatch, name):
     monkeypatch.setattr(BACKENDS[name], "unavailable", lambda: f"{name} is not installed")
     case = QUICK[0]
     results = runner.run_case(case)
     assert {r.status for r in results if name in r.pair} == {"skipped"}
     assert all(r.status != "failed" for r in results)
+
+
+def test_backend_names_and_aliases():
+    assert tuple(BACKENDS) == ("numpy", "torch[kernel]", "torch[ops]", "jax[ffi]", "jax[xla]")
+    assert resolve_backends(["torch"]) == ("numpy", "torch[kernel]", "torch[ops]")
+    assert resolve_backends(["jax[xla]", "numpy", "jax"]) == ("numpy", "jax[xla]", "jax[ffi]")
+    with pytest.raises(ValueError, match=r"unknown backend\(s\) torch\[cuda\]; valid: numpy, torch\[kernel\]"):
+        resolve_backends(["torch[cuda]"])
+    # every path against numpy, and the two framework paths against each other
+    assert runner.pairs_for(BACKENDS) == [("numpy", n) for n in list(BACKENDS)[1:]] + [("torch[ops]", "jax[xla]")]
+    assert runner.pairs_for(("numpy", "torch[ops]")) == [("numpy", "torch[ops]")]
+
+
+def test_path_problem_names_what_ran():
+    native = select(QUICK, "fake_quantize_blockwise[float8_e4m3fn")[0]
+    table = select(QUICK, "fake_quantize_blockwise[bnb_e4m3")[0]
+    assert runner.path_problem(native, "torch[ops]", PathProbe(kernel=False, kernel_calls=2)) == (
+        "torch[ops] was forced off the C kernel but called it 2 times")
+    assert "never called it" in runner.path_problem(native, "torch[kernel]", PathProbe(kernel=True))
+    assert runner.path_problem(table, "torch[kernel]", PathProbe(kernel=True)) is None  # tables: torch ops
+    assert "chose the kernel 1 times" in runner.path_problem(native, "jax[xla]",
+                                                             PathProbe(kernel=False, decisions=[False, True]))
+    assert "chose XLA every time" in runner.path_problem(native, "jax[ffi]", PathProbe(kernel=True, decisions=[False]))
+    assert "no kernel/XLA decision" in runner.path_problem(native, "jax[xla]", PathProbe(kernel=False))
+    assert runner.path_problem(native, "numpy", PathProbe()) is None
+
+
+@pytest.mark.parametrize("name", ["torch[ops]", "jax[xla]"])
+def test_a_path_that_ignores_the_flag_is_caught(monkeypatch, name):
+    """If forcing the framework path had no effect (the kernel still ran), the case fails for
+    that path with the reason, instead of silently testing the kernel twice."""
+    from fp8core import _kernel
+    backend = BACKENDS[name]
+    if backend.unavailable() or BACKENDS[name.split("[")[0] + ("[kernel]" if "torch" in name else "[ffi]")].unavailable():
+        pytest.skip(f"{name} or its kernel path is unavailable here")
+    monkeypatch.setattr(_kernel, "ENABLED", True)
+    monkeypatch.setattr(adapters, "_kernel_flag", lambda enabled: contextlib.nullcontext())
+    case = select(QUICK, "fake_quantize_blockwise[float8_e4m3fn")[0]
+    results = runner.run_case(case, ("numpy", name))
+    assert [r.status for r in results] == ["failed"]
+    assert f"{name} raised RuntimeError: {name} was forced onto XLA" in results[0].message or (
+        f"{name} was forced off the C kernel" in results[0].message), results[0].message
+
+
+def test_forcing_restores_the_kernel_flag():
+    from fp8core import _kernel
+    before = _kernel.ENABLED
+    runner.run_case(select(QUICK, "fake_quantize_global[float8_e5m2")[0])
+    assert _kernel.ENABLED == before

@@ -17,7 +17,7 @@ SLICE = [c for c in all_cases(0, quick=True)
          if c.op == "fake_quantize_blockwise" and c.dtype == "float32" and c.distribution == "normal"]
 
 
-def _failures(backend_names=("numpy", "torch", "jax")):
+def _failures(backend_names=("numpy", "torch[kernel]", "torch[ops]", "jax[ffi]", "jax[xla]")):
     results = [r for case in SLICE for r in runner.run_case(case, backend_names)]
     return results, [r for r in results if r.status == "failed"]
 
@@ -39,13 +39,12 @@ def test_torch_dividing_instead_of_multiplying_is_caught(monkeypatch):
 
     original = tq._scales
 
-    def divided(absmax, spec):
-        finite, qscale, dscale = original(absmax, spec)
+    def divided(absmax, spec, *args):
+        finite, qscale, dscale = original(absmax, spec, *args)
         return finite, qscale, torch.where(finite, torch.reciprocal(qscale), dscale)
 
-    monkeypatch.setattr(_kernel, "ENABLED", False)
     monkeypatch.setattr(tq, "_scales", divided)
-    _assert_torch_caught()
+    _assert_torch_caught("torch[ops]")
 
 
 def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
@@ -56,7 +55,7 @@ def test_torch_kernel_off_by_one_ulp_is_caught(monkeypatch):
     if _kernel._LIB is None:
         pytest.skip("fp8core's C kernel is not built")
     _break_kernel_constant(monkeypatch)
-    _assert_torch_caught()
+    _assert_torch_caught("torch[kernel]")
 
 
 def test_jax_kernel_off_by_one_ulp_is_caught(monkeypatch):
@@ -68,14 +67,14 @@ def test_jax_kernel_off_by_one_ulp_is_caught(monkeypatch):
     monkeypatch.setattr(_kernel, "ENABLED", True)
     if not _ffi.available():
         pytest.skip("fp8core's C kernel is not available to JAX")
-    failed = _jax_failures(monkeypatch, lambda: _break_kernel_constant(monkeypatch))
+    failed = _jax_failures(monkeypatch, lambda: _break_kernel_constant(monkeypatch), "jax[ffi]")
     assert failed, "a broken JAX kernel path went unnoticed"
-    assert {r.pair for r in failed} == {"numpy~jax"}
+    assert {r.pair for r in failed} == {"numpy~jax[ffi]"}
     assert "first at index" in failed[0].message
 
 
-def _jax_failures(monkeypatch, perturb):
-    """Failed numpy~jax results of the slice with ``perturb()`` applied; the jitted
+def _jax_failures(monkeypatch, perturb, path):
+    """Failed numpy~<path> results of the slice with ``perturb()`` applied; the jitted
     quantizers are retraced with it (constants and helpers are read at trace time)
     and again after it is undone."""
     import jax
@@ -83,7 +82,7 @@ def _jax_failures(monkeypatch, perturb):
     jax.clear_caches()
     perturb()
     try:
-        return _failures(("numpy", "jax"))[1]
+        return _failures(("numpy", path))[1]
     finally:
         monkeypatch.undo()
         jax.clear_caches()
@@ -104,10 +103,10 @@ def _break_kernel_constant(monkeypatch):
     monkeypatch.setattr(_kernel, "_format", off)
 
 
-def _assert_torch_caught():
-    results, failed = _failures(("numpy", "torch"))
-    assert failed, "a broken torch backend went unnoticed"
-    assert {r.pair for r in failed} == {"numpy~torch"}
+def _assert_torch_caught(path):
+    results, failed = _failures(("numpy", path))
+    assert failed, f"a broken {path} went unnoticed"
+    assert {r.pair for r in failed} == {f"numpy~{path}"}
     assert {r.case_id for r in failed} <= {c.id for c in SLICE}
     assert all(r.case_id.startswith("fake_quantize_blockwise[") for r in failed)
     assert "first at index" in failed[0].message and "expected" in failed[0].message
@@ -121,17 +120,15 @@ def test_jax_dividing_instead_of_multiplying_is_caught(monkeypatch):
     from fp8core import _kernel
     from fp8core_jax import quantize as jq
 
-    monkeypatch.setattr(_kernel, "ENABLED", False)
-
     original = jq._group_scales
 
-    def divided(absmax, c):
-        finite, qscale, dscale = original(absmax, c)
+    def divided(absmax, c, *args):
+        finite, qscale, dscale = original(absmax, c, *args)
         return finite, qscale, jnp.where(finite, jnp.float32(1) / qscale, dscale)
 
-    failed = _jax_failures(monkeypatch, lambda: monkeypatch.setattr(jq, "_group_scales", divided))
+    failed = _jax_failures(monkeypatch, lambda: monkeypatch.setattr(jq, "_group_scales", divided), "jax[xla]")
     assert failed, "a JAX backend that divides went unnoticed"
-    assert {r.pair for r in failed} == {"numpy~jax"}
+    assert {r.pair for r in failed} == {"numpy~jax[xla]"}
     assert "first at index" in failed[0].message
     # and the failure names the case as the report would
     assert failed[0].case_id in {c.id for c in select(SLICE, "fake_quantize_blockwise")}

@@ -1,8 +1,9 @@
 """Property tests (hypothesis): random shapes, block sizes, formats and values.
 
-Torch and JAX (through the conformance adapters, i.e. their public APIs) must
-equal the reference bit for bit, and the reference's error never exceeds half a
-code step times the scale (a float64 oracle).
+Every torch and JAX path (through the conformance adapters, i.e. their public APIs,
+with the path forced as ``python -m conformance`` forces it) must equal the reference
+bit for bit, and the reference's error never exceeds half a code step times the scale
+(a float64 oracle).
 """
 
 import ml_dtypes
@@ -43,7 +44,12 @@ def _check_backend(name, x, codebook, blocksize):
     reason = backend.unavailable()
     if reason:
         pytest.skip(reason)
-    ref, other = BACKENDS["numpy"], backend
+    with backend.forced():
+        _check_forced(backend, x, codebook, blocksize)
+
+
+def _check_forced(other, x, codebook, blocksize):
+    ref = BACKENDS["numpy"]
     if blocksize is None:
         expected = ref.quantize_global(x, codebook)
         actual = other.quantize_global(x, codebook)
@@ -58,16 +64,18 @@ def _check_backend(name, x, codebook, blocksize):
     assert outcome.passed, f"{codebook} {x.dtype} {x.shape} bs={blocksize}: {outcome.message}"
 
 
+@pytest.mark.parametrize("path", ["kernel", "ops"])
 @SETTINGS
-@given(quantizer_inputs())
-def test_torch_equals_reference(args):
-    _check_backend("torch", *args)
+@given(args=quantizer_inputs())
+def test_torch_equals_reference(path, args):
+    _check_backend(f"torch[{path}]", *args)
 
 
+@pytest.mark.parametrize("path", ["ffi", "xla"])
 @SETTINGS
-@given(quantizer_inputs())
-def test_jax_equals_reference(args):
-    _check_backend("jax", *args)
+@given(args=quantizer_inputs())
+def test_jax_equals_reference(path, args):
+    _check_backend(f"jax[{path}]", *args)
 
 
 @SETTINGS
