@@ -192,6 +192,27 @@ def test_residuals_follow_recipe_saved(preset):
             assert form == "hp" and res.shape == t.shape and res.dtype == t.dtype
 
 
+@slow
+def test_transforms_agree():
+    """vmap (each example its own call: own scales) == a loop; checkpoint == plain grad,
+    for a recipe with tiles and backward re-quantization (BLOCKWISE_1x128)."""
+    rng = np.random.default_rng(4)
+    A = _input(rng, (3, 6, 200), "float32")
+    B = (rng.standard_normal((200, 136)) / 14).astype(np.float32)
+
+    def loss(a, b):
+        return (matmul_fp8(a, b, recipe="BLOCKWISE_1x128") ** 2).sum()
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    gA_v, gB_v = jax.vmap(grad, in_axes=(0, None))(A, B)
+    for i in range(3):
+        gA, gB = grad(A[i], B)
+        assert_bits_equal(np.asarray(gA_v[i]), np.asarray(gA), f"vmap grad_A {i}")
+        np.testing.assert_allclose(gB_v[i], gB, rtol=1e-6, atol=1e-6)
+    gA_c, _ = jax.grad(jax.checkpoint(loss), argnums=(0, 1))(A[0], B)
+    assert_bits_equal(np.asarray(gA_c), np.asarray(grad(A[0], B)[0]), "checkpoint grad_A")
+
+
 @both_paths
 @pytest.mark.parametrize("mode", ["mixed", "global"])
 def test_bnb_functions_and_layers_are_their_presets(mode):
