@@ -1,4 +1,8 @@
-"""JAX quantizers: the numerics contract (docs/numerics.md §3–§4) in jax.numpy.
+"""JAX quantizers: the numerics contract (docs/numerics.md §3–§4, §9) in jax.numpy.
+
+Blockwise / global quantizers, and the GEMM-operand quantizers of recipes
+(:func:`quantize_operand` & co.: every granularity of :mod:`fp8core.recipe` and
+every scale rule), all executing the same jitted group math.
 
 Every function here matches :mod:`fp8core.reference` bit for bit on codes
 (uint8), absmax (float32 bits; NaN stored as ``0x7FC00000``) and dequantized

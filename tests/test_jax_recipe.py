@@ -361,3 +361,38 @@ def test_operand_and_layer_bad_input():
         LinearFP8(8, 4, recipe=fp8core.resolve_codebook("e5m2"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown recipe"):
         LinearFP8(8, 4, recipe="MXFP8", rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------ API parity
+@pytest.mark.parametrize("name", ["quantize_operand", "dequantize_operand", "fake_quantize_operand"])
+def test_operand_functions_share_the_reference_signature(name):
+    import inspect
+
+    import fp8core_jax
+
+    def params(fn):
+        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+    assert params(getattr(fp8core_jax, name)) == params(getattr(ref, name))
+
+
+def test_recipe_api_matches_torch():
+    """matmul_fp8, convert_to_fp8 and the operand functions take the same parameters
+    (names, kinds) in fp8core_torch; the layers expose ``recipe``."""
+    import inspect
+
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import fp8core_jax
+    import fp8core_jax.nn
+    import fp8core_torch
+
+    def params(fn):
+        return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+    for name in ("matmul_fp8", "quantize_operand", "dequantize_operand", "fake_quantize_operand"):
+        assert params(getattr(fp8core_jax, name)) == params(getattr(fp8core_torch, name)), name
+    assert params(fp8core_jax.nn.convert_to_fp8) == params(fp8core_torch.convert_to_fp8)
+    t = fp8core_torch.LinearFP8(96, 40, recipe="ROWWISE", device=torch.device("meta"))
+    j = fp8core_jax.nn.LinearFP8(96, 40, recipe="ROWWISE", rngs=nnx.Rngs(0))
+    assert t.recipe is j.recipe is R.ROWWISE
+    assert (t.in_features, t.out_features) == (j.in_features, j.out_features)
