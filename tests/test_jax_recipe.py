@@ -118,6 +118,39 @@ def test_operand_quantizers_bit_identical_to_reference(rule, shape, axis, dtype,
                       ref.fake_quantize_operand(x, rule, axis=axis), f"fake_quantize {what}")
 
 
+@pytest.mark.parametrize("jax_path", ["kernel"], indirect=True)
+def test_kernel_path_serves_every_granularity(jax_path, monkeypatch):
+    """On the kernel path every operand goes through a custom call (traced fresh: shapes
+    used nowhere else): flat blocks and tiles that are runs of the flattening through
+    ``_ffi.quantize``, other tiles (axis-0 operands included) through ``_ffi.quantize_tiles``."""
+    from fp8core_jax import _ffi
+
+    calls = []
+    for name in ("quantize", "quantize_tiles", "dequantize", "dequantize_tiles"):
+        def spy(*args, _orig=getattr(_ffi, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _orig(*args, **kwargs)
+        monkeypatch.setattr(_ffi, name, spy)
+    cases = [
+        (R.OperandRule("e4m3", R.tile(16), "pow2"), (41, 53), -1, "tiles"),
+        (R.OperandRule("e4m3", R.axiswise(), "pow2_torchao"), (43, 51), 0, "tiles"),
+        (R.OperandRule("e5m2", R.block(16)), (45, 50), -1, "tiles"),   # partial block per row
+        (R.OperandRule("e5m2", R.block(10)), (45, 50), -1, ""),        # runs of 10
+        (R.OperandRule("e4m3", R.tensor(), "pow2"), (47, 49), 0, ""),
+        (R.OperandRule("e4m3", R.flat(48)), (47, 49), 0, ""),
+    ]
+    for rule, shape, axis, kind in cases:
+        x = _input(np.random.default_rng(9), shape, "float32")
+        calls.clear()
+        codes, absmax = quantize_operand(x, rule, axis=axis)
+        y = dequantize_operand(codes, absmax, rule, axis=axis)
+        assert calls == ["quantize" + ("_" + kind if kind else ""),
+                         "dequantize" + ("_" + kind if kind else "")], (str(rule), axis, calls)
+        want = ref.quantize_operand(x, rule, axis=axis)
+        assert_bits_equal(np.asarray(codes), want[0], f"codes {rule}")
+        assert_bits_equal(np.asarray(y), ref.dequantize_operand(*want, rule, axis=axis), f"{rule}")
+
+
 @both_paths
 def test_operand_empty_and_zero_derivative():
     rule = R.OperandRule("e4m3", R.tile(8), "pow2")
