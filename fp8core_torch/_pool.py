@@ -66,7 +66,7 @@ def _idle_flags() -> list[bool]:
 def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat uninitialised CPU tensor of ``n`` elements of ``dtype``, reusing an idle
     pooled buffer of exactly that size when there is one."""
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = n * dtype.itemsize
     if nbytes < MIN_POOLED_BYTES or _FREE_REFS is None:
         return torch.empty(n, dtype=dtype)
     with _LOCK:

@@ -757,7 +757,18 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
         else:
             th, tw = plan.tiles.tile_rows, plan.tiles.tile_cols
             how = ("tiles", tw, th) if transposed else ("tiles", th, tw)
-    if how[0] == "tiles":
+    if (phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
+            and not torch.compiler.is_compiling() and _kernel_ok(phys, spec)):
+        # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
+        # on small operands)
+        if how[0] == "tiles":
+            v, c, a = _quantize_tiles_impl(phys, spec.codebook, how[1], how[2], rule.scale,
+                                           out_dtype, want_codes)
+        else:
+            v, c, a = _quantize_impl(phys, spec.codebook, how[1] if how[0] == "flat" else None,
+                                     out_dtype, want_codes, rule.scale)
+        v, c = (v if out_dtype is not None else None), (c if want_codes else None)
+    elif how[0] == "tiles":
         v, c, a = _qdq_tiles(phys, spec, tabs, how[1], how[2], out_dtype=out_dtype,
                              want_codes=want_codes, scale=rule.scale)
     else:
