@@ -12,12 +12,11 @@
  * (JAX/XLA and numpy callers, which have no OpenMP pool).
  *
  * 2-D tiles (fp8q_quantize_tiles / fp8q_dequantize_tiles): a row-major (R, C)
- * array in tiles of th x tw. Wide tiles are done tile by tile (absmax over the
- * tile's row segments, then the same segments scaled and written); narrow tiles
- * (tw < TILE_SEGMENT_MIN, e.g. one group per column) a band of th rows and a
- * chunk of columns at a time: one row sweep keeps a running max vector over the
- * columns, a second sweep (the chunk is sized to stay in cache) quantizes with
- * per-column scale vectors -- never a strided walk down one column per group.
+ * array in tiles of th x tw, worked on one band of th rows and a chunk of whole
+ * tiles' columns at a time: one row sweep keeps a running max vector over the
+ * chunk's columns, a second sweep quantizes the same rows with per-column scale
+ * vectors -- long contiguous row segments, never a strided walk down one column
+ * per group (one group per column is the transposed operand of a backward GEMM).
  * Tilings that are flat blocks of the row-major order (tw >= C, or th == 1 with
  * C a multiple of tw) take the blockwise / global path.
  *
@@ -37,6 +36,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define FP8Q_ABI_VERSION 3
@@ -127,43 +127,30 @@ INLINE void store_nonnan(void *p, int dt, int64_t i, float v) {
 }
 
 /* ------------------------------------------------------------------ absmax (§3.2) */
-/* Largest magnitude bit pattern of `nrows` runs of `len` elements of x (run r at
- * start + r * stride), as float32 bits. Positive floats order like their bit
- * patterns and every NaN pattern is above inf, so an integer max of |bits| is the
- * NaN-propagating max |x| in any order (and float16 -> float32 is monotonic). */
-HOT static uint32_t absmax_rows(const void *x, int dt, int64_t start, int64_t len, int64_t nrows,
-                                int64_t stride) {
+/* Largest magnitude bit pattern in x[start, start+len), as float32 bits. Positive
+ * floats order like their bit patterns and every NaN pattern is above inf, so an
+ * integer max of |bits| is the NaN-propagating max |x| in any order. */
+HOT static uint32_t absmax_bits(const void *x, int dt, int64_t start, int64_t len) {
     if (dt == DT_F32) {
+        const uint32_t *p = (const uint32_t *)x + start;
         uint32_t m = 0;
-        for (int64_t r = 0; r < nrows; r++) {
-            const uint32_t *p = (const uint32_t *)x + start + r * stride;
-            uint32_t mr = 0;
-            for (int64_t i = 0; i < len; i++) {
-                uint32_t a = p[i] & 0x7FFFFFFFu;
-                mr = a > mr ? a : mr;
-            }
-            m = mr > m ? mr : m;
+        for (int64_t i = 0; i < len; i++) {
+            uint32_t a = p[i] & 0x7FFFFFFFu;
+            m = a > m ? a : m;
         }
         return m;
     }
+    const uint16_t *p = (const uint16_t *)x + start;
     uint16_t m = 0;
-    for (int64_t r = 0; r < nrows; r++) {
-        const uint16_t *p = (const uint16_t *)x + start + r * stride;
-        uint16_t mr = 0;
-        for (int64_t i = 0; i < len; i++) {
-            uint16_t a = p[i] & 0x7FFF;
-            mr = a > mr ? a : mr;
-        }
-        m = mr > m ? mr : m;
+    for (int64_t i = 0; i < len; i++) {
+        uint16_t a = p[i] & 0x7FFF;
+        m = a > m ? a : m;
     }
     return dt == DT_F16 ? f2u(f16_bits_to_f32(m)) : (uint32_t)m << 16;
 }
 
-static uint32_t absmax_bits(const void *x, int dt, int64_t start, int64_t len) {
-    return absmax_rows(x, dt, start, len, 1, 0);
-}
-
-/* a magnitude in the input's own bits (max_cols) -> float32 bits */
+/* a magnitude in the input's own bits (max_cols) -> float32 bits (float16 ->
+ * float32 is monotonic in the magnitude bits, NaN patterns above inf) */
 static uint32_t mag_to_f32_bits(uint32_t m, int dt) {
     return dt == DT_F32 ? m : dt == DT_F16 ? f2u(f16_bits_to_f32(m)) : m << 16;
 }
@@ -322,10 +309,8 @@ INLINE uint32_t code_of(uint32_t rb, const rk_t k) {
     return (mag >= k.emin_bits ? normal : sub) | ((rb >> 31) << k.sign_shift);
 }
 
-/* One group's scales applied to `nrows` runs of `len` elements, run r starting at
- * start + r * stride (a flat block: nrows = 1; a tile: its row segments). */
-INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
-                     scales_t sc, int in_dt, int want_codes, int want_vals, int out_dt, int negzero) {
+INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, scales_t sc,
+                     int in_dt, int want_codes, int want_vals, int out_dt, int negzero) {
     const fp8q_format *f = c->f;
     /* locals, restrict: a uint8_t store may alias anything, and would otherwise
      * force the loop to reload c->x etc. on every element (no vectorization) */
@@ -333,23 +318,18 @@ INLINE void qdq_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows,
     uint8_t *restrict codes = c->codes;
     char *restrict vals = (char *)c->vals;
     if (!sc.finite) {                                             /* §3.6, §4.3 */
-        for (int64_t r = 0; r < nrows; r++) {
-            int64_t s0 = start + r * stride;
-            if (want_codes) memset(codes + s0, f->fill_code, (size_t)len);
-            if (want_vals)
-                for (int64_t i = s0; i < s0 + len; i++) store(vals, out_dt, i, u2f(0x7FC00000u));
-        }
+        if (want_codes) memset(codes + start, f->fill_code, (size_t)len);
+        if (want_vals)
+            for (int64_t i = start; i < start + len; i++) store(vals, out_dt, i, u2f(0x7FC00000u));
         return;
     }
     const rk_t k = round_consts(f);
     const float qscale = sc.qscale, dscale = sc.dscale;
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t s0 = start + r * stride, end = s0 + len;
-        for (int64_t i = s0; i < end; i++) {
-            uint32_t rb = round_bits(load(x, in_dt, i) * qscale, k, negzero);  /* §3.4 fl(x * qscale) */
-            if (want_codes) codes[i] = (uint8_t)code_of(rb, k);
-            if (want_vals) store_nonnan(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
-        }
+    const int64_t end = start + len;
+    for (int64_t i = start; i < end; i++) {
+        uint32_t rb = round_bits(load(x, in_dt, i) * qscale, k, negzero);  /* §3.4 fl(x * qscale) */
+        if (want_codes) codes[i] = (uint8_t)code_of(rb, k);
+        if (want_vals) store_nonnan(vals, out_dt, i, u2f(rb) * dscale);  /* §4.3, one final cast */
     }
 }
 
@@ -385,33 +365,27 @@ INLINE void qdq_cols_loop(const call_t *c, int64_t start, int64_t len, int64_t n
     else if (o == DT_F16) LOOP(__VA_ARGS__, IN, 0, 1, DT_F16, NZ);                      \
     else if (wc) LOOP(__VA_ARGS__, IN, 1, 1, DT_BF16, NZ);                              \
     else LOOP(__VA_ARGS__, IN, 0, 1, DT_BF16, NZ);
+/* HOT on the outer functions so each clone inlines its own vector loop */
 #define QDQ_OUT(IN)                                                                     \
-    static void qdq_in_##IN(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
-                            scales_t sc) {                                              \
+    HOT static void qdq_in_##IN(const call_t *c, int64_t s, int64_t n, scales_t sc) {   \
         int wc = c->codes != 0, wv = c->vals != 0, o = c->out_dt;                       \
-        if (c->f->negzero) { QDQ_CASES(qdq_loop, IN, 1, c, s, n, nr, st, sc) }          \
-        else { QDQ_CASES(qdq_loop, IN, 0, c, s, n, nr, st, sc) }                        \
+        if (c->f->negzero) { QDQ_CASES(qdq_loop, IN, 1, c, s, n, sc) }                  \
+        else { QDQ_CASES(qdq_loop, IN, 0, c, s, n, sc) }                                \
     }                                                                                   \
-    static void qdqc_in_##IN(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
+    HOT static void qdqc_in_##IN(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
                              const float *qs, const float *ds, const uint32_t *ok) {    \
         int wc = c->codes != 0, wv = c->vals != 0, o = c->out_dt;                       \
         if (c->f->negzero) { QDQ_CASES(qdq_cols_loop, IN, 1, c, s, n, nr, st, qs, ds, ok) } \
         else { QDQ_CASES(qdq_cols_loop, IN, 0, c, s, n, nr, st, qs, ds, ok) }           \
     }
-/* HOT on the outer functions so each clone inlines its own vector loop */
-HOT QDQ_OUT(DT_F32)
-HOT QDQ_OUT(DT_F16)
-HOT QDQ_OUT(DT_BF16)
-
-static void qdq_rows(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
-                     scales_t sc) {
-    if (c->in_dt == DT_F32) qdq_in_DT_F32(c, start, len, nrows, stride, sc);
-    else if (c->in_dt == DT_F16) qdq_in_DT_F16(c, start, len, nrows, stride, sc);
-    else qdq_in_DT_BF16(c, start, len, nrows, stride, sc);
-}
+QDQ_OUT(DT_F32)
+QDQ_OUT(DT_F16)
+QDQ_OUT(DT_BF16)
 
 static void qdq_range(const call_t *c, int64_t start, int64_t len, scales_t sc) {
-    qdq_rows(c, start, len, 1, 0, sc);
+    if (c->in_dt == DT_F32) qdq_in_DT_F32(c, start, len, sc);
+    else if (c->in_dt == DT_F16) qdq_in_DT_F16(c, start, len, sc);
+    else qdq_in_DT_BF16(c, start, len, sc);
 }
 
 static void qdq_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
@@ -586,16 +560,19 @@ int fp8q_dequantize(const uint8_t *codes, int64_t n, int64_t group, const float 
 
 /* ------------------------------------------------------------------ 2-D tiles */
 /* A row-major (rows, cols) array in tiles of th x tw (edge tiles partial), absmax
- * as the row-major grid (ceil(rows/th), ceil(cols/tw)). Work items: wide tiles
- * (tw >= TILE_SEGMENT_MIN) one tile each; narrow tiles one (band of th rows) x
- * (chunk of w columns, a multiple of tw) each, the chunk sized so that the band's
- * piece of the input stays in cache between the max sweep and the quantize sweep.
- * Items are split over threads in contiguous ranges (bands, and chunks of
- * columns when there are fewer bands than threads). */
-#define TILE_SEGMENT_MIN 32      /* tile widths from here on: tile by tile */
-#define CHUNK_COLS_MAX 1024      /* narrow tiles: columns per item (scratch on the stack) */
-#define CHUNK_COLS_MIN 64
-#define CHUNK_BYTES (1 << 20)    /* narrow tiles: input bytes per item */
+ * as the row-major grid (ceil(rows/th), ceil(cols/tw)). A work item is one band
+ * of th rows x one chunk of w columns (CHUNK_COLS_MAX, or fewer to give every
+ * thread work, rounded up to whole tiles; per-column scratch: 16 bytes a column,
+ * one allocation per thread). Measured on
+ * 4096x1000 / 4096x1024 (benchmarks/bench_kernel.py): whole-row chunks beat
+ * narrower, cache-sized ones (short row segments at a power-of-two stride
+ * conflict in the caches and the TLB), and this band sweep is as fast as or
+ * faster than a tile-by-tile walk for every tile shape, so it is the only one.
+ * Items are split over threads in contiguous ranges; with fewer bands than
+ * threads the columns are split into more chunks. */
+#ifndef CHUNK_COLS_MAX
+#define CHUNK_COLS_MAX 1024
+#endif
 
 typedef struct {
     const call_t *c;            /* quantize; NULL: dequantize */
@@ -606,62 +583,38 @@ typedef struct {
     const fp8q_format *f;
     float *absmax;              /* grid (written by quantize, read by dequantize) */
     int64_t rows, cols, th, tw, gc;
-    int64_t w, nck;             /* narrow: chunk columns, chunks per band; wide: 0 */
+    int64_t w, nck;             /* chunk columns, chunks per band */
     int64_t lo, hi;             /* items [lo, hi) */
+    int failed;                 /* out of memory for the scratch */
 } tjob_t;
 
+/* vals = table[codes] * ds[j] over nrows runs of len (run r at start + r * stride) */
 #define DEQT_OUT(DT)                                                                      \
     HOT static void deqt_##DT(const uint8_t *restrict codes, const float *restrict table, \
                               char *restrict vals, int64_t start, int64_t len, int64_t nrows, \
-                              int64_t stride, const float *restrict ds, float d) {        \
+                              int64_t stride, const float *restrict ds) {                 \
         for (int64_t r = 0; r < nrows; r++) {                                             \
             const int64_t s0 = start + r * stride;                                        \
-            if (ds)                                                                       \
-                for (int64_t j = 0; j < len; j++)                                         \
-                    store(vals, DT, s0 + j, table[codes[s0 + j]] * ds[j]);                \
-            else                                                                          \
-                for (int64_t i = s0; i < s0 + len; i++) store(vals, DT, i, table[codes[i]] * d); \
+            for (int64_t j = 0; j < len; j++)                                             \
+                store(vals, DT, s0 + j, table[codes[s0 + j]] * ds[j]);                    \
         }                                                                                 \
     }
 DEQT_OUT(DT_F32)
 DEQT_OUT(DT_F16)
 DEQT_OUT(DT_BF16)
 
-/* nrows runs of len values, scaled by d (ds == NULL) or ds[j] per column */
-static void deq_tile(const tjob_t *j, int64_t start, int64_t len, int64_t nrows,
-                     const float *ds, float d) {
-    char *vals = (char *)j->vals;
-    if (j->out_dt == DT_F32) deqt_DT_F32(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
-    else if (j->out_dt == DT_F16) deqt_DT_F16(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
-    else deqt_DT_BF16(j->codes, j->table, vals, start, len, nrows, j->cols, ds, d);
-}
-
-static void tile_item(const tjob_t *j, int64_t item) {
+/* scratch: qs, ds (float), ok, cm (uint32) of j->w columns each */
+HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, uint32_t *ok,
+                          uint32_t *cm) {
     const call_t *c = j->c;
-    const int64_t C = j->cols;
-    if (j->nck == 0) {                                            /* wide: one tile */
-        const int64_t b = item / j->gc, t = item % j->gc;
-        const int64_t r0 = b * j->th, nr = j->rows - r0 < j->th ? j->rows - r0 : j->th;
-        const int64_t c0 = t * j->tw, cw = C - c0 < j->tw ? C - c0 : j->tw;
-        if (c) {
-            float a = finish_absmax(absmax_rows(c->x, c->in_dt, r0 * C + c0, cw, nr, C));
-            j->absmax[item] = a;
-            qdq_rows(c, r0 * C + c0, cw, nr, C, group_scales(a, j->f));
-        } else {
-            deq_tile(j, r0 * C + c0, cw, nr, 0, group_scales(j->absmax[item], j->f).dscale);
-        }
-        return;
-    }
-    /* narrow: a band x a chunk of columns, per-column scale vectors */
+    const int64_t C = j->cols, tw = j->tw;
     const int64_t b = item / j->nck, k = item % j->nck;
     const int64_t r0 = b * j->th, nr = j->rows - r0 < j->th ? j->rows - r0 : j->th;
     const int64_t c0 = k * j->w, cw = C - c0 < j->w ? C - c0 : j->w;
-    float qs[CHUNK_COLS_MAX], ds[CHUNK_COLS_MAX];
-    uint32_t ok[CHUNK_COLS_MAX], cm[CHUNK_COLS_MAX];
-    if (c) max_cols(c->x, c->in_dt, r0 * C + c0, cw, nr, C, cm);
-    for (int64_t g0 = 0; g0 < cw; g0 += j->tw) {
-        const int64_t glen = cw - g0 < j->tw ? cw - g0 : j->tw;
-        float *am = j->absmax + b * j->gc + (c0 + g0) / j->tw;
+    if (c) max_cols(c->x, c->in_dt, r0 * C + c0, cw, nr, C, cm);        /* sweep 1 */
+    for (int64_t g0 = 0; g0 < cw; g0 += tw) {                           /* the chunk's groups */
+        const int64_t glen = cw - g0 < tw ? cw - g0 : tw;
+        float *am = j->absmax + b * j->gc + (c0 + g0) / tw;
         float a;
         if (c) {
             uint32_t m = 0;
@@ -678,42 +631,50 @@ static void tile_item(const tjob_t *j, int64_t item) {
             ok[i] = sc.finite ? ~0u : 0u;
         }
     }
-    if (c) qdq_cols(c, r0 * C + c0, cw, nr, C, qs, ds, ok);
-    else deq_tile(j, r0 * C + c0, cw, nr, ds, 0.0f);
+    if (c) {
+        qdq_cols(c, r0 * C + c0, cw, nr, C, qs, ds, ok);               /* sweep 2 */
+    } else {
+        char *v = (char *)j->vals;
+        if (j->out_dt == DT_F32) deqt_DT_F32(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
+        else if (j->out_dt == DT_F16) deqt_DT_F16(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
+        else deqt_DT_BF16(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
+    }
 }
 
 static void *run_tjob(void *arg) {
     tjob_t *j = (tjob_t *)arg;
-    for (int64_t item = j->lo; item < j->hi; item++) tile_item(j, item);
+    if (j->lo >= j->hi) return 0;
+    char *scratch = (char *)malloc((size_t)j->w * 16);
+    if (!scratch) {
+        j->failed = 1;
+        return 0;
+    }
+    float *qs = (float *)scratch, *ds = qs + j->w;
+    uint32_t *ok = (uint32_t *)(ds + j->w), *cm = ok + j->w;
+    for (int64_t item = j->lo; item < j->hi; item++) tile_item(j, item, qs, ds, ok, cm);
+    free(scratch);
     return 0;
 }
 
-/* Plan the items and run them (quantize when j0->c, else dequantize). */
-static void run_tiles(tjob_t *j0, int esize, int nthreads, int openmp) {
+/* Plan the items and run them (quantize when j0->c, else dequantize); 0, or -1
+ * when the scratch could not be allocated. */
+static int run_tiles(tjob_t *j0, int nthreads, int openmp) {
     const int64_t R = j0->rows, C = j0->cols, th = j0->th, tw = j0->tw;
     const int64_t nb = (R + th - 1) / th;
-    j0->gc = (C + tw - 1) / tw;
     int nt = clamp_threads(nthreads, R * C);
-    int64_t items;
-    if (tw >= TILE_SEGMENT_MIN) {
-        j0->w = 0;
-        j0->nck = 0;
-        items = nb * j0->gc;
-    } else {
-        int64_t w = CHUNK_BYTES / (th * esize);
-        w = w < CHUNK_COLS_MIN ? CHUNK_COLS_MIN : w > CHUNK_COLS_MAX ? CHUNK_COLS_MAX : w;
-        if (nb < nt) {                         /* fewer bands than threads: split the columns */
-            int64_t per_band = (nt + nb - 1) / nb;
-            int64_t wt = (C + per_band - 1) / per_band;
-            w = wt < w ? wt : w;
-        }
-        w = (w + tw - 1) / tw * tw;            /* whole groups */
-        w = w > CHUNK_COLS_MAX ? CHUNK_COLS_MAX / tw * tw : w;
-        j0->w = w;
-        j0->nck = (C + w - 1) / w;
-        items = nb * j0->nck;
+    int64_t w = C < CHUNK_COLS_MAX ? C : CHUNK_COLS_MAX;
+    if (nb < nt) {                             /* fewer bands than threads: split the columns */
+        int64_t per_band = (nt + nb - 1) / nb;
+        int64_t wt = (C + per_band - 1) / per_band;
+        w = wt < w ? wt : w;
     }
+    w = (w + tw - 1) / tw * tw;                /* whole tiles */
+    j0->gc = (C + tw - 1) / tw;
+    j0->w = w;
+    j0->nck = (C + w - 1) / w;
+    const int64_t items = nb * j0->nck;
     if (nt > items) nt = (int)items;
+    if (nt < 1) nt = 1;                        /* (items >= 1: callers exclude empty arrays) */
     tjob_t jobs[MAX_THREADS];
     for (int t = 0; t < nt; t++) {
         jobs[t] = *j0;
@@ -721,6 +682,9 @@ static void run_tiles(tjob_t *j0, int esize, int nthreads, int openmp) {
         jobs[t].hi = items * (t + 1) / nt;
     }
     run_parallel(run_tjob, jobs, sizeof(tjob_t), nt, openmp);
+    for (int t = 0; t < nt; t++)
+        if (jobs[t].failed) return -1;
+    return 0;
 }
 
 /* Quantize a row-major contiguous (rows, cols) array x (in_dt) in tiles of
@@ -728,7 +692,8 @@ static void run_tiles(tjob_t *j0, int esize, int nthreads, int openmp) {
  * absmax[ceil(rows/tile_rows) * ceil(cols/tile_cols)] (row-major), and
  * codes[rows*cols] (uint8) and/or vals[rows*cols] (out_dt) in x's layout when not
  * NULL. Same bits as fp8core.reference.quantize_tiles with f's scale rule.
- * Returns 0, or -1 on bad arguments. */
+ * Returns 0, or -1 on bad arguments (or no memory for 16 bytes of scratch per
+ * column of a chunk). */
 int fp8q_quantize_tiles(const void *x, int in_dt, int64_t rows, int64_t cols, int64_t tile_rows,
                         int64_t tile_cols, const fp8q_format *f, uint8_t *codes, void *vals,
                         int out_dt, float *absmax, int nthreads, int openmp) {
@@ -745,9 +710,8 @@ int fp8q_quantize_tiles(const void *x, int in_dt, int64_t rows, int64_t cols, in
         return fp8q_quantize(x, in_dt, rows * cols, tw, f, codes, vals, out_dt, absmax, nthreads,
                              openmp);
     call_t c = {x, in_dt, out_dt, codes, vals, f};
-    tjob_t j = {&c, 0, 0, 0, 0, f, absmax, rows, cols, th, tw, 0, 0, 0, 0, 0};
-    run_tiles(&j, in_dt == DT_F32 ? 4 : 2, nthreads, openmp);
-    return 0;
+    tjob_t j = {&c, 0, 0, 0, 0, f, absmax, rows, cols, th, tw, 0, 0, 0, 0, 0, 0};
+    return run_tiles(&j, nthreads, openmp);
 }
 
 /* vals = fl(table[codes] * dscale(absmax of the element's tile)), cast once to
@@ -767,7 +731,6 @@ int fp8q_dequantize_tiles(const uint8_t *codes, int64_t rows, int64_t cols, int6
     if (th == 1 && cols % tw == 0)
         return fp8q_dequantize(codes, rows * cols, tw, absmax, table, f, vals, out_dt, nthreads,
                                openmp);
-    tjob_t j = {0, codes, table, vals, out_dt, f, (float *)absmax, rows, cols, th, tw, 0, 0, 0, 0, 0};
-    run_tiles(&j, out_dt == DT_F32 ? 4 : 2, nthreads, openmp);
-    return 0;
+    tjob_t j = {0, codes, table, vals, out_dt, f, (float *)absmax, rows, cols, th, tw, 0, 0, 0, 0, 0, 0};
+    return run_tiles(&j, nthreads, openmp);
 }
