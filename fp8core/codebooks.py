@@ -342,6 +342,14 @@ def resolve_codebook(spec: Any, *, argname: str = "codebook") -> Codebook:
             ) from None
     if isinstance(spec, _formats.FormatSpec):
         return Codebook.from_format(spec)
+    from fp8core import recipe as _recipe  # (recipe imports this module)
+    if isinstance(spec, (_recipe.LinearRecipe, _recipe.OperandRule)):
+        kind = type(spec).__name__
+        raise TypeError(
+            f"{argname} must be a format name, a Codebook or {TABLE_SIZE} table values, got "
+            f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind}; recipes go to recipe= (LinearFP8, matmul_fp8, "
+            f"convert_to_fp8) and operand rules to quantize_operand"
+        )
     if spec is None or isinstance(spec, (bool, int, float, complex)):
         raise TypeError(
             f"{argname} must be a format name, a Codebook or {TABLE_SIZE} table values, "

@@ -38,6 +38,10 @@ E4M3 = ml_dtypes.float8_e4m3fn
     (lambda: FR.get_recipe("blockwise"), ValueError, r"unknown recipe 'blockwise'; presets: BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128"),
     (lambda: FR.get_recipe(fp8core.resolve_codebook("e4m3")), TypeError, r"got a Codebook; a codebook belongs in OperandRule"),
     (lambda: FR.get_recipe(3), TypeError, r"recipe must be a LinearRecipe or a preset name"),
+    (lambda: fp8core.quantize_blockwise(np.ones(4, np.float32), FR.ROWWISE, 2), TypeError,
+     r"codebook must be a format name, a Codebook or 256 table values, got a LinearRecipe; recipes go to recipe="),
+    (lambda: fp8core.fake_quantize(np.ones(4, np.float32), FR.ROWWISE.input), TypeError,
+     r"got an OperandRule; .* operand rules to quantize_operand"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_values_raise_naming_the_field(make, exc, msg):
     with pytest.raises(exc, match=msg):
