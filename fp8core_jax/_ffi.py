@@ -1,6 +1,9 @@
 """fp8core's fused C quantizer as XLA custom calls (``jax.ffi``), CPU only.
 
-The handlers (``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the
+Four calls: flat blocks / global (:func:`quantize`, :func:`dequantize`) and 2-D
+tiles of a row-major matrix (:func:`quantize_tiles`, :func:`dequantize_tiles`),
+each with a scale rule (``scale="fp32" | "pow2" | "pow2_torchao"``). The handlers
+(``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the
 C kernel the torch backend uses (``fp8core._fp8q``, built at install time), so
 every platform still runs the contract's operation sequence and the results are
 the bits of :mod:`fp8core.reference` (tested). The handler file needs the XLA FFI

@@ -557,17 +557,17 @@ int fp8q_dequantize(const uint8_t *codes, int64_t n, int64_t group, const float 
     return 0;
 }
 
-
 /* ------------------------------------------------------------------ 2-D tiles */
 /* A row-major (rows, cols) array in tiles of th x tw (edge tiles partial), absmax
  * as the row-major grid (ceil(rows/th), ceil(cols/tw)). A work item is one band
  * of th rows x one chunk of w columns (CHUNK_COLS_MAX, or fewer to give every
  * thread work, rounded up to whole tiles; per-column scratch: 16 bytes a column,
- * one allocation per thread). Measured on
- * 4096x1000 / 4096x1024 (benchmarks/bench_kernel.py): whole-row chunks beat
- * narrower, cache-sized ones (short row segments at a power-of-two stride
- * conflict in the caches and the TLB), and this band sweep is as fast as or
- * faster than a tile-by-tile walk for every tile shape, so it is the only one.
+ * one allocation per thread). Measured on 4096x1000 and 4096x1024 (one thread):
+ * chunks of whole rows (or 1024 columns) beat narrower ones sized to keep the
+ * band's chunk in L2 between the sweeps (64-column chunks of a 4096-row band were
+ * ~3x slower -- short row segments at a large stride; cache-set and TLB conflicts
+ * are the likely cause), and this band sweep was as fast as or faster than a
+ * tile-by-tile walk for every tile shape tried, so it is the only one.
  * Items are split over threads in contiguous ranges; with fewer bands than
  * threads the columns are split into more chunks. */
 #ifndef CHUNK_COLS_MAX
