@@ -3,15 +3,20 @@ existing blockwise kernel (flat blocks of 1024) and against a plain copy, as rat
 measured in one run.
 
     python benchmarks/bench_kernel.py [--repeats 15] [--threads N] [--shapes 4096x1024,512x256]
-                                      [--outputs both|codes|values] [--dequantize]
+                                      [--outputs both|codes|values] [--scale fp32|pow2|pow2_torchao]
+                                      [--dequantize] [--clock wall|thread]
 
 Every kernel call writes the same outputs (uint8 codes and/or values in the input's
 dtype, plus its absmax) into preallocated buffers, so the figures are the kernel's
-own time. ``copy`` is ``np.copyto`` of the input into a preallocated array (and
-``torch`` ``dst.copy_(src)`` when torch is importable) — one read and one write of
-the input, the floor for any elementwise pass. Each figure is the median over
+own time. ``copy`` copies the input into a preallocated array (``np.copyto`` for
+one thread; torch's ``dst.copy_(src)`` on the same number of threads as the kernel
+otherwise, when torch is importable) — one read and one write of the input, the
+floor for any elementwise pass. Each figure is the median over
 ``repeats`` of paired measurements (baseline and candidate back to back after a
 warm-up), so load from other processes affects both sides of a ratio alike.
+``--clock thread`` (with ``--threads 1``) times the calling thread's CPU time
+instead of wall time: steadier on a loaded machine (time spent descheduled is not
+counted; cache and memory contention still is).
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ TILE_CLASSES = [
 ]
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def paired(base, cand, repeats: int, warmup: int = 2) -> tuple[float, float, float]:
@@ -66,16 +74,21 @@ def _nthreads() -> int:
         return os.cpu_count() or 1
 
 
-def _copy_fn(x: np.ndarray):
-    """The fastest plain copy available: torch's when importable, else numpy's."""
+def _copy_fn(x: np.ndarray, threads: int):
+    """A plain copy on as many threads as the kernel gets: ``np.copyto`` for one
+    thread, else torch's ``copy_`` on ``threads`` threads when torch is importable."""
     dst = np.empty_like(x)
-    try:
-        import torch
-    except ImportError:
-        return "np.copyto", lambda: np.copyto(dst, x)
-    src = torch.from_numpy(x.view(np.uint16) if x.dtype == BF16 else x)
-    out = torch.empty_like(src)
-    return "torch copy_", lambda: out.copy_(src)
+    if threads > 1:
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            torch.set_num_threads(threads)
+            src = torch.from_numpy(x.view(np.uint16) if x.dtype == BF16 else x)
+            out = torch.empty_like(src)
+            return f"torch copy_/{threads}", lambda: out.copy_(src)
+    return "np.copyto", lambda: np.copyto(dst, x)
 
 
 def bench_quantize(args, cb, shape, dtype, copy_rows: list) -> list[tuple]:
@@ -95,7 +108,7 @@ def bench_quantize(args, cb, shape, dtype, copy_rows: list) -> list[tuple]:
         K.quantize(x.ctypes.data, x.dtype.name, n, 1024, cb, codes_ptr=cptr, vals_ptr=vptr,
                    out_dtype=x.dtype.name, absmax_ptr=am_flat.ctypes.data, nthreads=nt)
 
-    copy_name, copy = _copy_fn(x)
+    copy_name, copy = _copy_fn(x, nt)
     b, c, r = paired(copy, flat1024, args.repeats)
     copy_rows.append((f"{rows}x{cols}", x.dtype.name, copy_name, b * 1e3, c * 1e3, r))
     out = []
@@ -152,14 +165,21 @@ def main() -> None:
     p.add_argument("--outputs", choices=("both", "codes", "values"), default="both")
     p.add_argument("--scale", choices=tuple(K.SCALE_RULE_CODES), default="fp32")
     p.add_argument("--dequantize", action="store_true", help="also time dequantize_tiles")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="thread: the calling thread's CPU time (only with --threads 1)")
     args = p.parse_args()
+    if args.clock == "thread":
+        if args.threads != 1:
+            sys.exit("--clock thread measures the calling thread only: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     if not K.available():
         sys.exit("fp8core's C kernel is not built (pip install -e .) or FP8CORE_KERNEL=0")
     cb = fp8core.resolve_codebook("e4m3")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = [BF16 if d == "bfloat16" else np.dtype(d) for d in args.dtypes.split(",")]
     print(f"fp8core kernel, e4m3, scale={args.scale}, outputs={args.outputs}, "
-          f"{args.threads} thread(s), median of {args.repeats} paired runs")
+          f"{args.threads} thread(s), {args.clock} clock, median of {args.repeats} paired runs")
     rows, copies = [], []
     for shape in shapes:
         for dt in dtypes:
