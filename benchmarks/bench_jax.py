@@ -114,22 +114,22 @@ def section_layers(args, bf16_ok: bool):
         base = blocking(plain, x, w, g)
         rows, acc_ratio = [], None
         if dtype == jnp.bfloat16:
-            tb, tc, acc_ratio = paired(base, blocking(f32acc, x, w, g), args.repeats)
+            tb, tc, *acc_ratio = paired(base, blocking(f32acc, x, w, g), args.repeats)
             rows.append(("x @ W, float32 accumulate", tb, tc, acc_ratio, None))
         for preset in args.recipes:
             if not runnable(preset):
                 rows.append((preset, None, None, None, NO_ENGINE))
                 continue
             try:
-                tb, tc, ratio = paired(base, blocking(fwd_bwd(matmul_for(preset)), x, w, g), args.repeats)
+                tb, tc, *ratio = paired(base, blocking(fwd_bwd(matmul_for(preset)), x, w, g), args.repeats)
             except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
                 rows.append(failed(preset, e))
                 continue
             rows.append((preset, tb, tc, ratio, TARGETS[f"layer {name}"]))
         print_rows(rows)
         if acc_ratio is not None:
-            print(f"  vs the float32-accumulate baseline (ratio / {acc_ratio:.2f}): " + ", ".join(
-                f"{r[0]} {r[3] / acc_ratio:.2f}" for r in rows[1:] if r[3] is not None))
+            print(f"  vs the float32-accumulate baseline (ratio / {acc_ratio[0]:.2f}): " + ", ".join(
+                f"{r[0]} {r[3][0] / acc_ratio[0]:.2f}" for r in rows[1:] if r[3] is not None))
     print(f"  (end {stamp()})")
 
 
@@ -158,7 +158,7 @@ def section_small(args):
                 continue
             try:
                 cand = layer_step(linear_for(preset, k, n, nnx.Rngs(0)), x, g)
-                tb, tc, ratio = paired(base, cand, args.repeats, min_sample=0.02)
+                tb, tc, *ratio = paired(base, cand, args.repeats, min_sample=0.02)
             except Exception as e:  # noqa: BLE001
                 rows.append(failed(preset, e))
                 continue
@@ -249,7 +249,7 @@ def section_model(args):
             continue
         try:
             cand = TrainStep(convert_for(preset, TinyLM(**MODEL, rngs=nnx.Rngs(0))), idx, tgt)
-            tb, tc, ratio = paired(base, cand, args.repeats, warmup=3)
+            tb, tc, *ratio = paired(base, cand, args.repeats, warmup=3)
         except Exception as e:  # noqa: BLE001
             rows.append(failed(preset, e))
             continue
@@ -267,7 +267,7 @@ def section_quant(args):
     rows = []
     for bs in (64, 4096, None):
         fq = blocking(jax.jit(lambda v, bs=bs: fake_quantize(v, "e4m3", bs)), x)
-        tb, tc, ratio = paired(copy, fq, args.repeats)
+        tb, tc, *ratio = paired(copy, fq, args.repeats)
         rows.append((f"blocksize={bs}", tb, tc, ratio, None))
     print_rows(rows)
 

@@ -128,7 +128,7 @@ def bench_layer(args, tokens, k, n, dtype, compiled: bool, target: float | None,
     for label, layer, preset in candidates(args, ref):
         try:
             cand = layer_step(wrap(layer), layer, x, g)
-            tb, tc, ratio = paired(base, cand, args.repeats, min_sample=min_sample)
+            tb, tc, *ratio = paired(base, cand, args.repeats, min_sample=min_sample)
         except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
             rows.append(failed(label, e))
             continue
@@ -235,7 +235,7 @@ def section_model(args):
                     cands.append((f"torchao {TORCHAO_RECIPES[name]} (emulate)", m, None))
     for label, model, preset in cands:
         try:
-            tb, tc, ratio = paired(base, model_step(model, idx, tgt), args.repeats, warmup=3)
+            tb, tc, *ratio = paired(base, model_step(model, idx, tgt), args.repeats, warmup=3)
         except Exception as e:  # noqa: BLE001
             rows.append(failed(label, e))
             continue
@@ -284,7 +284,7 @@ def section_memory(args):
 def section_quant(args):
     n = 16 * 1024 * 1024
     print(f"\n16M elements (ratio = op / x.clone(); GB/s = input bytes / op time) {stamp()}")
-    print(f"  {'op':44} {'dtype':9} {'clone ms':>9} {'op ms':>8} {'ratio':>6} {'GB/s':>6}")
+    print(f"  {'op':44} {'dtype':9} {'clone ms':>9} {'op ms':>8} {'ratio':>6} {'best':>5} {'GB/s':>6}")
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(n).to(dtype)
 
@@ -304,10 +304,10 @@ def section_quant(args):
             fq_c = torch.compile(lambda t: T.fake_quantize(t, "e4m3", 1024))
             cases.append(("fake_quantize e4m3 bs=1024, compiled", lambda: fq_c(x)))
         for label, fn in cases:
-            tb, tc, ratio = paired(lambda: x.clone(), fn, args.repeats)
+            tb, tc, *ratio = paired(lambda: x.clone(), fn, args.repeats)
             gbs = x.numel() * x.element_size() / tc / 1e9
             print(f"  {label:44} {str(dtype).removeprefix('torch.'):9} {tb * 1e3:9.1f} "
-                  f"{tc * 1e3:8.1f} {ratio:6.2f} {gbs:6.2f}", flush=True)
+                  f"{tc * 1e3:8.1f} {ratio[0]:6.2f} {ratio[1]:5.2f} {gbs:6.2f}", flush=True)
 
 
 def main() -> None:
