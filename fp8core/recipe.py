@@ -45,6 +45,7 @@ __all__ = [
     "flat",
     "SCALE_RULES",
     "OperandRule",
+    "check_rule",
     "REUSE",
     "LinearRecipe",
     "SLOTS",
@@ -194,6 +195,15 @@ class OperandRule:
     def __str__(self) -> str:
         scale = "" if self.scale == "fp32" else f", {self.scale}"
         return f"{self.format.name}/{self.granularity}{scale}"
+
+
+def check_rule(rule: Any, *, argname: str = "rule") -> OperandRule:
+    """``rule`` itself if it is an :class:`OperandRule`; TypeError otherwise (every
+    backend's operand quantizers raise this one message)."""
+    if not isinstance(rule, OperandRule):
+        raise TypeError(f"{argname} must be an fp8core.recipe.OperandRule, got "
+                        f"{type(rule).__name__}: {rule!r}")
+    return rule
 
 
 #: A backward slot that reuses the quantized value another slot computed for the same

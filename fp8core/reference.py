@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from fp8core import _validation
+from fp8core import recipe as _recipe
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
     CANONICAL_NAN_BITS,
@@ -94,8 +95,7 @@ def group_scales(absmax: np.ndarray, codebook: Codebook, scale: str = "fp32"
     else:
         e = (q0.view(np.uint32) >> 23) & np.uint32(0xFF)             # q0 is a normal float32
         if scale == "pow2_torchao":
-            from fp8core.recipe import pow2_torchao_thresholds
-            e = e + (q0 >= pow2_torchao_thresholds()[e]).astype(np.uint32)
+            e = e + (q0 >= _recipe.pow2_torchao_thresholds()[e]).astype(np.uint32)
         elif scale != "pow2":
             raise ValueError(f"unknown scale rule {scale!r}")
         qscale = (e << np.uint32(23)).view(np.float32)
@@ -288,17 +288,6 @@ def dequantize_tiles(codes: Any, absmax: Any, codebook: Any, tile_rows: int, til
     return _untile(y, plan).astype(out_dtype)
 
 
-_operand_matrix = operand_matrix  # old private name (kept while the backends move over)
-
-
-def _rule(rule: Any):
-    from fp8core.recipe import OperandRule
-    if not isinstance(rule, OperandRule):
-        raise TypeError(f"rule must be an fp8core.recipe.OperandRule, got {type(rule).__name__}: "
-                        f"{rule!r}")
-    return rule
-
-
 def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a GEMM operand under an :class:`~fp8core.recipe.OperandRule` (§9).
 
@@ -312,7 +301,7 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, 
       along the contraction axis).
     """
     x = _as_float_array(x)
-    rule = _rule(rule)
+    rule = _recipe.check_rule(rule)
     rows, cols, transposed = operand_matrix(x.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
     m = x.T if transposed else x.reshape(rows, cols)
@@ -336,7 +325,7 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     """Inverse of :func:`quantize_operand` (§4 per group, cast once to ``dtype``)."""
     codes = np.asarray(codes)
     absmax = np.asarray(absmax)
-    rule = _rule(rule)
+    rule = _recipe.check_rule(rule)
     _validation.check_codes_dtype(codes.dtype.name)
     rows, cols, transposed = operand_matrix(codes.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
@@ -365,7 +354,7 @@ def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> np.ndarray:
 def operand_scales(absmax: Any, rule: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(qscale, dscale)`` of stored absmax values under ``rule`` (§3.3, §9.2): the
     multiplier applied before rounding and the one applied after decoding."""
-    rule = _rule(rule)
+    rule = _recipe.check_rule(rule)
     _, qscale, dscale = group_scales(np.asarray(absmax, np.float32), rule.format, rule.scale)
     return qscale, dscale
 
@@ -382,8 +371,7 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
     value is in its tensor's own dtype first (X in A's, W in B's), then cast to A's
     dtype, exactly as the backends do; high-precision slots are the inputs themselves.
     """
-    from fp8core.recipe import REUSE_SOURCE, get_recipe
-    recipe = get_recipe(recipe)
+    recipe = _recipe.get_recipe(recipe)
     A = _as_float_array(A, "A")
     B = _as_float_array(B, "B")
     a_dtype = A.dtype if A.dtype != np.float64 else np.dtype(np.float32)
@@ -405,6 +393,6 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
     for slot, (t, axis) in {"weight_for_grad_input": (B, 1), "input_for_grad_weight": (A2, 0),
                             "grad_output_for_grad_weight": (g2, 0)}.items():
         src = recipe.source(slot)
-        out[slot] = (out[REUSE_SOURCE[slot]] if src == "reuse"
+        out[slot] = (out[_recipe.REUSE_SOURCE[slot]] if src == "reuse"
                      else q(t, slot, axis, a_dtype))
     return out

@@ -790,13 +790,6 @@ def _fake_operand(x, rule, axis: int):
     return _operand(x, rule, axis, np.dtype(x.dtype).name, False)[0]
 
 
-def _check_rule(rule: Any, argname: str = "rule"):
-    if not isinstance(rule, fp8core.recipe.OperandRule):
-        raise TypeError(f"{argname} must be an fp8core.recipe.OperandRule, got "
-                        f"{type(rule).__name__}: {rule!r}")
-    return rule
-
-
 def _check_axis(shape: tuple[int, ...], rule, axis: Any) -> int:
     _layout(tuple(shape), rule.granularity, axis)  # raises for a bad axis
     return int(axis)
@@ -829,7 +822,7 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[jax.Array, j
       ValueError: ``axis`` neither the last axis nor 0 of a 2-D array.
     """
     x = _check_x(x)
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     axis = _check_axis(tuple(x.shape), rule, axis)
     _, codes, absmax = _operand(x, rule, axis, None, True)
     return codes, absmax
@@ -848,7 +841,7 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     """
     codes = jnp.asarray(codes) if not hasattr(codes, "dtype") else codes
     absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     _validation.check_codes_dtype(np.dtype(codes.dtype).name)
     axis = _check_axis(tuple(codes.shape), rule, axis)
     plan = _layout(tuple(codes.shape), rule.granularity, axis).plan
@@ -864,7 +857,7 @@ def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> jax.Array:
     Arguments and errors as :func:`quantize_operand`.
     """
     x = _check_x(x)
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     axis = _check_axis(tuple(x.shape), rule, axis)
     return _fake_operand_zero_grad(x, rule, axis)
 

@@ -146,7 +146,8 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
         return finite, qscale, dscale
     e = torch.bitwise_right_shift(qscale.view(torch.int32), 23)     # q0 > 0 is a normal
     if scale == "pow2_torchao":
-        e = e + (qscale >= _pow2_thresholds(absmax.device)[e.long()]).to(torch.int32)
+        thr = _pow2_thresholds(absmax.device)[e.reshape(-1).long()].view(e.shape)  # 1-D gather
+        e = e + (qscale >= thr).to(torch.int32)
     elif scale != "pow2":
         raise ValueError(f"unknown scale rule {scale!r}")
     qscale = torch.bitwise_left_shift(e, 23).view(torch.float32)
@@ -155,9 +156,14 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
     return finite, qscale, dscale
 
 
+#: fp8core.recipe.pow2_torchao_thresholds() as a tensor, made once at import (under
+#: torch.compile the traced code then only moves it, never runs numpy)
+_POW2_THRESHOLDS = torch.from_numpy(fp8core.recipe.pow2_torchao_thresholds().copy())
+
+
 @functools.lru_cache(maxsize=16)
 def _pow2_thresholds(device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(fp8core.recipe.pow2_torchao_thresholds().copy()).to(device)
+    return _POW2_THRESHOLDS.to(device)
 
 
 def _round_native_(s: torch.Tensor, spec: QuantSpec, k: torch.Tensor | None = None,
@@ -792,13 +798,6 @@ def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTe
     return y.t() if q.transposed else y
 
 
-def _check_rule(rule: Any):
-    if not isinstance(rule, fp8core.recipe.OperandRule):
-        raise TypeError(f"rule must be an fp8core.recipe.OperandRule, got "
-                        f"{type(rule).__name__}: {rule!r}")
-    return rule
-
-
 def _logical(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
     rows, cols, transposed = operand_matrix(tuple(x.shape), axis)
     return (x.t() if transposed else x.reshape(rows, cols)), transposed
@@ -822,7 +821,7 @@ def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1
       ValueError: ``axis`` not the last axis or 0 of a 2-D tensor.
     """
     check_float_tensor(x, "x")
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
     _, q = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=None, want_codes=True)
@@ -838,7 +837,7 @@ def dequantize_operand(codes: torch.Tensor, absmax: torch.Tensor, rule: Any, *, 
     """Inverse of :func:`quantize_operand`: ``fl(value[code] * dscale)`` per group, cast
     once to ``dtype``."""
     _check_codes(codes)
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     dtype = _check_out_dtype(dtype)
     m, transposed = _logical(codes, axis)
     plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
@@ -860,7 +859,7 @@ def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1) -> torc
     """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype, fused (codes are not
     materialized). Not differentiable (detached), like :func:`fake_quantize`."""
     check_float_tensor(x, "x")
-    rule = _check_rule(rule)
+    rule = fp8core.recipe.check_rule(rule)
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
     v, _ = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=x.dtype, want_codes=False)
