@@ -83,42 +83,50 @@ def verdict(ratio: float, target: float | None) -> str:
 
 def timed(fn, inner: int = 1) -> float:
     """Seconds per call of ``fn`` (which must block until its result exists)."""
-    t0 = time.perf_counter()
+    return _sample(fn, inner)[0]
+
+
+def _sample(fn, inner: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call over ``inner`` calls."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
 def paired(base, cand, repeats: int, warmup: int = 2, min_sample: float = 0.0
-           ) -> tuple[float, float, float, float]:
+           ) -> tuple[float, float, float, float, float]:
     """(median base s, median cand s, median of the per-pair ratios, ratio of the best
-    times): baseline and candidate timed back to back ``repeats`` times after ``warmup``
-    pairs, so that load from other processes hits both sides of each ratio alike. The
-    median ratio is the figure; the best-times ratio is a second opinion on a loaded
-    machine (each side's least-disturbed sample). With ``min_sample`` each sample is a
-    loop of calls lasting at least that long (tiny layers)."""
+    times, median of the per-pair process-CPU-time ratios): baseline and candidate timed
+    back to back ``repeats`` times after ``warmup`` pairs, so that load from other
+    processes hits both sides of each ratio alike. The median wall-time ratio is the
+    figure; the other two are second opinions on a loaded machine (each side's
+    least-disturbed sample; CPU time, which does not count time spent descheduled). With
+    ``min_sample`` each sample is a loop of calls lasting at least that long (tiny layers)."""
     for _ in range(warmup):
         base(), cand()
     inner = 1
     if min_sample:
         inner = max(1, math.ceil(min_sample / timed(base, 10)))
-    b, c, r = [], [], []
+    b, c, r, rc = [], [], [], []
     for _ in range(repeats):
-        tb, tc = timed(base, inner), timed(cand, inner)
-        b.append(tb), c.append(tc), r.append(tc / tb)
-    return statistics.median(b), statistics.median(c), statistics.median(r), min(c) / min(b)
+        (tb, cb), (tc, cc) = _sample(base, inner), _sample(cand, inner)
+        b.append(tb), c.append(tc), r.append(tc / tb), rc.append(cc / cb if cb > 0 else math.nan)
+    return (statistics.median(b), statistics.median(c), statistics.median(r), min(c) / min(b),
+            statistics.median(rc))
 
 
 def print_rows(rows, unit: str = "ms", scale: float = 1e3) -> None:
-    """rows of (label, base s, cand s, (median ratio, best-times ratio), target or None or
-    a failure string); times are medians."""
-    print(f"  {'candidate':36} {'base ' + unit:>10} {'FP8 ' + unit:>10} {'ratio':>6} {'best':>5}  target")
+    """rows of (label, base s, cand s, (median ratio, best-times ratio, CPU-time ratio),
+    target or None or a failure string); times are medians."""
+    print(f"  {'candidate':36} {'base ' + unit:>10} {'FP8 ' + unit:>10} {'ratio':>6} {'best':>5} "
+          f"{'cpu':>5}  target")
     for label, tb, tc, ratio, target in rows:
         if ratio is None:
             print(f"  {label:36} {target}", flush=True)
             continue
-        print(f"  {label:36} {tb * scale:10.1f} {tc * scale:10.1f} {ratio[0]:6.2f} {ratio[1]:5.2f}  "
-              f"{verdict(ratio[0], target)}", flush=True)
+        print(f"  {label:36} {tb * scale:10.1f} {tc * scale:10.1f} {ratio[0]:6.2f} {ratio[1]:5.2f} "
+              f"{ratio[2]:5.2f}  {verdict(ratio[0], target)}", flush=True)
 
 
 def failed(label: str, e: BaseException):

@@ -284,7 +284,7 @@ def section_memory(args):
 def section_quant(args):
     n = 16 * 1024 * 1024
     print(f"\n16M elements (ratio = op / x.clone(); GB/s = input bytes / op time) {stamp()}")
-    print(f"  {'op':44} {'dtype':9} {'clone ms':>9} {'op ms':>8} {'ratio':>6} {'best':>5} {'GB/s':>6}")
+    print(f"  {'op':44} {'dtype':9} {'clone ms':>9} {'op ms':>8} {'ratio':>6} {'best':>5} {'cpu':>5} {'GB/s':>6}")
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(n).to(dtype)
 
@@ -307,7 +307,7 @@ def section_quant(args):
             tb, tc, *ratio = paired(lambda: x.clone(), fn, args.repeats)
             gbs = x.numel() * x.element_size() / tc / 1e9
             print(f"  {label:44} {str(dtype).removeprefix('torch.'):9} {tb * 1e3:9.1f} "
-                  f"{tc * 1e3:8.1f} {ratio[0]:6.2f} {ratio[1]:5.2f} {gbs:6.2f}", flush=True)
+                  f"{tc * 1e3:8.1f} {ratio[0]:6.2f} {ratio[1]:5.2f} {ratio[2]:5.2f} {gbs:6.2f}", flush=True)
 
 
 def main() -> None:
