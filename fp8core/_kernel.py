@@ -136,9 +136,14 @@ def scale_rule_code(scale: str) -> int:
 
 
 def _format_for(codebook: Codebook, scale: str) -> _Format:
-    """:func:`_format` with the scale rule set (read at every call, so that tests can
-    replace ``_format``; a copy for the power-of-two rules, ~1 µs)."""
-    f = _format(codebook)
+    """:func:`_format` with the scale rule set. ``_format`` is looked up at every call (so
+    that tests can replace it), the struct is built once per (``_format``, codebook, rule)."""
+    return _format_scaled(_format, codebook, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _format_scaled(format_fn, codebook: Codebook, scale: str) -> _Format:
+    f = format_fn(codebook)
     rule = scale_rule_code(scale)
     if rule == 0:
         return f

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import fp8core
 from fp8core import _kernel
 from fp8core.codebooks import Codebook
 
@@ -145,7 +146,7 @@ def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dty
     through the kernel; ``blocksize=None`` is global (0-d absmax); ``scale`` is the scale
     rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``). CPU lowering only."""
     n = x.size
-    nb = -(-n // blocksize) if blocksize else 1
+    nb = fp8core.plan_blocks(n, blocksize).n_blocks if blocksize else 1
     shapes = (jax.ShapeDtypeStruct((n if out_dtype is not None else 0,), out_dtype or jnp.float32),
               jax.ShapeDtypeStruct((n if want_codes else 0,), jnp.uint8),
               jax.ShapeDtypeStruct((nb,), jnp.float32))
@@ -176,7 +177,7 @@ def quantize_tiles(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: 
     if x.ndim != 2:
         raise ValueError(f"quantize_tiles: x must be 2-D, got shape {tuple(x.shape)}")
     rows, cols = x.shape
-    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
+    grid = fp8core.plan_tiles(rows, cols, tile_rows, tile_cols).grid
     shapes = (jax.ShapeDtypeStruct((rows, cols) if out_dtype is not None else (0,), out_dtype or jnp.float32),
               jax.ShapeDtypeStruct((rows, cols) if want_codes else (0,), jnp.uint8),
               jax.ShapeDtypeStruct(grid, jnp.float32))
@@ -193,7 +194,7 @@ def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, ti
     if codes.ndim != 2:
         raise ValueError(f"dequantize_tiles: codes must be 2-D, got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
-    grid = (-(-rows // tile_rows), -(-cols // tile_cols))
+    grid = fp8core.plan_tiles(rows, cols, tile_rows, tile_cols).grid
     if tuple(absmax.shape) != grid:
         raise ValueError(f"dequantize_tiles: absmax must have the grid shape {grid}, got "
                          f"{tuple(absmax.shape)}")
