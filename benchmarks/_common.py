@@ -94,6 +94,13 @@ def _sample(fn, inner: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
+def cpu_median(fn, repeats: int, warmup: int = 2) -> float:
+    """Median process CPU seconds of one call (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_sample(fn, 1)[1] for _ in range(repeats))
+
+
 def paired(base, cand, repeats: int, warmup: int = 2, min_sample: float = 0.0
            ) -> tuple[float, float, float, float, float]:
     """(median base s, median cand s, median of the per-pair ratios, ratio of the best

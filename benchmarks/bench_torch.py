@@ -2,7 +2,7 @@
 quantizers against x.clone(), as ratios measured in one run.
 
     python benchmarks/bench_torch.py [--repeats 7] [--no-compile] [--no-torchao] [--tokens 4096]
-                                     [--only layers|small|model|memory|quant] [--recipes A,B]
+                                     [--only layers|small|model|memory|operands|quant] [--recipes A,B]
                                      [--no-pool] [--no-kernel]
 
 Sections (each prints its targets and whether they are met):
@@ -20,7 +20,10 @@ Sections (each prints its targets and whether they are met):
   d_model 256, 4 heads, sequence 128, batch 8, vocabulary 512), converted with
   ``convert_to_fp8(model, recipe=..., module_filter_fn=...)`` (all linears but the head)
   vs its unconverted float32 twin. Target ≤ 1.15×.
-* ``memory``: bytes saved for backward by each preset at the ``layers`` shape (float32).
+* ``memory``: bytes saved for backward by each preset at the ``layers`` shape (float32),
+  and what each preset quantizes per step (elements, column-wise groups, re-quantized slots).
+* ``operands``: each quantization of a preset's step timed alone (``quantize_operand``)
+  and all of them against the step's three GEMMs: where the overhead comes from.
 * ``quant``: the quantizers on 16M elements vs ``x.clone()``.
 
 Each figure is the median over ``repeats`` of paired measurements (baseline and
@@ -279,6 +282,54 @@ def section_memory(args):
     print_work(args.recipes, args.tokens, k, n, "torch")
 
 
+# ----------------------------------------------------------------------------- operands
+
+def section_operands(args, bf16_ok: bool):
+    """Where a preset's overhead comes from: each quantization it runs per training step
+    (``quantize_operand``, codes only, in the slot's orientation: axis 0 = column-wise
+    groups over a row-major tensor) against the step's three GEMMs in the same dtype.
+    On one thread and in process CPU time: a measure of work that load from other
+    processes barely moves (with two threads on a loaded machine every parallel region
+    can wait a scheduler time slice for its second thread)."""
+    from _common import _AXES, cpu_median
+    from fp8core.recipe import SLOTS
+    m, k, n = args.tokens, 1024, 4096
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print(f"\nquantizations of one training step vs its three GEMMs, {m} x {k} -> {n}, eager, "
+          f"1 thread (CPU ms, medians of {args.repeats}; ratio = all quantizations / GEMMs)")
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.bfloat16 and not bf16_ok:
+            print(f"\n[{name}] skipped: {BF16_REASON}")
+            continue
+        torch.manual_seed(0)
+        t = {"X": torch.randn(m, k, dtype=dtype), "W": torch.randn(n, k, dtype=dtype),
+             "dY": torch.randn(m, n, dtype=dtype)}
+
+        def gemms():
+            t["X"] @ t["W"].t(), t["dY"] @ t["W"], t["dY"].t() @ t["X"]
+        tg = cpu_median(gemms, args.repeats)
+        print(f"\n[{name}] {stamp()}; the three GEMMs: {tg * 1e3:.1f} ms")
+        for preset in args.recipes:
+            recipe = PRESETS[preset]
+            per = []
+            for slot in SLOTS:
+                rule = recipe.rule(slot)
+                if rule is None or (slot not in ("input", "weight", "grad_output")
+                                    and recipe.source(slot) != "quantize"):
+                    continue
+                tensor, axis = _AXES["torch"][slot]
+                x, a = t[tensor], (0 if axis == 0 else -1)
+                tq = cpu_median(lambda: T.quantize_operand(x, rule, axis=a), args.repeats)
+                cols = axis == 0 and rule.granularity.kind in ("axiswise", "block")
+                per.append((f"{tensor}{' cols' if cols else ''}", tq))
+            total = sum(tq for _, tq in per)
+            print(f"  {preset:20} quantize {total * 1e3:6.1f}  / GEMMs {total / tg:5.3f}   "
+                  + ", ".join(f"{label} {tq * 1e3:.1f}" for label, tq in per), flush=True)
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- quantizers
 
 def section_quant(args):
@@ -316,7 +367,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-torchao", action="store_true", help="skip torchao's Float8Linear rows")
-    p.add_argument("--only", choices=["layers", "small", "model", "memory", "quant"], action="append",
+    p.add_argument("--only", choices=["layers", "small", "model", "memory", "operands", "quant"],
+                   action="append",
                    help="run only these sections (repeatable; default all)")
     p.add_argument("--recipes", default=",".join(PRESETS),
                    help=f"comma-separated presets (default all: {','.join(PRESETS)})")
@@ -343,7 +395,7 @@ def main() -> None:
     allow_recompiles()
     flags = cpu_flags()
     bf16_ok = native_bf16(flags)
-    sections = args.only or ["layers", "small", "model", "memory", "quant"]
+    sections = args.only or ["layers", "small", "model", "memory", "operands", "quant"]
     print(header())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, repeats {args.repeats}, "
@@ -362,6 +414,8 @@ def main() -> None:
         section_model(args)
     if "memory" in sections:
         section_memory(args)
+    if "operands" in sections:
+        section_operands(args, bf16_ok)
     if "quant" in sections:
         section_quant(args)
     print(f"\ndone {stamp()}")
