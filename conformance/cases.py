@@ -216,6 +216,13 @@ def operand_rules() -> tuple[R.OperandRule, ...]:
     return tuple(out)
 
 
+def _codebook_name(cb) -> str:
+    """A name :func:`fp8core.resolve_codebook` takes back (a table's own name is descriptive)."""
+    if cb.is_native:
+        return cb.name
+    return next(n for n in QUANTIZER_CODEBOOKS if fp8core.resolve_codebook(n) == cb)
+
+
 def _group_hint(rule: R.OperandRule, shape, axis) -> int | None:
     """The group length the input generator aligns its special values to (midpoints' ±M,
     zero blocks) in the row-major flattening: a row for row-shaped groups."""
@@ -229,58 +236,59 @@ def _group_hint(rule: R.OperandRule, shape, axis) -> int | None:
 
 
 def _operand_cases(seed: int, quick: bool) -> list[Case]:
-    """quantize_operand / fake_quantize_operand cases (a deterministic subset of rules ×
-    (shape, axis) × dtype × distribution; see the README's conformance section):
+    """quantize_operand / fake_quantize_operand cases: a deterministic subset of rules ×
+    (shape, axis) × dtype × distribution (see the README's conformance section):
 
-    * the presets' rules: every (shape, axis) in float32 with every distribution, plus
-      bfloat16 and float16 on a rotating (shape, axis);
-    * every other rule: two (shape, axis, dtype) combinations picked by rotation (so the
-      rules together cover every combination), each with four distributions (normal and a
-      rotating three of the special ones).
+    * the presets' rules: every (shape, axis) in float32, plus bfloat16 and float16 on a
+      rotating (shape, axis) each; both ops; ``normal`` and four of the special
+      distributions per combination, rotating (each rule sees every distribution);
+    * every other rule: one (shape, axis, dtype) combination, rotating (the 42 rules cover
+      all 15), quantize_operand only, ``normal`` and three rotating special distributions.
 
     ``quick``: one preset rule per granularity, one rotating (shape, axis, dtype) each.
     """
     combos = [(shape, axis, dtype) for shape, axis in OPERAND_SHAPES for dtype in DTYPES]
     specials = [d for d in DISTRIBUTIONS if d not in ("normal", "fp16_max")]
     presets = preset_rules()
-    plan = []
+    plan = []  # (rule, (shape, axis, dtype), distributions, ops)
     for i, rule in enumerate(operand_rules()):
         if quick:
-            if rule in presets and rule.granularity.kind not in {r.granularity.kind for r, _, _ in plan}:
-                plan.append((rule, [combos[(4 * i) % len(combos)]],
-                             ("normal", "midpoints", "nan_block", "zero_blocks")))
+            if rule in presets and rule.granularity.kind not in {p[0].granularity.kind for p in plan}:
+                plan.append((rule, combos[(4 * i) % len(combos)],
+                             ("normal", "midpoints", "nan_block", "zero_blocks"), OPERAND_OPS))
             continue
         if rule in presets:
             chosen = [c for c in combos if c[2] == "float32"]
             chosen += [c for j, c in enumerate(combos) if c[2] != "float32" and j % 5 == i % 5][:2]
-            plan.append((rule, chosen, DISTRIBUTIONS))
+            for j, combo in enumerate(chosen):
+                dists = ("normal",) + tuple(specials[(4 * (i + j) + k) % len(specials)] for k in range(4))
+                if combo[2] == "float16":
+                    dists += ("fp16_max",)
+                plan.append((rule, combo, dists, OPERAND_OPS))
         else:
-            chosen = [combos[(7 * i) % len(combos)], combos[(7 * i + 8) % len(combos)]]
             dists = ("normal",) + tuple(specials[(3 * i + k) % len(specials)] for k in range(3))
-            plan.append((rule, chosen, dists))
+            plan.append((rule, combos[(7 * i) % len(combos)], dists, OPERAND_OPS[:1]))
     cases = []
-    for rule, chosen, dists in plan:
-        for shape, axis, dtype in chosen:
-            for dist in dists:
-                if dist == "fp16_max" and dtype != "float16":
-                    continue
-                for op in OPERAND_OPS:
-                    cases.append(Case(op, rule.format.name, shape, dtype, dist, seed,
-                                      _group_hint(rule, shape, axis), rule=rule, axis=axis))
+    for rule, (shape, axis, dtype), dists, ops in plan:
+        for dist in dists:
+            for op in ops:
+                cases.append(Case(op, _codebook_name(rule.format), shape, dtype, dist, seed,
+                                  _group_hint(rule, shape, axis), rule=rule, axis=axis))
     return cases
 
 
 def _recipe_cases(seed: int, quick: bool) -> list[Case]:
-    """Per preset: matmul_fp8 forward + backward, LinearFP8 with transferred weights, and a
-    short training run. ``quick``: the presets in :data:`QUICK_PRESETS` only, one matmul
-    shape in float32, no bf16 layer, and one training run (BLOCKWISE_1x128)."""
+    """Per preset: matmul_fp8 forward + backward (the 3-D shape in every dtype, the 2-D one
+    in float32), LinearFP8 with transferred weights (float32, bfloat16), and a short
+    training run. ``quick``: the presets in :data:`QUICK_PRESETS` only, the 3-D matmul in
+    float32, the float32 layer, and one training run (BLOCKWISE_1x128)."""
     cases = []
     for name in R.PRESETS:
         if quick and name not in QUICK_PRESETS:
             continue
         for shape, n in (RECIPE_MATMUL_SHAPES[1:] if quick else RECIPE_MATMUL_SHAPES):
             k = shape[-1]
-            for dtype in (("float32",) if quick else DTYPES):
+            for dtype in (("float32",) if quick or len(shape) == 2 else DTYPES):
                 cases.append(Case("matmul_fp8", "float8_e4m3fn", shape, dtype, "normal", seed, None,
                                   None, (k, n), None, "tolerance", recipe=name))
         for dtype in (("float32",) if quick else ("float32", "bfloat16")):

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import pathlib
 import time
-import traceback
 import warnings
 
 import numpy as np
