@@ -170,7 +170,7 @@ def _training_cases(seed: int, quick: bool) -> list[Case]:
     steps = 20
     return [Case(op, "float8_e4m3fn", (32, 64), "float32", "normal", seed, None, "float8_e5m2",
                  (64, 10), None, "tolerance", steps)
-            for op in (() if quick else TRAIN_OPS)]  # quick: train_mlp[BLOCKWISE_1x128] (same engine)
+            for op in (() if quick else TRAIN_OPS)]  # training runs in the full suite only
 
 
 # ------------------------------------------------------------------ recipes
@@ -185,9 +185,12 @@ OPERAND_SHAPES = (((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 20
 #: (A's shape, N) of the recipe matmuls: K = 256 (two full blocks) and N = 200 (a partial
 #: tile), then K = 72 and N = 130 (partial blocks and tiles, 3-D A)
 RECIPE_MATMUL_SHAPES = (((96, 256), 200), ((3, 10, 72), 130))
-#: the --quick presets: one scale per tensor, high-precision wgrad with pow2 scales, and
-#: blocks and tiles (the bitsandbytes presets are the quick matmul_fp8_* / linear_fp8_* rows)
-QUICK_PRESETS = ("TENSORWISE", "ROWWISE_WITH_GW_HP", "BLOCKWISE_1x128")
+#: the --quick recipe rows (each JAX path compiles every matmul and layer, ~1 s each):
+#: matmul_fp8 for high-precision wgrad with pow2 scales and for blocks and tiles, LinearFP8
+#: for one scale per tensor (the bitsandbytes presets are the quick matmul_fp8_* /
+#: linear_fp8_* rows); training runs only in the full suite
+QUICK_MATMUL_PRESETS = ("ROWWISE_WITH_GW_HP", "BLOCKWISE_1x128")
+QUICK_MODULE_PRESETS = ("TENSORWISE",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -280,23 +283,23 @@ def _operand_cases(seed: int, quick: bool) -> list[Case]:
 def _recipe_cases(seed: int, quick: bool) -> list[Case]:
     """Per preset: matmul_fp8 forward + backward (the 3-D shape in every dtype, the 2-D one
     in float32), LinearFP8 with transferred weights (float32, bfloat16), and a short
-    training run. ``quick``: the presets in :data:`QUICK_PRESETS` only, the 3-D matmul in
-    float32, the float32 layer, and one training run (BLOCKWISE_1x128)."""
+    training run. ``quick``: :data:`QUICK_MATMUL_PRESETS` on the 3-D matmul in float32,
+    :data:`QUICK_MODULE_PRESETS` in float32, no training."""
     cases = []
     for name in R.PRESETS:
-        if quick and name not in QUICK_PRESETS:
-            continue
         for shape, n in (RECIPE_MATMUL_SHAPES[1:] if quick else RECIPE_MATMUL_SHAPES):
+            if quick and name not in QUICK_MATMUL_PRESETS:
+                continue
             k = shape[-1]
             for dtype in (("float32",) if quick or len(shape) == 2 else DTYPES):
                 cases.append(Case("matmul_fp8", "float8_e4m3fn", shape, dtype, "normal", seed, None,
                                   None, (k, n), None, "tolerance", recipe=name))
+        if quick and name not in QUICK_MODULE_PRESETS:
+            continue
         for dtype in (("float32",) if quick else ("float32", "bfloat16")):
             cases.append(Case("linear_fp8", "float8_e4m3fn", (4, 16, 96), dtype, "normal", seed, None,
                               None, (96, 160), None, "tolerance", recipe=name))
-    for name in R.PRESETS:
-        if quick and name != "BLOCKWISE_1x128":
-            continue
+    for name in (() if quick else R.PRESETS):
         cases.append(Case("train_mlp", "float8_e4m3fn", (32, 64), "float32", "normal", seed, None, None,
                           (64, 10), None, "tolerance", 20, recipe=name))
     return cases
