@@ -169,3 +169,24 @@ def test_forcing_restores_the_kernel_flag():
     before = _kernel.ENABLED
     runner.run_case(select(QUICK, "fake_quantize_global[float8_e5m2")[0])
     assert _kernel.ENABLED == before
+
+
+@pytest.mark.parametrize("how", ["no compiler", "FP8CORE_KERNEL=0"])
+def test_kernel_paths_are_skipped_with_the_reason_when_the_kernel_is_missing(monkeypatch, how):
+    """Without the compiled kernel (or with it disabled) torch[kernel] and jax[ffi] are skipped
+    with the reason; the framework paths still run and pass."""
+    from fp8core import _kernel
+    if how == "no compiler":
+        monkeypatch.setattr(_kernel, "_LIB", None)
+        expected = "fp8core's C kernel is not built"
+    else:
+        monkeypatch.setenv("FP8CORE_KERNEL", "0")
+        expected = "disabled by FP8CORE_KERNEL=0"
+    case = select(QUICK, "fake_quantize_blockwise[float8_e4m3fn, 3x100, float32, bs=64, normal]")[0]
+    results = {r.pair: r for r in runner.run_case(case)}
+    for name in ("torch[kernel]", "jax[ffi]"):
+        r = results[f"numpy~{name}"]
+        assert r.status == "skipped" and expected in r.message, (name, r)
+    for name in ("torch[ops]", "jax[xla]"):
+        if BACKENDS[name].unavailable() is None:
+            assert results[f"numpy~{name}"].status == "passed", results[f"numpy~{name}"]
