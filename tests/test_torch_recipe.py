@@ -69,9 +69,24 @@ def _specials(x: np.ndarray) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{s}@{a}" for s, a in SHAPES])
-@pytest.mark.parametrize("rule", list(RULES.values()), ids=list(RULES))
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _operand_cases(full: bool):
+    """Every rule × shape × dtype (``full``, slow) or, for the quick set, every rule × shape
+    with the dtype rotating deterministically (each rule still sees all three dtypes)."""
+    cases = []
+    for i, (name, rule) in enumerate(RULES.items()):
+        for j, (shape, axis) in enumerate(SHAPES):
+            for k, dtype in enumerate(DTYPES):
+                if full != ((i + j) % len(DTYPES) == k):
+                    cases.append(pytest.param(rule, shape, axis, dtype,
+                                              id=f"{name}-{shape}@{axis}-{dtype}",
+                                              marks=[pytest.mark.slow] if full else []))
+    return cases
+
+
+@pytest.mark.parametrize("rule,shape,axis,dtype", _operand_cases(False) + _operand_cases(True))
 def test_operand_quantizers_match_reference(rule, shape, axis, dtype):
     rng = np.random.default_rng(abs(hash((str(rule), shape, axis))) % 2**32)
     x = _specials(random_input(rng, shape, dtype, spread=3.0))
@@ -157,10 +172,22 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
 CASES = [((24, 96), 40), ((3, 8, 130), 200), ((5, 300), 129)]
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("a_shape,n", CASES, ids=[str(c) for c in CASES])
-@pytest.mark.parametrize("preset", list(FR.PRESETS))
+def _product_cases():
+    """preset × case × dtype; bias alternates with the case in the quick set (every preset
+    sees 2-D and 3-D A, with and without bias, fp32 and bf16); the other half is slow."""
+    out = []
+    for preset in FR.PRESETS:
+        for i, (a_shape, n) in enumerate(CASES):
+            for dtype in ("float32", "bfloat16"):
+                for bias in (False, True):
+                    quick = bias == bool(i % 2)
+                    out.append(pytest.param(preset, a_shape, n, dtype, bias,
+                                            id=f"{preset}-{a_shape}x{n}-{dtype}-{'bias' if bias else 'nobias'}",
+                                            marks=[] if quick else [pytest.mark.slow]))
+    return out
+
+
+@pytest.mark.parametrize("preset,a_shape,n,dtype,bias", _product_cases())
 def test_products_within_accumulation_bound(preset, a_shape, n, dtype, bias):
     """out, grad_A, grad_B, grad_bias vs float64 products of the reference's quantized
     operands, within the float32 dot-product bound (+ one rounding to the output dtype)."""
