@@ -149,30 +149,15 @@ class NumpyBackend:
     # the oracle ------------------------------------------------------------
     @staticmethod
     def operands(mode, a, b, g, fw, bw, bsz, bsz2):
-        """The quantized operands (in the compute dtype = A's dtype) of the three products."""
-        k, n = b.shape
-        bsz = fp8core.select_block_size(k) if bsz in (None, -1) else bsz
-        bsz2 = fp8core.select_block_size(n) if bsz2 in (None, -1) else bsz2
-        dt = a.dtype
-        qb = fp8core.fake_quantize(b, fw).astype(dt)
-        if mode == "mixed":
-            qa = fp8core.fake_quantize(a, fw, bsz)
-            qg = fp8core.fake_quantize(g, bw, bsz2)
-            return {"out": (qa, qb), "grad_a": (qg, qb.T), "grad_b": (a.reshape(-1, k).T, g.reshape(-1, n))}
-        qa = fp8core.fake_quantize(a, fw)
-        qg = fp8core.fake_quantize(g, bw)
-        return {"out": (qa, qb), "grad_a": (qg, qb.T), "grad_b": (qa.reshape(-1, k).T, qg.reshape(-1, n))}
+        """The quantized operands (in the compute dtype = A's dtype) of the three products
+        (the oracle and its error bound both need them: :func:`_last_call` keeps the last)."""
+        return _last_call(_operands, mode, a, b, g, fw, bw, bsz, bsz2)
 
     @staticmethod
     def recipe_operands(a, b, g, recipe):
         """The three products of ``matmul_fp8(a, b, recipe=...)`` as float32 operand pairs
         (``fp8core.reference.linear_operands``; out and grad_a with A's leading shape)."""
-        ops = ref.linear_operands(a, b, g, recipe)
-        pairs = {"out": (ops["input"], ops["weight"])}
-        if g is not None:
-            pairs["grad_a"] = (ops["grad_output"], ops["weight_for_grad_input"].T)
-            pairs["grad_b"] = (ops["input_for_grad_weight"].T, ops["grad_output_for_grad_weight"])
-        return pairs
+        return _last_call(_recipe_operands, a, b, g, recipe)
 
     @staticmethod
     def _product(pairs, a_shape):
@@ -225,6 +210,49 @@ class NumpyBackend:
             for name, grad in (("w1", dw1), ("b1", db1), ("w2", dw2), ("b2", db2)):
                 p[name] = (p[name] - np.float32(lr) * grad).astype(np.float32)
         return np.array(losses, np.float32)
+
+
+def _operands(mode, a, b, g, fw, bw, bsz, bsz2):
+    k, n = b.shape
+    bsz = fp8core.select_block_size(k) if bsz in (None, -1) else bsz
+    bsz2 = fp8core.select_block_size(n) if bsz2 in (None, -1) else bsz2
+    dt = a.dtype
+    qb = fp8core.fake_quantize(b, fw).astype(dt)
+    if mode == "mixed":
+        qa = fp8core.fake_quantize(a, fw, bsz)
+        qg = fp8core.fake_quantize(g, bw, bsz2)
+        return {"out": (qa, qb), "grad_a": (qg, qb.T), "grad_b": (a.reshape(-1, k).T, g.reshape(-1, n))}
+    qa = fp8core.fake_quantize(a, fw)
+    qg = fp8core.fake_quantize(g, bw)
+    return {"out": (qa, qb), "grad_a": (qg, qb.T), "grad_b": (qa.reshape(-1, k).T, qg.reshape(-1, n))}
+
+
+def _recipe_operands(a, b, g, recipe):
+    ops = ref.linear_operands(a, b, g, recipe)
+    pairs = {"out": (ops["input"], ops["weight"])}
+    if g is not None:
+        pairs["grad_a"] = (ops["grad_output"], ops["weight_for_grad_input"].T)
+        pairs["grad_b"] = (ops["input_for_grad_weight"].T, ops["grad_output_for_grad_weight"])
+    return pairs
+
+
+_LAST: list = []  # [(fn, args, result)]: the last oracle call (its arrays kept alive, so ids stay unique)
+
+
+def forget_oracle() -> None:
+    """Drop the kept oracle call (the runner does at the start and end of every case)."""
+    _LAST.clear()
+
+
+def _last_call(fn, *args):
+    """``fn(*args)``, reusing the previous result when called again with the same function and
+    the very same argument objects (the runner asks for a case's operands twice: oracle, bound)."""
+    if _LAST and _LAST[0][0] is fn and len(_LAST[0][1]) == len(args) and all(
+            x is y or (not isinstance(x, np.ndarray) and x == y) for x, y in zip(_LAST[0][1], args)):
+        return _LAST[0][2]
+    result = fn(*args)
+    _LAST[:] = [(fn, args, result)]
+    return result
 
 
 def _np_linear(layer, x, w, b, fw):
