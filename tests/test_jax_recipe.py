@@ -432,3 +432,60 @@ def test_recipe_api_matches_torch():
     j = fp8core_jax.nn.LinearFP8(96, 40, recipe="ROWWISE", rngs=nnx.Rngs(0))
     assert t.recipe is j.recipe is R.ROWWISE
     assert (t.in_features, t.out_features) == (j.in_features, j.out_features)
+
+
+# ------------------------------------------------------------- identity probes
+_PROBE_QUICK = {("BNB_MIXED", "float32"), ("ROWWISE", "float32"), ("BLOCKWISE_1x128", "float32")}
+
+
+@both_paths
+@pytest.mark.parametrize("preset,dtype", [
+    pytest.param(p, d, id=f"{p}-{d}", marks=() if (p, d) in _PROBE_QUICK else (slow,))
+    for p in R.PRESETS for d in ("float32", "bfloat16")])
+def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
+    """As tests/test_torch_recipe.py: with B = I each output element is one product with
+    the quantized identity's diagonal r (zeros plus one exact product, rounded once), so
+    ``out = fl(Q_input(A)·r)`` and ``grad_A = fl(Q_grad_output(g)·r')``; with A = I,
+    ``out = fl(r''·Q_weight(B))`` and ``grad_B = fl(r'''·Q_grad_output_for_grad_weight(g))``
+    — every GEMM operand inside the custom VJP pinned to fp8core.reference.linear_operands
+    (K = 130: partial 1x128 blocks and 128x128 tiles). Zeros compared without sign (a
+    GEMM's exact zero takes the sign of the other zero products)."""
+    recipe = R.PRESETS[preset]
+    rng = np.random.default_rng(7)
+    k = 130
+    npdt = np.dtype(DTYPES[dtype])
+    eye = np.eye(k).astype(npdt)
+
+    def nz(v):
+        v = np.asarray(v)
+        return (v.astype(np.float32) + np.float32(0)).astype(v.dtype)
+
+    def run(A, B, g):
+        out, vjp = jax.vjp(lambda a, b: matmul_fp8(a, b, recipe=recipe), jnp.asarray(A), jnp.asarray(B))
+        ga, gb = vjp(jnp.asarray(g))
+        return nz(out), nz(ga), nz(gb)
+
+    def diag(ops, slot):
+        d = np.diagonal(ops[slot])
+        assert np.all(d == d[0]) and np.count_nonzero(ops[slot]) == d.size, slot
+        return np.float32(d[0])
+
+    def times(q, r):
+        return nz((q.astype(np.float32) * r).astype(npdt))
+
+    def rand(shape):
+        x = rng.standard_normal(shape) * np.exp2(rng.integers(-2, 3, size=shape[:-1] + (1,)))
+        return x.astype(npdt)
+
+    A, g = rand((2, 65, k)), rand((2, 65, k))
+    ops = ref.linear_operands(A, eye, g, recipe)
+    out, grad_a, _ = run(A, eye, g)
+    assert_bits_equal(out.reshape(-1, k), times(ops["input"], diag(ops, "weight")), "out")
+    assert_bits_equal(grad_a.reshape(-1, k),
+                      times(ops["grad_output"], diag(ops, "weight_for_grad_input")), "grad_A")
+    B, g = rand((k, 70)), rand((k, 70))
+    ops = ref.linear_operands(eye, B, g, recipe)
+    out, _, grad_b = run(eye, B, g)
+    assert_bits_equal(out, times(ops["weight"], diag(ops, "input")), "out (A = I)")
+    assert_bits_equal(grad_b, times(ops["grad_output_for_grad_weight"],
+                                    diag(ops, "input_for_grad_weight")), "grad_B")
