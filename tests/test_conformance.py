@@ -87,8 +87,8 @@ def test_case_ids_are_unique_and_readable():
 
 def test_recipe_cases_cover_every_rule_and_preset():
     """Every distinct OperandRule of every preset runs on every (shape, axis) in float32 and in
-    both half dtypes somewhere; every rule of the cross product runs; every preset has its
-    matmul, layer and training rows."""
+    both half dtypes; every rule of the cross product runs, and together they cover every
+    (shape, axis, dtype); every preset has its matmul, layer and training rows."""
     from fp8core.recipe import PRESETS
     cases = all_cases(0)
     operand = [c for c in cases if c.op in ("quantize_operand", "fake_quantize_operand")]
@@ -97,8 +97,9 @@ def test_recipe_cases_cover_every_rule_and_preset():
         mine = [c for c in operand if c.rule == rule]
         assert {(c.shape, c.axis) for c in mine if c.dtype == "float32"} == {
             ((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 200), 0), ((3, 50, 72), -1)}
-        assert {c.dtype for c in mine} >= {"float32", "bfloat16"} or {c.dtype for c in mine} >= {"float32", "float16"}
-    assert {c.dtype for c in operand} == {"float32", "bfloat16", "float16"}
+        assert {c.dtype for c in mine} == {"float32", "bfloat16", "float16"}, rule
+    others = {(c.shape, c.axis, c.dtype) for c in operand if c.rule not in preset_rules()}
+    assert len(others) == 15
     assert {c.axis for c in operand} == {-1, 0} and {len(c.shape) for c in operand} == {2, 3}
     for op in ("matmul_fp8", "linear_fp8", "train_mlp"):
         assert {c.recipe for c in cases if c.op == op} == set(PRESETS), op
