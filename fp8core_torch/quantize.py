@@ -210,7 +210,7 @@ _E4M3_F16_SCALE = {"float8_e4m3fn": 2.0**8, "float8_e4m3fnuz": 2.0**7}
 
 
 def _decode_cast_into_(s: torch.Tensor, q: torch.Tensor, spec: QuantSpec,
-                       dscale: torch.Tensor) -> torch.Tensor:
+                       dscale: torch.Tensor, fold: bool = True) -> torch.Tensor:
     """Write the float32 values of the float8 tensor ``q`` into ``s``; return the
     dscale to multiply ``s`` by so that the product is ``fl(value[code] * dscale)``.
 
@@ -221,6 +221,10 @@ def _decode_cast_into_(s: torch.Tensor, q: torch.Tensor, spec: QuantSpec,
     power of two is exact (v' >= 2**-17 is a float32 normal, dscale * 2**8 <
     FLT_MAX) and the exact products are equal. NaN codes (only in non-finite groups,
     whose dscale is NaN) decode to finite values; the product is NaN either way.
+
+    ``fold=False`` (power-of-two scale rules, whose dscale may exceed FLT_MAX / 2**8):
+    ``s`` is scaled by ``2**(15 - b)`` in place (exact: it is ``value``) and dscale is
+    returned unchanged.
     """
     scale = _E4M3_F16_SCALE.get(spec.name) if spec.mantissa_bits == 3 else None
     if scale is None:
@@ -229,6 +233,9 @@ def _decode_cast_into_(s: torch.Tensor, q: torch.Tensor, spec: QuantSpec,
     h = q.view(torch.int8).to(torch.int16)
     h.bitwise_left_shift_(7).bitwise_and_(-0x4001)           # clear bit 14 (0xBFFF)
     s.copy_(h.view(torch.float16))                           # exact
+    if not fold:
+        s.mul_(scale)                                        # exact: value[code]
+        return dscale
     return dscale * scale
 
 
@@ -250,8 +257,10 @@ def _kernel(
     out_dtype: torch.dtype | None,
     want_codes: bool,
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: str = "fp32",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Quantize one piece ``xc`` (rows, cols) with (rows, 1) scales.
+    """Quantize one piece ``xc`` (rows, cols) with (rows, 1) scales (``scale``: the rule
+    that made them).
 
     Returns (values, codes); values are written into ``vout`` when given.
     ``scratch`` = (float32, int32) flat buffers of at least rows*cols elements
@@ -285,7 +294,8 @@ def _kernel(
             codes = q.view(torch.uint8)
         vals = None
         if out_dtype is not None:
-            dscale = _decode_cast_into_(s, q, spec, dscale)  # s = value[code] (or scaled)
+            dscale = _decode_cast_into_(s, q, spec, dscale,  # s = value[code] (or scaled)
+                                        fold=scale == "fp32")
             vals = s
     elif spec.plan == ARITH:
         # §3.5 half to even, −0 rule (sign copied from a float32 x when the format has −0)
@@ -495,7 +505,8 @@ def _qdq(
         for start, size in _pieces_global(n, chunked):
             xc = flat[start:start + size].view(1, size)
             vout = vals[start:start + size].view(1, size) if vals is not None else None
-            _, c = _kernel(xc, qs, ds, fin, spec, tabs, vout, out_dtype, want_codes, scratch)
+            _, c = _kernel(xc, qs, ds, fin, spec, tabs, vout, out_dtype, want_codes, scratch,
+                           scale)
             if c is not None:
                 codes[start:start + size].view(1, size).copy_(c)
     else:
@@ -513,7 +524,7 @@ def _qdq(
             xc = flat[start:start + size].view(rows, cols)
             vout = vals[start:start + size].view(rows, cols) if vals is not None else None
             _, c = _kernel(xc, qs[r0:r0 + rows], ds[r0:r0 + rows], fin[r0:r0 + rows], spec, tabs,
-                           vout, out_dtype, want_codes, scratch)
+                           vout, out_dtype, want_codes, scratch, scale)
             if c is not None:
                 codes[start:start + size].view(rows, cols).copy_(c)
     return vals, codes, absmax
@@ -537,15 +548,15 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
                                   scale).view(codes.shape)
     _, _, dscale = _scales(absmax.reshape(-1), spec, scale)
     if blocksize is None:
-        y = _decode_scaled(flat, spec, tabs, dscale)
+        y = _decode_scaled(flat, spec, tabs, dscale, scale)
     else:
         nfull = n // blocksize
         parts = []
         if nfull:
             parts.append(_decode_scaled(flat[:nfull * blocksize].view(nfull, blocksize), spec, tabs,
-                                        dscale[:nfull, None]).view(-1))
+                                        dscale[:nfull, None], scale).view(-1))
         if n > nfull * blocksize:
-            parts.append(_decode_scaled(flat[nfull * blocksize:], spec, tabs, dscale[nfull]))
+            parts.append(_decode_scaled(flat[nfull * blocksize:], spec, tabs, dscale[nfull], scale))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
     return y.to(dtype).view(codes.shape)
 
@@ -576,14 +587,14 @@ def _(codes, absmax, fmt, blocksize, dtype, scale):
 
 
 def _decode_scaled(codes: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None,
-                   dscale: torch.Tensor) -> torch.Tensor:
+                   dscale: torch.Tensor, scale: str = "fp32") -> torch.Tensor:
     """float32 ``fl(value[code] * dscale)`` (``dscale`` broadcasts against ``codes``).
     Eager, torch formats: through :func:`_decode_cast_into_` (torch's e4m3 -> float32
     cast is scalar code on CPU)."""
     if spec.torch_dtype is None or torch.compiler.is_compiling():
         return _decode(codes, spec, tabs) * dscale
     v = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    ds = _decode_cast_into_(v, codes.view(spec.torch_dtype), spec, dscale)
+    ds = _decode_cast_into_(v, codes.view(spec.torch_dtype), spec, dscale, fold=scale == "fp32")
     return v.mul_(ds)
 
 
