@@ -58,6 +58,7 @@ __all__ = [
     "BLOCKWISE_1x128",
     "get_recipe",
     "bnb_recipe",
+    "conversion",
     "pow2_torchao_thresholds",
 ]
 
@@ -479,6 +480,34 @@ def get_recipe(recipe: Any, *, argname: str = "recipe") -> LinearRecipe:
         f"{argname} must be a LinearRecipe or a preset name ({', '.join(PRESETS)}), "
         f"got {type(recipe).__name__}: {recipe!r}"
     )
+
+
+def conversion(mode: str | None, recipe: Any, fw_format: Any, bw_format: Any,
+               bsz: int | None, bsz2: int | None) -> tuple[str, dict[str, Any]]:
+    """What ``convert_to_fp8`` builds (both backends): ``("recipe", {"recipe": r})`` for
+    :class:`LinearFP8` layers, or ``("mixed" | "global", {fw_format, bw_format, bsz, bsz2})``
+    for bitsandbytes' layers (defaults: mode "mixed", e4m3 / e5m2, block sizes from each
+    layer's features).
+
+    Raises:
+      ValueError: ``recipe`` together with ``mode`` or a bitsandbytes option; unknown
+        ``mode`` or preset. TypeError: ``recipe`` is not a recipe or a preset name.
+    """
+    legacy = dict(fw_format=fw_format, bw_format=bw_format, bsz=bsz, bsz2=bsz2)
+    if recipe is not None:
+        given = [k for k, v in (("mode", mode), *legacy.items()) if v is not None]
+        if given:
+            raise ValueError(
+                f"convert_to_fp8: recipe={recipe!r} cannot be combined with "
+                f"{', '.join(given)} (those configure the bitsandbytes layers); put the formats "
+                f"and block sizes in the recipe"
+            )
+        return "recipe", {"recipe": get_recipe(recipe)}
+    mode = "mixed" if mode is None else mode
+    if mode not in ("mixed", "global"):
+        raise ValueError(f"mode must be one of mixed, global; got {mode!r}")
+    return mode, dict(fw_format="e4m3" if fw_format is None else fw_format,
+                      bw_format="e5m2" if bw_format is None else bw_format, bsz=bsz, bsz2=bsz2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -268,26 +268,11 @@ def convert_to_fp8(
       ValueError: unknown ``mode`` or preset; ``recipe`` together with ``mode`` or the
         bitsandbytes options. TypeError: ``recipe`` not a recipe; bad formats or block sizes.
     """
-    legacy = dict(fw_format=fw_format, bw_format=bw_format, bsz=bsz, bsz2=bsz2)
-    if recipe is not None:
-        given = [k for k, v in (("mode", mode), *legacy.items()) if v is not None]
-        if given:
-            raise ValueError(
-                f"convert_to_fp8: recipe={recipe!r} cannot be combined with "
-                f"{', '.join(given)} (those configure the bitsandbytes layers); put the formats "
-                f"and block sizes in the recipe"
-            )
-        cls, kwargs = LinearFP8, dict(recipe=fp8core.recipe.get_recipe(recipe))
-    else:
-        mode = "mixed" if mode is None else mode
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
-        cls = _MODES[mode]
-        kwargs = dict(fw_format=_q._resolve_named("e4m3" if fw_format is None else fw_format,
-                                                  "fw_format"),
-                      bw_format=_q._resolve_named("e5m2" if bw_format is None else bw_format,
-                                                  "bw_format"),
-                      bsz=bsz, bsz2=bsz2)
+    kind, kwargs = fp8core.recipe.conversion(mode, recipe, fw_format, bw_format, bsz, bsz2)
+    cls = LinearFP8 if kind == "recipe" else _MODES[kind]
+    if kind != "recipe":  # hashable codebooks, resolved once for every layer
+        kwargs.update(fw_format=_q._resolve_named(kwargs["fw_format"], "fw_format"),
+                      bw_format=_q._resolve_named(kwargs["bw_format"], "bw_format"))
 
     def wanted(module, fqn):
         return type(module) is nnx.Linear and (module_filter_fn is None or module_filter_fn(module, fqn))

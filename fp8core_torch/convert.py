@@ -35,22 +35,8 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    legacy = dict(fw_format=fw_format, bw_format=bw_format, bsz=bsz, bsz2=bsz2)
-    if recipe is not None:
-        given = [k for k, v in (("mode", mode), *legacy.items()) if v is not None]
-        if given:
-            raise ValueError(
-                f"convert_to_fp8: recipe={recipe!r} cannot be combined with "
-                f"{', '.join(given)} (those configure the bitsandbytes layers); put the formats "
-                f"and block sizes in the recipe"
-            )
-        cls, kw = LinearFP8, dict(recipe=fp8core.recipe.get_recipe(recipe))
-    else:
-        mode = "mixed" if mode is None else mode
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
-        cls = _MODES[mode]
-        kw = dict(fw_format=fw_format or "e4m3", bw_format=bw_format or "e5m2", bsz=bsz, bsz2=bsz2)
+    kind, kw = fp8core.recipe.conversion(mode, recipe, fw_format, bw_format, bsz, bsz2)
+    cls = LinearFP8 if kind == "recipe" else _MODES[kind]
 
     def wanted(mod: nn.Module, fqn: str) -> bool:
         return type(mod) is nn.Linear and (module_filter_fn is None or module_filter_fn(mod, fqn))

@@ -115,3 +115,28 @@ def assert_close(actual, want, bound, k, dtype, what):
     assert bad.size == 0, (f"{what}: {bad.size} of {err.size} outside tolerance; worst excess "
                            f"{np.max(err - tol):.3g}; got {actual.reshape(-1)[bad[:3]]} "
                            f"want {want.reshape(-1)[bad[:3]]}")
+
+
+def mlp_errors(convert, label: str) -> tuple[float, float, float]:
+    """1024 -> 2048 -> 1024 GELU MLP, batch 10: ``convert(fp32 twin copy)`` vs the fp32 twin
+    with the same weights and an MSE loss; returns (mean |output error|, mean |weight-grad
+    error|, mean |bias-grad error|) of the first layer, printed with ``label``."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024))
+    fp8 = convert(nn.Sequential(nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024)))
+    fp8.load_state_dict(ref.state_dict())
+    rng = np.random.default_rng(0)
+    x = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
+    target = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
+    outs = []
+    for model in (ref, fp8):
+        out = model(x)
+        nn.functional.mse_loss(out, target).backward()
+        outs.append(out.detach())
+    out_err = (outs[0] - outs[1]).abs().mean().item()
+    w_err = (ref[0].weight.grad - fp8[0].weight.grad).abs().mean().item()
+    b_err = (ref[0].bias.grad - fp8[0].bias.grad).abs().mean().item()
+    print(f"{label}: mean |out err| {out_err:.3g}, |w-grad err| {w_err:.3g}, |b-grad err| {b_err:.3g}")
+    return out_err, w_err, b_err

@@ -9,7 +9,7 @@ from torch import nn
 
 import fp8core_torch as T
 
-from _torch_helpers import pinned_numerics, quant_path, to_torch  # noqa: F401
+from _torch_helpers import mlp_errors, pinned_numerics, quant_path, to_torch  # noqa: F401
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache"),
               pytest.mark.usefixtures("quant_path")]
@@ -125,22 +125,9 @@ def test_bad_construction():
 @pytest.mark.parametrize("mode", ["mixed", "global"])
 def test_mlp_tracks_fp32_twin(mode):
     """1024 -> 2048 -> 1024 with GELU, batch 10: FP8 vs fp32 with the same weights."""
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024))
-    fp8 = nn.Sequential(CLASSES[mode](1024, 2048), nn.GELU(), CLASSES[mode](2048, 1024))
-    fp8.load_state_dict(ref.state_dict())
-    rng = np.random.default_rng(0)
-    x = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
-    target = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
-    outs = []
-    for model in (ref, fp8):
-        out = model(x)
-        nn.functional.mse_loss(out, target).backward()
-        outs.append(out.detach())
-    out_err = (outs[0] - outs[1]).abs().mean().item()
-    w_err = (ref[0].weight.grad - fp8[0].weight.grad).abs().mean().item()
-    b_err = (ref[0].bias.grad - fp8[0].bias.grad).abs().mean().item()
-    print(f"{mode}: mean |out err| {out_err:.3g}, |w-grad err| {w_err:.3g}, |b-grad err| {b_err:.3g}")
+    out_err, w_err, b_err = mlp_errors(
+        lambda m: nn.Sequential(CLASSES[mode].from_linear(m[0]), m[1], CLASSES[mode].from_linear(m[2])),
+        mode)
     assert out_err < 0.05, out_err
     assert w_err < 2e-5, w_err
     assert b_err < 2e-5, b_err

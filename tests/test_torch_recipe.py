@@ -21,6 +21,7 @@ from _torch_helpers import (  # noqa: F401
     assert_bits_equal,
     assert_close,
     f64,
+    mlp_errors,
     pinned_numerics,
     quant_path,
     random_input,
@@ -222,23 +223,7 @@ def test_products_within_accumulation_bound(preset, a_shape, n, dtype, bias):
 def test_mlp_tracks_fp32_twin(preset):
     """1024 -> 2048 -> 1024 with GELU, batch 10: each preset vs fp32 with the same weights
     (mean |output error| < 0.05; mean |weight-/bias-grad error| < 2e-5)."""
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024))
-    fp8 = T.convert_to_fp8(nn.Sequential(nn.Linear(1024, 2048), nn.GELU(), nn.Linear(2048, 1024)),
-                           recipe=preset)
-    fp8.load_state_dict(ref.state_dict())
-    rng = np.random.default_rng(0)
-    x = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
-    target = to_torch(rng.standard_normal((10, 1024)).astype(np.float32))
-    outs = []
-    for model in (ref, fp8):
-        out = model(x)
-        nn.functional.mse_loss(out, target).backward()
-        outs.append(out.detach())
-    out_err = (outs[0] - outs[1]).abs().mean().item()
-    w_err = (ref[0].weight.grad - fp8[0].weight.grad).abs().mean().item()
-    b_err = (ref[0].bias.grad - fp8[0].bias.grad).abs().mean().item()
-    print(f"{preset}: mean |out err| {out_err:.3g}, |w-grad err| {w_err:.3g}, |b-grad err| {b_err:.3g}")
+    out_err, w_err, b_err = mlp_errors(lambda m: T.convert_to_fp8(m, recipe=preset), preset)
     assert out_err < 0.05, out_err
     assert w_err < 2e-5, w_err
     assert b_err < 2e-5, b_err
