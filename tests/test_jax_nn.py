@@ -124,6 +124,7 @@ def test_convert_to_fp8_keeps_params(mode):
         convert_to_fp8(net, "blockwise")
 
 
+@pytest.mark.slow  # the quick set runs it per preset (BNB_MIXED / BNB_GLOBAL) in test_jax_recipe.py
 @pytest.mark.parametrize("mode", ["mixed", "global"])
 def test_two_layer_mlp_close_to_fp32_twin(mode):
     e = mlp_errors(mode=mode)
