@@ -140,3 +140,18 @@ def mlp_errors(convert, label: str) -> tuple[float, float, float]:
     b_err = (ref[0].bias.grad - fp8[0].bias.grad).abs().mean().item()
     print(f"{label}: mean |out err| {out_err:.3g}, |w-grad err| {w_err:.3g}, |b-grad err| {b_err:.3g}")
     return out_err, w_err, b_err
+
+
+def assert_compiled_equals_eager(layer, x_np: np.ndarray, g_np: np.ndarray, *,
+                                 fullgraph: bool = False) -> None:
+    """``torch.compile(layer)``: forward and every gradient bit-identical to eager."""
+    g = to_torch(g_np)
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=fullgraph)):
+        layer.zero_grad(set_to_none=True)
+        x = to_torch(x_np).requires_grad_()
+        out = fn(x)
+        out.backward(g)
+        results.append((out.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for name, a, b in zip(("out", "grad_x", "grad_w", "grad_b"), *results):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name

@@ -9,7 +9,8 @@ from torch import nn
 
 import fp8core_torch as T
 
-from _torch_helpers import mlp_errors, pinned_numerics, quant_path, to_torch  # noqa: F401
+from _torch_helpers import (assert_compiled_equals_eager, mlp_errors,  # noqa: F401
+                            pinned_numerics, quant_path, to_torch)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Dynamo detected a call to a .functools.lru_cache"),
               pytest.mark.usefixtures("quant_path")]
@@ -151,16 +152,7 @@ def _compile_check(mode):
     rng = np.random.default_rng(1)
     x_np = rng.standard_normal((3, 7, 96)).astype(np.float32)
     x_np[0, 0, :5] = 0.0
-    g = to_torch(rng.standard_normal((3, 7, 40)).astype(np.float32))
-    grads = []
-    for fn in (layer, torch.compile(layer)):
-        layer.zero_grad(set_to_none=True)
-        x = to_torch(x_np).requires_grad_()
-        out = fn(x)
-        out.backward(g)
-        grads.append((out.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
-    for name, a, b in zip(("out", "grad_x", "grad_w", "grad_b"), *grads):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    assert_compiled_equals_eager(layer, x_np, rng.standard_normal((3, 7, 40)).astype(np.float32))
 
 
 def test_compile_fake_quantize_same_bits():

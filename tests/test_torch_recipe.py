@@ -19,6 +19,7 @@ from fp8core.recipe import OperandRule, axiswise, block, flat, tensor, tile
 from _torch_helpers import (  # noqa: F401
     UNIT,
     assert_bits_equal,
+    assert_compiled_equals_eager,
     assert_close,
     f64,
     mlp_errors,
@@ -313,17 +314,9 @@ def test_compiled_fullgraph_equals_eager(preset):
     layer = T.LinearFP8(130, 40, recipe=preset)
     rng = np.random.default_rng(1)
     x_np = rng.standard_normal((3, 7, 130)).astype(np.float32)
-    g = to_torch(rng.standard_normal((3, 7, 40)).astype(np.float32))
+    g_np = rng.standard_normal((3, 7, 40)).astype(np.float32)
     assert torch._dynamo.explain(layer)(to_torch(x_np)).graph_break_count == 0
-    results = []
-    for fn in (layer, torch.compile(layer, fullgraph=True)):
-        layer.zero_grad(set_to_none=True)
-        x = to_torch(x_np).requires_grad_()
-        out = fn(x)
-        out.backward(g)
-        results.append((out.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
-    for name, a, b in zip(("out", "grad_x", "grad_w", "grad_b"), *results):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    assert_compiled_equals_eager(layer, x_np, g_np, fullgraph=True)
 
 
 @pytest.mark.parametrize("rule", [OperandRule("e4m3", tensor(), "pow2"),
