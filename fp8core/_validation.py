@@ -7,6 +7,7 @@ that every implementation raises the same error with the same words.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 #: Input dtypes every quantizer accepts (float64 is rounded to float32 first).
@@ -59,11 +60,28 @@ def check_matmul_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> N
         )
 
 
-def check_features(value: Any, argname: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{argname} must be an int >= 1, got {type(value).__name__}: {value!r}")
-    if value < 1:
-        raise ValueError(f"{argname} must be an int >= 1, got {value}")
+def check_features(value: Any, argname: str) -> int:
+    """A layer's feature count as a Python int: any integer ``nn.Linear`` / ``nnx.Linear``
+    accept (``int``, ``np.int64``, ``np.int32``, … — anything with ``__index__``), ≥ 0
+    (0 gives an empty layer, as ``nn.Linear(0, n)``). Stricter than ``nn.Linear`` on
+    one point: a bool is rejected (``nn.Linear(True, 3)`` silently means 1 feature).
+
+    Raises:
+      TypeError: ``value`` is a bool or not an integer (a float, a str, …).
+      ValueError: ``value`` < 0.
+    """
+    allowed = "an int >= 0 (Python or NumPy integer, not bool)"
+    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool",
+                                                                             "torch.bool")
+    try:
+        n = None if is_bool else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None:
+        raise TypeError(f"{argname} must be {allowed}, got {type(value).__name__}: {value!r}")
+    if n < 0:
+        raise ValueError(f"{argname} must be {allowed}, got {n}")
+    return n
 
 
 def check_matmul_blocksize(bsz: Any, argname: str) -> None:

@@ -33,8 +33,10 @@ from flax.nnx.nn import dtypes as _nnx_dtypes
 from flax.nnx.nn import initializers
 
 import fp8core
+import fp8core.conversion as _conversion
 import fp8core.recipe
 from fp8core import _validation
+from fp8core.conversion import REASONS, LayerRecord
 from fp8core_jax import quantize as _q
 from fp8core_jax.matmul import _apply, _bnb, _check_inputs
 
@@ -63,7 +65,8 @@ class LinearFP8(nnx.Module):
         out = layer(jnp.ones((8, 128, 768)))              # (8, 128, 3072)
 
     Args:
-      in_features, out_features: ints ≥ 1.
+      in_features, out_features: ints ≥ 0 (Python or NumPy integers; 0 gives an empty
+        layer whose output is the bias, as ``nn.Linear(0, n)``).
       recipe: an :class:`fp8core.recipe.LinearRecipe` or a preset name (default
         ``"TENSORWISE"``, torchao's default recipe); stored resolved as ``recipe``.
       use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as ``nnx.Linear``
@@ -91,13 +94,17 @@ class LinearFP8(nnx.Module):
         bias_init: tp.Callable = default_bias_init,
         rngs: nnx.Rngs,
     ):
-        _validation.check_features(in_features, "in_features")
-        _validation.check_features(out_features, "out_features")
+        in_features = _validation.check_features(in_features, "in_features")
+        out_features = _validation.check_features(out_features, "out_features")
         if dtype is not None:
             _validation.check_float_dtype(np.dtype(dtype).name, argname="dtype")
         _validation.check_float_dtype(np.dtype(param_dtype).name, argname="param_dtype")
         recipe = fp8core.recipe.get_recipe(recipe)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        shape = (in_features, out_features)
+        key = rngs.params()
+        # an empty kernel has no values to draw (lecun_normal divides by fan_in = 0)
+        self.kernel = nnx.Param(kernel_init(key, shape, param_dtype) if in_features * out_features
+                                else jnp.zeros(shape, param_dtype))
         self.bias: nnx.Param[jax.Array] | None
         if use_bias:
             self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
@@ -138,8 +145,8 @@ class LinearFP8(nnx.Module):
         return _apply(inputs, kernel, bias, self.recipe, argname="inputs")
 
     def _warn_rows(self, inputs: jax.Array) -> None:
-        if self._rows_warned.done or inputs.ndim < 2:
-            return
+        if self._rows_warned.done or inputs.ndim < 2 or self.in_features * self.out_features == 0:
+            return                                 # (an empty layer quantizes nothing)
         msg = self.recipe.rows_warning(int(np.prod(inputs.shape[:-1])), self.in_features,
                                        self.out_features, type(self).__name__)
         if msg is not None:
@@ -168,8 +175,8 @@ class _LinearFP8Bnb(LinearFP8):
         bsz: int | None = None,
         bsz2: int | None = None,
     ):
-        _validation.check_features(in_features, "in_features")
-        _validation.check_features(out_features, "out_features")
+        in_features = _validation.check_features(in_features, "in_features")
+        out_features = _validation.check_features(out_features, "out_features")
         # hashable, static configuration (resolved and checked once, here)
         fw = _q._resolve_named(fw_format, "fw_format")
         bw = _q._resolve_named(bw_format, "bw_format")
@@ -182,8 +189,10 @@ class _LinearFP8Bnb(LinearFP8):
                          rngs=rngs)
         self.fw_codebook = fw
         self.bw_codebook = bw
-        self.bsz = fp8core.select_block_size(in_features) if bsz in (None, -1) else bsz
-        self.bsz2 = fp8core.select_block_size(out_features) if bsz2 in (None, -1) else bsz2
+        # an empty layer (0 features) gets the rule's smallest block; it quantizes nothing
+        self.bsz = fp8core.select_block_size(max(in_features, 1)) if bsz in (None, -1) else bsz
+        self.bsz2 = (fp8core.select_block_size(max(out_features, 1)) if bsz2 in (None, -1)
+                     else bsz2)
 
 
 class LinearFP8Mixed(_LinearFP8Bnb):
@@ -201,7 +210,7 @@ class LinearFP8Mixed(_LinearFP8Bnb):
         out = layer(jnp.ones((32, 128, 768), jnp.float16))   # float16
 
     Args:
-      in_features, out_features: ints ≥ 1.
+      in_features, out_features: ints ≥ 0, as :class:`LinearFP8`.
       use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as ``nnx.Linear``
         (see the module docstring for ``dtype=None``).
       fw_format, bw_format: codebooks (names, :class:`fp8core.Codebook`, tables).
@@ -247,8 +256,19 @@ def convert_to_fp8(
     bw_format: tp.Any = None,
     bsz: int | None = None,
     bsz2: int | None = None,
+    include_subclasses: bool = False,
 ) -> nnx.Module:
-    """Replace the ``nnx.Linear`` layers of ``model`` by FP8 layers, in place.
+    """Replace the matmul layers of ``model`` by FP8 layers, in place, and report it.
+
+    Converted: every ``nnx.Linear`` (exact type; subclasses only with
+    ``include_subclasses=True``, since the swap drops their own ``__call__``) and every
+    ``nnx.LinearGeneral`` that contracts the trailing axes without ``batch_axis`` or a
+    custom ``dot_general`` — which includes the query/key/value/out projections of
+    ``nnx.MultiHeadAttention`` (becomes :class:`LinearGeneralFP8`: the same kernel
+    reshaped to ``(prod(in), prod(out))``, bit-identical to a hand-written
+    :class:`LinearFP8` on the flattened features). ``nnx.Einsum``, ``nnx.Conv`` /
+    ``nnx.ConvTranspose`` and other LinearGeneral layouts stay high precision and are
+    reported.
 
     With ``recipe`` (an :class:`fp8core.recipe.LinearRecipe` or a preset name) the
     layers become :class:`LinearFP8`; otherwise bitsandbytes' layers: ``mode``
@@ -258,36 +278,207 @@ def convert_to_fp8(
     objects (no copy; shared references stay shared) and its ``dtype`` /
     ``param_dtype``. Like torchao's ``convert_to_float8_training``,
     ``module_filter_fn(module, fqn)`` (``fqn`` = the dotted attribute path, e.g.
-    ``"layers.0"``) returns False for layers to keep as they are. A model that *is* an
-    ``nnx.Linear`` is returned converted (it cannot be replaced in place).
+    ``"layers.0"``; called for candidate layers only) returns False for layers to keep
+    as they are. A model that *is* a layer is returned converted (it cannot be replaced
+    in place).
+
+    The report (:class:`fp8core.conversion.ConversionReport`) is attached as
+    ``model.fp8_conversion_report`` (a static attribute), logged at INFO on the
+    ``"fp8core"`` logger, and a ``UserWarning`` names the modules when nothing was
+    converted or a module ``module_filter_fn`` did not exclude stays high precision.
 
     Returns:
-      ``model`` (modified), or the new layer when ``model`` is an ``nnx.Linear``.
+      ``model`` (modified), or the new layer when ``model`` is a convertible layer.
 
     Raises:
       ValueError: unknown ``mode`` or preset; ``recipe`` together with ``mode`` or the
-        bitsandbytes options. TypeError: ``recipe`` not a recipe; bad formats or block sizes.
+        bitsandbytes options. TypeError: ``model`` not an nnx.Module; ``recipe`` not a
+        recipe; ``include_subclasses`` not a bool; bad formats or block sizes.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+    if not isinstance(include_subclasses, bool):
+        raise TypeError(f"include_subclasses must be True or False, got {include_subclasses!r}")
     kind, kwargs = fp8core.recipe.conversion(mode, recipe, fw_format, bw_format, bsz, bsz2)
     cls = LinearFP8 if kind == "recipe" else _MODES[kind]
     if kind != "recipe":  # hashable codebooks, resolved once for every layer
         kwargs.update(fw_format=_q._resolve_named(kwargs["fw_format"], "fw_format"),
                       bw_format=_q._resolve_named(kwargs["bw_format"], "bw_format"))
+        general_recipe = _bnb(kind, kwargs["fw_format"], kwargs["bw_format"],
+                              -1 if kwargs["bsz"] is None else kwargs["bsz"],
+                              -1 if kwargs["bsz2"] is None else kwargs["bsz2"])
+    else:
+        general_recipe = kwargs["recipe"]
+    converted: list[LayerRecord] = []
+    already: list[LayerRecord] = []
+    skipped: list[LayerRecord] = []
 
-    def wanted(module, fqn):
-        return type(module) is nnx.Linear and (module_filter_fn is None or module_filter_fn(module, fqn))
+    def visit(mod: nnx.Module, fqn: str) -> tuple[nnx.Module | None, bool]:
+        """(replacement or None, descend into its submodules?)"""
+        if isinstance(mod, (LinearFP8, LinearGeneralFP8)):
+            already.append(_record(fqn, mod, recipe=mod.recipe.name))
+            return None, False
+        if isinstance(mod, nnx.Linear):
+            if type(mod) is not nnx.Linear and not include_subclasses:
+                skipped.append(_record(fqn, mod, reason=REASONS["subclass"].format(base="nnx.Linear")))
+                return None, False
+            if module_filter_fn is not None and not module_filter_fn(mod, fqn):
+                skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
+                return None, False
+            new = _from_linear(mod, cls, **kwargs)
+            converted.append(_record(fqn, mod, recipe=new.recipe.name))
+            return new, False
+        if isinstance(mod, nnx.LinearGeneral):
+            if not _general_convertible(mod):
+                skipped.append(_record(fqn, mod, reason=REASONS["linear_general"].format(
+                    axis=mod.axis)))
+                return None, False
+            if type(mod) is not nnx.LinearGeneral and not include_subclasses:
+                skipped.append(_record(fqn, mod, reason=REASONS["subclass"].format(
+                    base="nnx.LinearGeneral")))
+                return None, False
+            if module_filter_fn is not None and not module_filter_fn(mod, fqn):
+                skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
+                return None, False
+            new = LinearGeneralFP8.from_linear_general(mod, recipe=general_recipe)
+            converted.append(_record(fqn, mod, recipe=new.recipe.name))
+            return new, False
+        if isinstance(mod, nnx.Einsum):
+            skipped.append(_record(fqn, mod, reason=REASONS["einsum"].format(
+                einsum=repr(mod.einsum_str))))
+            return None, False
+        if isinstance(mod, (nnx.Conv, nnx.ConvTranspose)):
+            skipped.append(_record(fqn, mod, reason=REASONS["unsupported"].format(kind=_kind(mod))))
+            return None, False
+        return None, True
 
-    if wanted(model, ""):
-        return _from_linear(model, cls, **kwargs)
-    targets = [(path, m) for path, m in nnx.iter_modules(model)
-               if path and wanted(m, ".".join(map(str, path)))]
-    for path, linear in targets:
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        new = _from_linear(linear, cls, **kwargs)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = new
-        else:
-            setattr(parent, path[-1], new)
+    new, descend = visit(model, "")
+    if new is not None:
+        model = new
+    elif descend:
+        targets, stop = [], []
+        for path, mod in nnx.iter_modules(model):
+            if not path or any(path[:len(s)] == s for s in stop):
+                continue
+            replacement, descend = visit(mod, ".".join(map(str, path)))
+            if replacement is not None:
+                targets.append((path, replacement))
+            if not descend:
+                stop.append(path)
+        for path, replacement in targets:
+            parent = model
+            for key in path[:-1]:
+                parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+            if isinstance(path[-1], int):
+                parent[path[-1]] = replacement
+            else:
+                setattr(parent, path[-1], replacement)
+    report = _conversion.ConversionReport("jax", tuple(converted), tuple(already), tuple(skipped))
+    model.fp8_conversion_report = report  # static (frozen, hashable)
+    _conversion.log(report)
+    _conversion.warn_if_incomplete(report)
     return model
+
+
+def _kind(mod: nnx.Module) -> str:
+    t = type(mod)
+    return f"nnx.{t.__name__}" if t.__module__.startswith("flax.nnx") else t.__name__
+
+
+def _record(fqn: str, mod: nnx.Module, **kw: tp.Any) -> LayerRecord:
+    kernel = getattr(mod, "kernel", None)
+    params = int(np.prod(kernel[...].shape)) if isinstance(kernel, nnx.Variable) else 0
+    fin, fout = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+    fin = int(np.prod(fin)) if isinstance(fin, tuple) else fin
+    fout = int(np.prod(fout)) if isinstance(fout, tuple) else fout
+    return LayerRecord(fqn, _kind(mod), fin, fout, params, **kw)
+
+
+def _general_convertible(mod: nnx.LinearGeneral) -> bool:
+    """Whether a LinearGeneral is a plain matmul over its trailing axes (what
+    :class:`LinearGeneralFP8` computes), e.g. every projection of nnx.MultiHeadAttention."""
+    n = len(mod.axis)
+    return (not mod.batch_axis and mod.dot_general is None and mod.dot_general_cls is None
+            and mod.preferred_element_type is None
+            and mod.promote_dtype is _nnx_dtypes.promote_dtype
+            and all(isinstance(a, (int, np.integer)) for a in mod.axis)
+            and tuple(int(a) for a in mod.axis) in (tuple(range(-n, 0)),))
+
+
+class LinearGeneralFP8(nnx.Module):
+    """An ``nnx.LinearGeneral`` over the trailing axes (no ``batch_axis``) whose matmul
+    follows ``recipe``: ``inputs`` (..., *in_features) is flattened to (..., K), the
+    kernel (*in_features, *out_features) viewed as (K, N), and the result
+    ``matmul_fp8(x, kernel, recipe=recipe) + bias`` reshaped to (..., *out_features) —
+    bit for bit a :class:`LinearFP8` on the flattened features. Built by
+    :func:`convert_to_fp8` from nnx.MultiHeadAttention's projections (their
+    ``kernel`` / ``bias`` Params are kept, shapes and names unchanged). Dtype rule as
+    :class:`LinearFP8` (the input's dtype when ``dtype`` is None).
+    """
+
+    def __init__(self, in_features: tp.Sequence[int], out_features: tp.Sequence[int], *,
+                 recipe: tp.Any = "TENSORWISE", use_bias: bool = True,
+                 dtype: tp.Any | None = None, param_dtype: tp.Any = jnp.float32,
+                 kernel_init: tp.Callable = default_kernel_init,
+                 bias_init: tp.Callable = default_bias_init, rngs: nnx.Rngs):
+        self.in_features = tuple(int(v) for v in in_features)
+        self.out_features = tuple(int(v) for v in out_features)
+        k, n = int(np.prod(self.in_features)), int(np.prod(self.out_features))
+        _validation.check_features(k, "in_features")
+        _validation.check_features(n, "out_features")
+        self.recipe = fp8core.recipe.get_recipe(recipe)
+        self.kernel = nnx.Param(jnp.reshape(kernel_init(rngs.params(), (k, n), param_dtype),
+                                            (*self.in_features, *self.out_features)))
+        self.bias: nnx.Param[jax.Array] | None
+        self.bias = (nnx.Param(jnp.reshape(bias_init(rngs.params(), (n,), param_dtype),
+                                           self.out_features)) if use_bias else nnx.data(None))
+        self.axis = tuple(range(-len(self.in_features), 0))
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def __call__(self, inputs: jax.Array, out_sharding: tp.Any = None) -> jax.Array:
+        """``FP8(inputs @ kernel) + bias`` over the trailing ``len(in_features)`` axes.
+
+        Raises:
+          TypeError: ``inputs`` not floating point. ValueError: its trailing shape is not
+            ``in_features``; ``out_sharding`` given (not supported by the FP8 matmul).
+        """
+        if out_sharding is not None:
+            raise ValueError(f"LinearGeneralFP8: out_sharding={out_sharding!r} is not supported "
+                             "(the FP8 matmul takes its output sharding from its inputs); pass None")
+        if not hasattr(inputs, "dtype"):
+            inputs = jnp.asarray(inputs)
+        _validation.check_float_dtype(np.dtype(inputs.dtype).name, argname="inputs")
+        n_in = len(self.in_features)
+        if inputs.ndim < n_in or tuple(inputs.shape[inputs.ndim - n_in:]) != self.in_features:
+            raise ValueError(
+                f"inputs has shape {tuple(inputs.shape)}, but LinearGeneralFP8(in_features="
+                f"{self.in_features}, out_features={self.out_features}) expects trailing "
+                f"dimensions {self.in_features}")
+        lead = tuple(inputs.shape[:inputs.ndim - n_in])
+        k, n = int(np.prod(self.in_features)), int(np.prod(self.out_features))
+        x = jnp.reshape(inputs, (*lead, k))
+        kernel = jnp.reshape(self.kernel[...], (k, n))
+        bias = jnp.reshape(self.bias[...], (n,)) if self.bias is not None else None
+        if self.dtype is not None:
+            x, kernel, bias = _nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        x, kernel, bias = _check_inputs(x, kernel, bias, argname="inputs")
+        return jnp.reshape(_apply(x, kernel, bias, self.recipe, argname="inputs"),
+                           (*lead, *self.out_features))
+
+    @classmethod
+    def from_linear_general(cls, layer: nnx.LinearGeneral, *, recipe: tp.Any) -> "LinearGeneralFP8":
+        """A new FP8 layer holding ``layer``'s own ``kernel`` / ``bias`` Params."""
+        if not (isinstance(layer, nnx.LinearGeneral) and _general_convertible(layer)):
+            raise TypeError("layer must be an nnx.LinearGeneral over its trailing axes without "
+                            f"batch_axis or a custom dot_general, got {layer!r:.200}")
+        new = cls(layer.in_features, layer.out_features, recipe=recipe, use_bias=layer.use_bias,
+                  dtype=layer.dtype, param_dtype=layer.param_dtype,
+                  kernel_init=initializers.zeros_init(), rngs=nnx.Rngs(0))
+        new.kernel = layer.kernel
+        new.bias = layer.bias if layer.use_bias else nnx.data(None)
+        return new
+
+
+__all__ += ["LinearGeneralFP8"]

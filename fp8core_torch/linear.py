@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fp8core
 import fp8core.recipe
@@ -46,8 +47,8 @@ class LinearFP8(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
                  dtype: Any = None, *, recipe: Any = "TENSORWISE"):
-        _validation.check_features(in_features, "in_features")
-        _validation.check_features(out_features, "out_features")
+        in_features = _validation.check_features(in_features, "in_features")
+        out_features = _validation.check_features(out_features, "out_features")
         recipe = fp8core.recipe.get_recipe(recipe)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._set_recipe(recipe)
@@ -69,6 +70,10 @@ class LinearFP8(nn.Linear):
                 f"(in_features={self.in_features}, out_features={self.out_features}) expects "
                 f"{self.in_features} in its last dimension"
             )
+        if self.in_features == 0 or self.out_features == 0:
+            # an empty layer has no product to quantize: nn.Linear's bias-only / empty result
+            # and zero gradients (bit-identical to nn.Linear, autocast included)
+            return F.linear(input, self.weight, self.bias)
         if self._may_span_rows and not self._rows_warned and not torch.compiler.is_compiling():
             msg = self.recipe.rows_warning(input.numel() // self.in_features, self.in_features,
                                            self.out_features, type(self).__name__)
@@ -105,8 +110,8 @@ class _LinearFP8Bnb(LinearFP8):
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  device: Any = None, dtype: Any = None, *, fw_format: Any = "e4m3",
                  bw_format: Any = "e5m2", bsz: int | None = None, bsz2: int | None = None):
-        _validation.check_features(input_features, "input_features")
-        _validation.check_features(output_features, "output_features")
+        input_features = _validation.check_features(input_features, "input_features")
+        output_features = _validation.check_features(output_features, "output_features")
         if bsz is not None:
             _validation.check_blocksize(bsz, argname="bsz")
         if bsz2 is not None:
@@ -119,8 +124,10 @@ class _LinearFP8Bnb(LinearFP8):
         self._set_recipe(recipe)
         self.fw_spec: QuantSpec = fw
         self.bw_spec: QuantSpec = bw
-        self.bsz = bsz if bsz is not None else fp8core.select_block_size(input_features)
-        self.bsz2 = bsz2 if bsz2 is not None else fp8core.select_block_size(output_features)
+        # an empty layer (0 features) gets the rule's smallest block; it quantizes nothing
+        self.bsz = bsz if bsz is not None else fp8core.select_block_size(max(input_features, 1))
+        self.bsz2 = bsz2 if bsz2 is not None else fp8core.select_block_size(
+            max(output_features, 1))
 
     @property
     def fw_codebook(self) -> fp8core.Codebook:

@@ -237,6 +237,8 @@ def _autocast_inputs(A, B, bias):
 
 def _apply_module(A, B, bias, recipe, specs):
     """The layers' entry (input already checked): autocast, empty inputs, the Function."""
+    if A.device.type == "meta":  # shape-only, as nn.Linear on meta (no values; no autocast)
+        return _mm(A, B.to(A.dtype), bias)
     A, B, bias = _autocast_inputs(A, B, bias)
     recipe.check_input(A.dim(), argname="input")
     with torch.autocast(A.device.type, enabled=False):
@@ -246,6 +248,9 @@ def _apply_module(A, B, bias, recipe, specs):
 
 
 def _apply(A, B, bias, recipe, out=None):
+    if A.device.type == "meta":  # shape-only, as torch.matmul on meta (no values; no autocast)
+        res = _mm(A, B.to(A.dtype), bias)
+        return res if out is None else out.copy_(res)
     dev = A.device.type
     A, B, bias = _autocast_inputs(A, B, bias)
     recipe.check_input(A.dim())

@@ -71,8 +71,9 @@ def test_dtypes():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(in_features=0, out_features=3), ValueError, "in_features must be an int >= 1"),
-        (dict(in_features=3, out_features=-1), ValueError, "out_features must be an int >= 1"),
+        (dict(in_features=-2, out_features=3), ValueError, "in_features must be an int >= 0 .*, got -2"),
+        (dict(in_features=3, out_features=-1), ValueError, "out_features must be an int >= 0"),
+        (dict(in_features=True, out_features=3), TypeError, "in_features .*not bool.*got bool"),
         (dict(in_features=3.0, out_features=3), TypeError, "in_features"),
         (dict(in_features=3, out_features=3, fw_format="e9"), ValueError, "fw_format"),
         (dict(in_features=3, out_features=3, bsz=0), ValueError, "bsz"),
