@@ -84,8 +84,9 @@ def _kernel_unavailable() -> str | None:
     from fp8core import _kernel
     if _kernel._LIB is None:
         return "fp8core's C kernel is not built (no C compiler at install time, or a stale build)"
-    if os.environ.get("FP8CORE_KERNEL", "1") == "0":
-        return "the C kernel is disabled by FP8CORE_KERNEL=0"
+    from fp8core import _env
+    if not _env.flag("FP8CORE_KERNEL", True):
+        return f"the C kernel is disabled by FP8CORE_KERNEL={os.environ['FP8CORE_KERNEL']}"
     return None
 
 

@@ -14,19 +14,21 @@ own path, which gives the same bits (tests compare every path with the reference
 
 The functions here take raw addresses and sizes, so that any framework (or numpy)
 can call them without a copy; they never import torch or jax. Set the environment
-variable ``FP8CORE_KERNEL=0`` before import to disable the kernel (for debugging or
-to compare paths); :data:`ENABLED` can also be toggled at run time.
+variable ``FP8CORE_KERNEL=0`` (or ``false``/``no``/``off``; any other spelling but
+``1/true/yes/on`` raises ValueError, :func:`fp8core._env.flag`) before import to disable
+the kernel (for debugging or to compare paths); :data:`ENABLED` can also be toggled at
+run time. ``python -m fp8core`` says whether the kernel is built and which path runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import warnings
 
 import numpy as np
 
+from fp8core import _env
 from fp8core.codebooks import Codebook
 
 __all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
@@ -89,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
 
 _LIB = _load()
 #: Whether callers should use the kernel (only meaningful when :func:`available`).
-ENABLED: bool = os.environ.get("FP8CORE_KERNEL", "1") != "0"
+ENABLED: bool = _env.flag("FP8CORE_KERNEL", True)
 
 
 def available() -> bool:
