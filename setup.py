@@ -8,8 +8,21 @@ kernel's OpenMP team then shares it); otherwise the kernel is built with POSIX
 threads only. Never build it with -ffast-math: the contract's float32 operation
 sequence must be compiled as written (no reassociation, no FMA contraction;
 docs/numerics.md §8).
+
+``fp8core_jax/_fp8q_xla.so`` is the JAX FFI wrapper of that kernel
+(``fp8core/csrc/fp8q_xla.cc``), compiled with the C++ compiler (``$CXX``, shell-split,
+else ``c++``/``g++``) against jaxlib's XLA FFI headers when jaxlib is importable in
+the build environment (pyproject.toml lists it as a build requirement on the
+platforms jaxlib has wheels for; with ``--no-build-isolation`` the environment's
+own jaxlib is used). It is stamped (``_fp8q_xla.so.json``: jaxlib version, compiler,
+both ABI versions, size and sha256) by ``fp8core_jax/_build.py``, the same code that
+``python -m fp8core_jax.build`` and the run-time loader use; also optional: without
+jaxlib or a C++ compiler the install succeeds and the wrapper is built on demand
+(or the XLA path runs).
 """
 
+import importlib.util
+import os
 import sys
 
 from setuptools import Extension, setup
@@ -20,10 +33,35 @@ CFLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-trappi
 OPENMP = ["-fopenmp"]
 
 
+FFI_EXT = "fp8core_jax._fp8q_xla"
+
+
+def _ffi_build_module():
+    """fp8core_jax/_build.py, loaded by path (importing fp8core_jax would import jax)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("_fp8core_ffi_build",
+                                                  os.path.join(here, "fp8core_jax", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 class BuildExt(build_ext):
-    """Try with OpenMP first, then without (a compiler without an OpenMP runtime)."""
+    """fp8core._fp8q: try with OpenMP first, then without (a compiler without an OpenMP
+    runtime). fp8core_jax._fp8q_xla: compiled and stamped by fp8core_jax/_build.py."""
+
+    def get_ext_filename(self, fullname):
+        if fullname == FFI_EXT:  # a plain shared library (ctypes), not a Python module
+            return os.path.join(*fullname.split(".")[:-1], "_fp8q_xla.so")
+        return super().get_ext_filename(fullname)
+
+    def get_outputs(self):
+        outs = super().get_outputs()
+        return outs + [o + ".json" for o in outs if o.endswith("_fp8q_xla.so")]
 
     def build_extension(self, ext):
+        if ext.name == FFI_EXT:
+            return self._build_ffi(ext)
         if not UNIX:
             return super().build_extension(ext)
         try:
@@ -33,6 +71,20 @@ class BuildExt(build_ext):
             ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in OPENMP]
             ext.extra_link_args = [a for a in ext.extra_link_args if a not in OPENMP]
             return super().build_extension(ext)
+
+    def _build_ffi(self, ext):
+        from pathlib import Path
+
+        out = Path(self.get_ext_fullpath(ext.name))
+        try:
+            build = _ffi_build_module()
+            stamp = build.compile_library(out)
+        except Exception as e:  # noqa: BLE001 - optional: no jaxlib, no compiler, a failed compile
+            print(f"fp8core: not building the JAX FFI wrapper {ext.name} ({e}); fp8core_jax will "
+                  f"build it on first use outside a trace or use its XLA path "
+                  f"(`python -m fp8core_jax.build` builds it)")
+            return
+        print(f"fp8core: built {out} for jaxlib {stamp['jaxlib']} with {stamp['compiler']}")
 
 
 setup(
@@ -44,6 +96,6 @@ setup(
             extra_link_args=["-pthread"] + OPENMP if UNIX else [],
             optional=True,
         )
-    ],
+    ] + ([Extension(FFI_EXT, sources=["fp8core/csrc/fp8q_xla.cc"], optional=True)] if UNIX else []),
     cmdclass={"build_ext": BuildExt},
 )

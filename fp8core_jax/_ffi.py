@@ -3,30 +3,43 @@
 Four calls: flat blocks / global (:func:`quantize`, :func:`dequantize`) and 2-D
 tiles of a row-major matrix (:func:`quantize_tiles`, :func:`dequantize_tiles`),
 each with a scale rule (``scale="fp32" | "pow2" | "pow2_torchao"``). The handlers
-(``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the
-C kernel the torch backend uses (``fp8core._fp8q``, built at install time), so
-every platform still runs the contract's operation sequence and the results are
-the bits of :mod:`fp8core.reference` (tested). The handler file needs the XLA FFI
-headers of the *installed* jaxlib, so it is compiled on first use with the
-system C++ compiler (``$CXX``, else ``c++``; about two seconds) into a cache
-directory (``$FP8CORE_CACHE``, else ``$XDG_CACHE_HOME/fp8core``, else
-``~/.cache/fp8core``), keyed by the source and the jaxlib version.
+(``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the C kernel the
+torch backend uses (``fp8core._fp8q``), so every platform still runs the
+contract's operation sequence and the results are the bits of
+:mod:`fp8core.reference` (tested).
 
-When anything is missing — the C kernel, a compiler, ``jax.ffi`` — or
+Where the handler library comes from (:func:`available`, decided once per process):
+
+1. the installed copy, ``fp8core_jax/_fp8q_xla.so``, compiled by ``pip install``
+   when jaxlib's FFI headers were present at build time (jaxlib is a build
+   requirement), used when its stamp (``_fp8q_xla.so.json``) names the running
+   jaxlib, the loaded C kernel's ABI and this module's FFI ABI, and the file's size
+   and sha256 are the stamp's — the usual case: no compiler runs at all;
+2. else a build in the cache (``$FP8CORE_CACHE``, else ``$XDG_CACHE_HOME/fp8core``,
+   else ``~/.cache/fp8core``) keyed by the source, jaxlib, the compiler and both
+   ABIs, checked the same way;
+3. else it is compiled into the cache with ``$CXX`` (shell-split: ``ccache g++``
+   works; else ``c++``/``g++``, a few seconds) — but never inside a jax trace: a
+   call first made while tracing takes the XLA path for that trace and the build
+   happens at the next call outside one. ``python -m fp8core_jax.build`` builds it
+   explicitly (``--check`` reports what would be loaded; fp8core_jax/_build.py).
+
+A library is never opened before its check passes (a truncated or garbage file
+would kill the process); one that fails it is rebuilt when a compiler is there.
+After loading, ``fp8q_xla_abi()`` must equal :data:`FFI_ABI_VERSION` and
+``fp8q_xla_bind`` must accept the kernel's ABI. When anything is missing — the C
+kernel, a usable library and a compiler, a writable cache, ``jax.ffi`` — or
 ``FP8CORE_KERNEL=0`` is set, :func:`available` is False and fp8core_jax uses its
-XLA path (same bits, slower), warning once with the reason. On other platforms
-(GPU, TPU) the XLA path is lowered instead (``lax.platform_dependent``).
+XLA path (same bits, slower), warning once with the reason (not for
+``FP8CORE_KERNEL=0``). ``python -m fp8core`` shows which path runs and why. On
+other platforms (GPU, TPU) the XLA path is lowered instead
+(``lax.platform_dependent``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -38,78 +51,167 @@ import numpy as np
 import fp8core
 from fp8core import _kernel
 from fp8core.codebooks import Codebook
+from fp8core_jax import _build
 
 __all__ = ["available", "quantize", "dequantize", "quantize_tiles", "dequantize_tiles"]
 
-_SOURCE = Path(_kernel.__file__).resolve().parent / "csrc" / "fp8q_xla.cc"
+#: The ABI of the handler library's exports this module binds (``fp8q_xla_abi()``).
+FFI_ABI_VERSION = _build.FFI_ABI_VERSION
+_SOURCE = _build.SOURCE
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}   # "ok": bool, "why": str, "lib": CDLL
+# "ok": bool, "why": str (when not ok), "lib": CDLL, "path": Path, "origin": "installed" | "cache"
+_STATE: dict[str, object] = {}
+_TARGETS = ("fp8q_xla_quantize", "fp8q_xla_dequantize", "fp8q_xla_quantize_tiles",
+            "fp8q_xla_dequantize_tiles")
+_ENTRIES = ("fp8q_quantize", "fp8q_dequantize", "fp8q_quantize_tiles", "fp8q_dequantize_tiles")
+
+
+class _Deferred(Exception):
+    """A build is needed but we are inside a jax trace."""
+
+
+def _tracing() -> bool:
+    """Whether a jax trace (jit, grad, vmap, ...) is active. Unknown (a jax without
+    ``trace_state_clean``) counts as tracing, so no compiler ever runs in a trace."""
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:  # pragma: no cover - other jax versions
+        return True
+    return not trace_state_clean()
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("FP8CORE_CACHE"):
-        return Path(os.environ["FP8CORE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fp8core"
+    return _build.cache_dir()
 
 
-def _build() -> Path:
-    """Compile the handlers once per (source, jaxlib) into the cache; return the .so path."""
-    import jaxlib
-
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found ($CXX, c++ or g++)")
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + jaxlib.__version__.encode() + sys.platform.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"fp8q_xla-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}",
-           str(_SOURCE), "-o", tmp]
+def _open(path: Path) -> ctypes.CDLL:
+    """dlopen a checked library, check its ABI, bind the kernel, register the targets."""
+    lib = ctypes.CDLL(str(path))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, out)  # atomic: a concurrent builder sees the old or the new file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        abi = lib.fp8q_xla_abi
+    except AttributeError:
+        raise RuntimeError(f"{path} has no fp8q_xla_abi (built from an older fp8q_xla.cc)") from None
+    abi.restype = ctypes.c_int
+    if abi() != FFI_ABI_VERSION:
+        raise RuntimeError(f"{path} has FFI ABI {abi()}, fp8core_jax expects {FFI_ABI_VERSION}")
+    lib.fp8q_xla_bind.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * len(_ENTRIES)
+    lib.fp8q_xla_bind.restype = ctypes.c_int
+    kernel_abi = int(_kernel._LIB.fp8q_abi_version())
+    if lib.fp8q_xla_bind(kernel_abi, *(ctypes.cast(getattr(_kernel._LIB, e), ctypes.c_void_p)
+                                       for e in _ENTRIES)) != 0:
+        raise RuntimeError(f"{path} refused the C kernel's ABI {kernel_abi} (fp8q_xla_bind)")
+    for name in _TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib
 
 
-def _load() -> None:
+def _load(allow_build: bool) -> list[str]:
+    """Find, check, open and register the handler library (module docstring); return
+    the notes worth a warning even on success (a damaged file that was replaced).
+
+    Raises:
+        _Deferred: only a build would do and ``allow_build`` is False.
+        RuntimeError: no library could be loaded (the message gives every reason).
+    """
     if not hasattr(jax, "ffi"):
         raise RuntimeError(f"jax {jax.__version__} has no jax.ffi")
     if _kernel._LIB is None:
-        raise RuntimeError("fp8core's C kernel (fp8core._fp8q) is not built")
-    lib = ctypes.CDLL(str(_build()))
-    entries = ("fp8q_quantize", "fp8q_dequantize", "fp8q_quantize_tiles", "fp8q_dequantize_tiles")
-    lib.fp8q_xla_bind.argtypes = [ctypes.c_void_p] * len(entries)
-    lib.fp8q_xla_bind(*(ctypes.cast(getattr(_kernel._LIB, e), ctypes.c_void_p) for e in entries))
-    for name in ("fp8q_xla_quantize", "fp8q_xla_dequantize", "fp8q_xla_quantize_tiles",
-                 "fp8q_xla_dequantize_tiles"):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    _STATE["lib"] = lib
+        raise RuntimeError("fp8core's C kernel (fp8core._fp8q) is not built (no C compiler at "
+                           "install time, or a stale build): reinstall fp8core with a C compiler")
+    want = _build.expected(_kernel.ABI_VERSION)
+    reasons: list[str] = []
+    damaged: list[str] = []
+    candidates = [("installed", _build.installed_path())]
+    candidates += [("cache", p) for p in _build.cached_candidates(_kernel.ABI_VERSION)]
+    for origin, path in candidates:
+        if origin == "installed" and not path.exists():
+            reasons.append(f"no installed library ({path.name}: jaxlib's headers were not available "
+                           f"when fp8core was installed)")
+            continue
+        try:
+            _build.check(path, want)
+        except _build.CheckFailed as e:
+            if path.exists():
+                reasons.append(str(e))
+                if e.integrity:
+                    damaged.append(str(e))
+            continue
+        try:
+            _STATE["lib"] = _open(path)
+        except (OSError, RuntimeError, AttributeError) as e:
+            reasons.append(f"{path} could not be loaded: {e}")
+            damaged.append(reasons[-1])
+            continue
+        _STATE["path"], _STATE["origin"] = path, origin
+        return damaged
+    # nothing usable: build into the cache (never in a trace)
+    try:
+        cmd = _build.split_compiler()
+    except _build.BuildError as e:
+        raise RuntimeError("; ".join(reasons + [str(e)])) from None
+    if not allow_build:
+        raise _Deferred("; ".join(reasons))
+    out = _build.cache_path(cmd, _kernel.ABI_VERSION)
+    try:
+        _build.compile_library(out, cmd)
+        _build.check(out, want)
+        _STATE["lib"] = _open(out)
+    except (_build.BuildError, _build.CheckFailed, OSError, RuntimeError) as e:
+        raise RuntimeError("; ".join(reasons + [f"building {out} failed: {e}"])) from None
+    _STATE["path"], _STATE["origin"] = out, "cache (built now)"
+    return [f"{d} — rebuilt as {out}" for d in damaged]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def available() -> bool:
-    """Whether the custom calls can be used (builds and registers them on first call)."""
+    """Whether the custom calls can be used: the C kernel is built and enabled
+    (``FP8CORE_KERNEL``) and the handler library is loaded — found, checked and
+    registered on the first call, built into the cache if needed and not tracing
+    (module docstring). Every failure is one RuntimeWarning and False."""
     if not _kernel.available():
+        if _kernel._LIB is None and "kernel_warned" not in _STATE:
+            _STATE["kernel_warned"] = True
+            _warn("fp8core_jax: fp8core's C kernel (fp8core._fp8q) is not built, using the XLA path "
+                  "(same results, slower); reinstall fp8core with a C compiler for the fused path")
         return False
+    if "ok" in _STATE:
+        return bool(_STATE["ok"])
     with _LOCK:
         if "ok" not in _STATE:
             try:
-                _load()
+                notes = _load(allow_build=not _tracing())
                 _STATE["ok"] = True
-            except Exception as e:  # any failure: the XLA path, said once
+                if notes:
+                    _warn("fp8core_jax: " + "; ".join(notes))
+            except _Deferred as e:
+                if "deferred_warned" not in _STATE:
+                    _STATE["deferred_warned"] = True
+                    _warn(f"fp8core_jax: the FFI wrapper needs a build ({e}); fp8core never runs a "
+                          f"compiler inside a jax trace, so this trace uses the XLA path (same "
+                          f"results, slower) and the build happens at the next call outside a trace "
+                          f"(or run `python -m fp8core_jax.build`)")
+                return False
+            except Exception as e:  # noqa: BLE001 - any failure: the XLA path, said once
                 _STATE["ok"], _STATE["why"] = False, f"{type(e).__name__}: {e}"
-                warnings.warn(f"fp8core_jax: fused CPU kernel unavailable, using the XLA path "
-                              f"(same results, slower): {_STATE['why']}", RuntimeWarning, stacklevel=3)
+                _warn(f"fp8core_jax: fused CPU kernel unavailable, using the XLA path "
+                      f"(same results, slower): {_STATE['why']}")
     return bool(_STATE["ok"])
+
+
+def status() -> dict[str, object]:
+    """What :func:`available` decided, for ``fp8core.info()``: ``active`` (bool or None:
+    not decided yet), ``path``, ``origin`` (installed / cache), ``reason``."""
+    if not _kernel.available():
+        why = ("fp8core's C kernel is not built" if _kernel._LIB is None
+               else "disabled (FP8CORE_KERNEL / fp8core._kernel.ENABLED)")
+        return {"active": False, "path": None, "origin": None, "reason": why}
+    if "ok" not in _STATE:
+        return {"active": None, "path": None, "origin": None, "reason": "not loaded yet"}
+    return {"active": bool(_STATE["ok"]), "path": str(_STATE.get("path")) if _STATE.get("path") else None,
+            "origin": _STATE.get("origin"), "reason": _STATE.get("why")}
 
 
 def _nthreads() -> int:

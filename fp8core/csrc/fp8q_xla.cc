@@ -6,13 +6,21 @@
 // at load time (the addresses of the functions in the installed fp8core._fp8q
 // extension), so there is one compiled copy of the quantizer. The codebook's
 // constants and the scale rule arrive as attributes (the pow2_torchao threshold
-// table as a float32[256] array attribute, empty for the other rules). Built on
-// first use against jax.ffi.include_dir() (header-only XLA FFI API) and cached;
-// see fp8core_jax/_ffi.py.
+// table as a float32[256] array attribute, empty for the other rules). Built at
+// install time (setup.py) or by `python -m fp8core_jax.build` against
+// jax.ffi.include_dir() (header-only XLA FFI API); see fp8core_jax/_ffi.py.
+//
+// Two ABI numbers guard the binding: FP8Q_XLA_ABI_VERSION (this file's handlers
+// and exports; fp8core_jax/_ffi.py's FFI_ABI_VERSION) and FP8Q_XLA_KERNEL_ABI (the
+// fp8q.c ABI whose fp8q_format and signatures are copied below; fp8q_abi_version()).
+// fp8q_xla_bind refuses a kernel of another ABI.
 #include <cstdint>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
+
+#define FP8Q_XLA_ABI_VERSION 1
+#define FP8Q_XLA_KERNEL_ABI 3
 
 namespace ffi = xla::ffi;
 
@@ -39,12 +47,24 @@ static dequantize_fn g_dequantize = nullptr;
 static quantize_tiles_fn g_quantize_tiles = nullptr;
 static dequantize_tiles_fn g_dequantize_tiles = nullptr;
 
-// Called once from Python with the kernel's entry points.
-void fp8q_xla_bind(void *quantize, void *dequantize, void *quantize_tiles, void *dequantize_tiles) {
+// This file's ABI (checked by fp8core_jax/_ffi.py before binding).
+int fp8q_xla_abi(void) { return FP8Q_XLA_ABI_VERSION; }
+// The kernel ABI (fp8q_abi_version()) these declarations were copied from.
+int fp8q_xla_kernel_abi(void) { return FP8Q_XLA_KERNEL_ABI; }
+
+// Called once from Python with the loaded kernel's fp8q_abi_version() and its
+// entry points. Returns 0, or -1 (nothing bound) for a kernel of another ABI or a
+// missing entry point.
+int fp8q_xla_bind(int kernel_abi, void *quantize, void *dequantize, void *quantize_tiles,
+                  void *dequantize_tiles) {
+  if (kernel_abi != FP8Q_XLA_KERNEL_ABI || !quantize || !dequantize || !quantize_tiles ||
+      !dequantize_tiles)
+    return -1;
   g_quantize = reinterpret_cast<quantize_fn>(quantize);
   g_dequantize = reinterpret_cast<dequantize_fn>(dequantize);
   g_quantize_tiles = reinterpret_cast<quantize_tiles_fn>(quantize_tiles);
   g_dequantize_tiles = reinterpret_cast<dequantize_tiles_fn>(dequantize_tiles);
+  return 0;
 }
 }
 
