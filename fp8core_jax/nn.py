@@ -436,6 +436,7 @@ class LinearGeneralFP8(nnx.Module):
         self.use_bias = use_bias
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self._rows_warned = _Once()
 
     def __call__(self, inputs: jax.Array, out_sharding: tp.Any = None) -> jax.Array:
         """``FP8(inputs @ kernel) + bias`` over the trailing ``len(in_features)`` axes.
@@ -463,6 +464,11 @@ class LinearGeneralFP8(nnx.Module):
         bias = jnp.reshape(self.bias[...], (n,)) if self.bias is not None else None
         if self.dtype is not None:
             x, kernel, bias = _nnx_dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        if not self._rows_warned.done and x.ndim >= 2 and k * n:
+            msg = self.recipe.rows_warning(int(np.prod(lead)), k, n, type(self).__name__)
+            if msg is not None:
+                self._rows_warned.done = True
+                warnings.warn(msg, UserWarning, stacklevel=2)
         x, kernel, bias = _check_inputs(x, kernel, bias, argname="inputs")
         return jnp.reshape(_apply(x, kernel, bias, self.recipe, argname="inputs"),
                            (*lead, *self.out_features))

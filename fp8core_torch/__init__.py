@@ -7,10 +7,11 @@ created on its input's device.
 
 Layout (after torchao.float8): ``config`` (per-codebook constants, frozen),
 ``quantize`` (the quantizers), ``matmul`` (autograd functions), ``linear``
-(modules), ``convert`` (``convert_to_fp8``).
+(modules), ``conv1d`` (transformers' Conv1D), ``convert`` (``convert_to_fp8``).
 """
 
 from fp8core_torch.config import QuantSpec
+from fp8core_torch.conv1d import Conv1DFP8
 from fp8core_torch.convert import convert_to_fp8
 from fp8core_torch.linear import LinearFP8, LinearFP8Global, LinearFP8Mixed
 from fp8core_torch.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
@@ -27,6 +28,7 @@ from fp8core_torch.quantize import (
 )
 
 __all__ = [
+    "Conv1DFP8",
     "LinearFP8",
     "LinearFP8Global",
     "LinearFP8Mixed",
