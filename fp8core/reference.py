@@ -147,10 +147,39 @@ def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook
         return values * dscale[:, None]                               # §4.3 fl(v * dscale)
 
 
-def _blocks(x32: np.ndarray, blocksize: int) -> np.ndarray:
-    plan = plan_blocks(x32.size, blocksize)
-    flat = np.concatenate([x32.reshape(-1), np.zeros(plan.pad, np.float32)])
-    return flat.reshape(plan.n_blocks, plan.blocksize)
+def _block_pieces(numel: int, blocksize: int) -> list[tuple[int, int, int]]:
+    """The flattening as ``(start, n_groups, group_size)`` pieces: the full blocks as one
+    piece and the partial last block as a piece of its own, one group of the remaining
+    elements. Never padded: the zeros that would fill a partial block change neither its
+    absmax (§3) nor any other element's code, so a block of 10 elements with
+    ``blocksize=2**40`` costs 10 elements, not 2**40."""
+    plan = plan_blocks(numel, blocksize)
+    n_full, rem = divmod(numel, plan.blocksize)
+    pieces = [(0, n_full, plan.blocksize)] if n_full or not rem else []
+    if rem:
+        pieces.append((n_full * plan.blocksize, 1, rem))
+    return pieces
+
+
+def _quantize_blocks(flat: np.ndarray, blocksize: int, codebook: Codebook, scale: str = "fp32"
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_quantize_groups` over the blocks of a 1-D float32 ``flat``: ``(codes like
+    flat, absmax per block)``."""
+    parts = [_quantize_groups(flat[start:start + n * size].reshape(n, size), codebook, scale)
+             for start, n, size in _block_pieces(flat.size, blocksize)]
+    return (np.concatenate([c.reshape(-1) for c, _ in parts]),
+            np.concatenate([a for _, a in parts]))
+
+
+def _dequantize_blocks(codes: np.ndarray, absmax: np.ndarray, blocksize: int, codebook: Codebook,
+                       scale: str = "fp32") -> np.ndarray:
+    """:func:`_dequantize_groups` over the blocks of 1-D ``codes`` (float32, like codes)."""
+    parts = []
+    for start, n, size in _block_pieces(codes.size, blocksize):
+        first = start // blocksize
+        parts.append(_dequantize_groups(codes[start:start + n * size].reshape(n, size),
+                                        absmax[first:first + n], codebook, scale).reshape(-1))
+    return np.concatenate(parts)
 
 
 def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,8 +203,8 @@ def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[np.ndarra
     codebook = resolve_codebook(codebook)
     _validation.check_blocksize(blocksize)
     x32 = x.astype(np.float32)                                        # §3.1
-    codes, absmax = _quantize_groups(_blocks(x32, blocksize), codebook)
-    return codes.reshape(-1)[: x.size].reshape(x.shape), absmax
+    codes, absmax = _quantize_blocks(x32.reshape(-1), blocksize, codebook)
+    return codes.reshape(x.shape), absmax
 
 
 def dequantize_blockwise(codes: Any, absmax: Any, codebook: Any, blocksize: int,
@@ -192,10 +221,8 @@ def dequantize_blockwise(codes: Any, absmax: Any, codebook: Any, blocksize: int,
     plan = plan_blocks(codes.size, blocksize)
     _validation.check_absmax(absmax.dtype.name, absmax.shape, (plan.n_blocks,))
     out_dtype = _out_dtype(dtype)
-    padded = np.concatenate([codes.reshape(-1), np.zeros(plan.pad, np.uint8)])
-    groups = padded.reshape(plan.n_blocks, plan.blocksize)
-    y = _dequantize_groups(groups, absmax, codebook)
-    return y.reshape(-1)[: codes.size].reshape(codes.shape).astype(out_dtype)  # §4.4
+    y = _dequantize_blocks(codes.reshape(-1), absmax.reshape(-1), plan.blocksize, codebook)
+    return y.reshape(codes.shape).astype(out_dtype)  # §4.4
 
 
 def quantize_global(x: Any, codebook: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -237,9 +264,18 @@ def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> np.nda
 
 
 # --------------------------------------------------------------- §9: recipes
+def _tight(plan):
+    """The same tiles with ``tile_rows``/``tile_cols`` clamped to the array (a tile larger
+    than the array holds the same elements), so that padding never exceeds a tile's
+    overhang: a 10-element operand with ``tile(2**40)`` is not padded to 2**40 zeros."""
+    return plan_tiles(plan.rows, plan.cols, max(1, min(plan.tile_rows, plan.rows)),
+                      max(1, min(plan.tile_cols, plan.cols)))
+
+
 def _tile_groups(a: np.ndarray, plan) -> np.ndarray:
     """(rows, cols) -> (n_groups, tile_rows * tile_cols), tiles in row-major grid order,
     edge tiles padded with zeros (which never change an absmax)."""
+    plan = _tight(plan)
     gr, gc = plan.grid
     padded = np.zeros(plan.padded_shape, a.dtype)
     padded[: plan.rows, : plan.cols] = a
@@ -248,6 +284,7 @@ def _tile_groups(a: np.ndarray, plan) -> np.ndarray:
 
 
 def _untile(groups: np.ndarray, plan) -> np.ndarray:
+    plan = _tight(plan)
     gr, gc = plan.grid
     t = groups.reshape(gr, gc, plan.tile_rows, plan.tile_cols).transpose(0, 2, 1, 3)
     return t.reshape(plan.padded_shape)[: plan.rows, : plan.cols]
@@ -310,9 +347,8 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, 
         if flat.size == 0:
             codes, absmax = np.zeros(0, np.uint8), np.zeros(plan.scale_shape, np.float32)
         else:
-            codes, absmax = _quantize_groups(_blocks(flat, plan.flat.blocksize), rule.format,
-                                             rule.scale)
-        codes = codes.reshape(-1)[: flat.size].reshape(rows, cols)
+            codes, absmax = _quantize_blocks(flat, plan.flat.blocksize, rule.format, rule.scale)
+        codes = codes.reshape(rows, cols)
     else:
         codes, absmax = quantize_tiles(m, rule.format, plan.tiles.tile_rows,
                                        plan.tiles.tile_cols, rule.scale)
@@ -335,9 +371,8 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     if plan.kind == "flat":
         flat = np.ascontiguousarray(m).reshape(-1)
         fp = plan.flat
-        groups = np.concatenate([flat, np.zeros(fp.pad, np.uint8)]).reshape(fp.n_blocks, fp.blocksize)
-        y = _dequantize_groups(groups, absmax, rule.format, rule.scale)
-        y = y.reshape(-1)[: flat.size].reshape(rows, cols).astype(out_dtype)
+        y = _dequantize_blocks(flat, absmax.reshape(-1), fp.blocksize, rule.format, rule.scale)
+        y = y.reshape(rows, cols).astype(out_dtype)
     else:
         y = dequantize_tiles(m, absmax, rule.format, plan.tiles.tile_rows, plan.tiles.tile_cols,
                              rule.scale, out_dtype)

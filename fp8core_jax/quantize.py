@@ -45,7 +45,7 @@ from jax import lax
 
 import fp8core
 import fp8core.recipe
-from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand
+from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
 from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
 from fp8core_jax import _ffi
@@ -357,17 +357,28 @@ def _cast_out(y: jax.Array, dtype: Any) -> jax.Array:
     return lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.bfloat16)
 
 
-def _to_blocks(flat: jax.Array, plan: fp8core.BlockPlan) -> jax.Array:
-    if plan.pad:
-        flat = jnp.concatenate([flat, jnp.zeros((plan.pad,), flat.dtype)])
-    return flat.reshape(plan.n_blocks, plan.blocksize)
+def _blockwise(fn, flat: jax.Array, plan: fp8core.BlockPlan, *per_group: jax.Array):
+    """``fn(groups, *per_group) -> (per_element, per_group_out)`` (tuples of arrays or
+    None) over the blocks of the 1-D ``flat``: the full blocks as one
+    ``(n_full, blocksize)`` array and a partial last block as a ``(1, rem)`` group of
+    its own — never padded. The zeros that would fill it change neither its absmax
+    (§3) nor any other code, so 10 elements with ``blocksize=2**40`` cost 10 elements.
+    Per-element outputs come back as ``(numel,)``, per-group ones as ``(n_blocks,)``."""
+    bs = plan.blocksize
+    n_full, rem = divmod(plan.numel, bs)
+    pieces = [(flat[: n_full * bs].reshape(n_full, bs), slice(0, n_full))] if n_full or not rem else []
+    if rem:
+        pieces.append((flat[n_full * bs:].reshape(1, rem), slice(n_full, n_full + 1)))
+    outs = [fn(g, *(a[sl] for a in per_group)) for g, sl in pieces]
 
+    def join(parts):
+        if parts[0] is None:
+            return None
+        parts = [p.reshape(-1) for p in parts]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
-def _from_blocks(blocks: jax.Array, plan: fp8core.BlockPlan, shape: tuple[int, ...]) -> jax.Array:
-    flat = blocks.reshape(-1)
-    if plan.pad:
-        flat = flat[: plan.numel]
-    return flat.reshape(shape)
+    return tuple(tuple(join([o[k][i] for o in outs]) for i in range(len(outs[0][k])))
+                 for k in (0, 1))
 
 
 # ------------------------------------------------------------ jitted cores
@@ -406,8 +417,12 @@ def _quantize_jit(x, codebook: Codebook, blocksize: int | None, kernel: bool):
             codes, absmax = _quantize_groups(x32.reshape(1, -1), c)
             return codes.reshape(x.shape), absmax.reshape(())
         plan = fp8core.plan_blocks(x.size, blocksize)
-        codes, absmax = _quantize_groups(_to_blocks(x32.reshape(-1), plan), c)   # §3.1
-        return _from_blocks(codes, plan, x.shape), absmax
+        def body(groups):
+            codes, absmax = _quantize_groups(groups, c)
+            return (codes,), (absmax,)
+
+        (codes,), (absmax,) = _blockwise(body, x32.reshape(-1), plan)          # §3.1
+        return codes.reshape(x.shape), absmax
 
     def fused(x):
         _, codes, absmax = _ffi.quantize(x, codebook, blocksize, out_dtype=None, want_codes=True)
@@ -434,8 +449,9 @@ def _dequantize_jit(codes, absmax, codebook: Codebook, blocksize: int | None, dt
             y = _dequantize_groups(codes.reshape(1, -1), absmax.reshape(1), c).reshape(codes.shape)
         else:
             plan = fp8core.plan_blocks(codes.size, blocksize)
-            y = _dequantize_groups(_to_blocks(codes.reshape(-1), plan), absmax, c)
-            y = _from_blocks(y, plan, codes.shape)
+            (y,), _ = _blockwise(lambda g, a: ((_dequantize_groups(g, a, c),), ()),
+                                 codes.reshape(-1), plan, absmax.reshape(-1))
+            y = y.reshape(codes.shape)
         return _cast_out(y, dtype)
 
     def fused(codes, absmax):
@@ -461,7 +477,8 @@ def _fake_quantize_jit(x, codebook: Codebook, blocksize: int | None, kernel: boo
             y = _fake_groups(x32.reshape(1, -1), c).reshape(x.shape)
         else:
             plan = fp8core.plan_blocks(x.size, blocksize)
-            y = _from_blocks(_fake_groups(_to_blocks(x32.reshape(-1), plan), c), plan, x.shape)
+            (y,), _ = _blockwise(lambda g: ((_fake_groups(g, c),), ()), x32.reshape(-1), plan)
+            y = y.reshape(x.shape)
         return _cast_out(y, x.dtype)
 
     def fused(x):
@@ -624,9 +641,18 @@ def _layout(shape: tuple[int, ...], granularity, axis: int) -> _Layout:
     return _Layout(plan, transposed, phys)
 
 
+def _tight(t: TilePlan) -> TilePlan:
+    """The same tiles with ``tile_rows``/``tile_cols`` clamped to the array (a tile larger
+    than the array holds the same elements): padding never exceeds a tile's overhang, so
+    a 10-element operand with ``tile(2**40)`` is not padded to 2**40 zeros."""
+    return plan_tiles(t.rows, t.cols, max(1, min(t.tile_rows, t.rows)),
+                      max(1, min(t.tile_cols, t.cols)))
+
+
 def _tiles_to_groups(m: jax.Array, t: TilePlan) -> jax.Array:
     """``(rows, cols)`` → ``(n_groups, tile_rows * tile_cols)``, tiles in row-major grid
     order; edge tiles padded with zeros (which never change an absmax)."""
+    t = _tight(t)
     if t.pad_rows or t.pad_cols:
         m = jnp.pad(m, ((0, t.pad_rows), (0, t.pad_cols)))
     gr, gc = t.grid
@@ -637,6 +663,7 @@ def _tiles_to_groups(m: jax.Array, t: TilePlan) -> jax.Array:
 
 
 def _groups_to_tiles(groups: jax.Array, t: TilePlan) -> jax.Array:
+    t = _tight(t)
     gr, gc = t.grid
     m4 = groups.reshape(gr, gc, t.tile_rows, t.tile_cols)
     if t.tile_rows > 1 and gc > 1:
@@ -645,18 +672,23 @@ def _groups_to_tiles(groups: jax.Array, t: TilePlan) -> jax.Array:
     return m[: t.rows, : t.cols] if (t.pad_rows or t.pad_cols) else m
 
 
-def _operand_groups(x: jax.Array, lay: _Layout) -> jax.Array:
+def _operand_apply(fn, x: jax.Array, lay: _Layout, *per_group: jax.Array):
+    """``fn(groups, *per_group) -> (per_element, per_group_out)`` over the operand's groups
+    (physical group order); per-element outputs come back shaped like ``x``, per-group
+    ones 1-D. Flat blocks go through :func:`_blockwise` (a partial block unpadded)."""
     if lay.plan.kind == "flat":
-        return _to_blocks((x.T if lay.transposed else x).reshape(-1), lay.plan.flat)
-    return _tiles_to_groups(x.reshape(lay.phys.rows, lay.phys.cols), lay.phys)
-
-
-def _operand_ungroup(groups: jax.Array, lay: _Layout, shape: tuple[int, ...]) -> jax.Array:
-    if lay.plan.kind == "flat":
+        flat = (x.T if lay.transposed else x).reshape(-1)
+        elems, groups = _blockwise(fn, flat, lay.plan.flat, *per_group)
         if lay.transposed:
-            return _from_blocks(groups, lay.plan.flat, (lay.plan.rows, lay.plan.cols)).T
-        return _from_blocks(groups, lay.plan.flat, shape)
-    return _groups_to_tiles(groups, lay.phys).reshape(shape)
+            back = lambda y: y.reshape(lay.plan.rows, lay.plan.cols).T  # noqa: E731
+        else:
+            back = lambda y: y.reshape(x.shape)  # noqa: E731
+    else:
+        elems, groups = fn(_tiles_to_groups(x.reshape(lay.phys.rows, lay.phys.cols), lay.phys),
+                           *per_group)
+        back = lambda y: _groups_to_tiles(y, lay.phys).reshape(x.shape)  # noqa: E731
+    return (tuple(None if y is None else back(y) for y in elems),
+            tuple(None if a is None else a.reshape(-1) for a in groups))
 
 
 def _grid_of_groups(absmax: jax.Array, lay: _Layout) -> jax.Array:
@@ -707,18 +739,21 @@ def _operand_jit(x, rule, axis: int, out_dtype: str | None, want_codes: bool, ke
             return (zeros if out_dtype else None, jnp.zeros(x.shape, jnp.uint8) if want_codes else None,
                     jnp.zeros(lay.plan.scale_shape, jnp.float32))
         c = _constants(cb)
-        groups = _operand_groups(x.astype(jnp.float32), lay)
-        vals = codes = None
-        if want_codes:
-            g_codes, absmax = _quantize_groups(groups, c, rule.scale)
-            codes = _operand_ungroup(g_codes, lay, x.shape)
-            if out_dtype:
-                vals = _dequantize_groups(g_codes, absmax, c, rule.scale)
-        else:
-            absmax = _group_absmax(groups)
-            vals = _fake_groups(groups, c, rule.scale)
+
+        def body(groups):
+            vals = g_codes = None
+            if want_codes:
+                g_codes, absmax = _quantize_groups(groups, c, rule.scale)
+                if out_dtype:
+                    vals = _dequantize_groups(g_codes, absmax, c, rule.scale)
+            else:
+                absmax = _group_absmax(groups)
+                vals = _fake_groups(groups, c, rule.scale)
+            return (vals, g_codes), (absmax,)
+
+        (vals, codes), (absmax,) = _operand_apply(body, x.astype(jnp.float32), lay)
         if out_dtype:
-            vals = _cast_out(_operand_ungroup(vals, lay, x.shape), out_dtype)
+            vals = _cast_out(vals, out_dtype)
         return vals, codes, _grid_of_groups(absmax, lay)
 
     def fused(x):
@@ -751,9 +786,10 @@ def _dequantize_operand_jit(codes, absmax, rule, axis: int, dtype: str, kernel: 
     def xla(codes, absmax):
         if codes.size == 0:
             return jnp.zeros(codes.shape, dtype)
-        y = _dequantize_groups(_operand_groups(codes, lay), _groups_of_grid(absmax, lay),
-                               _constants(cb), rule.scale)
-        return _cast_out(_operand_ungroup(y, lay, codes.shape), dtype)
+        c = _constants(cb)
+        (y,), _ = _operand_apply(lambda g, a: ((_dequantize_groups(g, a, c, rule.scale),), ()),
+                                 codes, lay, _groups_of_grid(absmax, lay))
+        return _cast_out(y, dtype)
 
     def fused(codes, absmax):
         kw = _scale_kw(rule)
