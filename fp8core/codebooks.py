@@ -81,12 +81,17 @@ class Codebook:
     def from_table(cls, values: Any, name: str | None = None) -> "Codebook":
         """A table codebook from 256 finite values indexed by code.
 
+        ``values`` may be of any real floating dtype, ml_dtypes' float8/6/4 included
+        (converted to float32 exactly).
+
         Raises:
           TypeError: ``values`` is not a real floating-point array.
-          ValueError: wrong shape or length, non-finite entries, or all zero.
+          ValueError: wrong shape or length, non-finite entries, all zero, or no zero
+            entry (zeros, values that round to zero and the fill code of non-finite
+            groups are coded as the table's zero, docs/numerics.md §1).
         """
         arr = np.asarray(values)
-        if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        if arr.dtype.kind != "f" and arr.dtype.name not in ("bfloat16", *_formats.FORMAT_NAMES):
             raise TypeError(
                 f"codebook table must be a real floating-point array of {TABLE_SIZE} values, "
                 f"got dtype {arr.dtype.name}"
@@ -105,6 +110,14 @@ class Codebook:
         return cls(name=name, format=None, table=arr.astype("<f4").tobytes())
 
     def __post_init__(self) -> None:
+        if self.format is None:
+            vals = np.frombuffer(self.table, dtype="<f4")
+            if not np.any(vals == 0):
+                raise ValueError(
+                    "codebook table must contain a zero entry (0.0 or -0.0): zeros, values that "
+                    "round to zero and non-finite groups are coded as it; the smallest |entry| "
+                    f"is {float(np.min(np.abs(vals))):.6g}"
+                )
         if self.format is not None and self.format.name in _SCALE_ONLY:
             raise ValueError(
                 f"{self.format.name} is a scale-only format (unsigned, no zero) and cannot be "

@@ -12,14 +12,27 @@ memory.
 Ownership is ordinary: a tensor from :func:`empty` owns its buffer for as long as
 it (or any view of it) lives; the pool only reuses a buffer nobody references any
 more (tracked by the reference count of the numpy array that backs it). Small
-requests bypass the pool. At most :data:`MAX_IDLE_BYTES` of idle buffers are kept;
-:func:`release` frees them all.
+requests bypass the pool. At most :data:`MAX_IDLE_BYTES` of idle buffers are kept:
+the cap is enforced when a buffer is handed out *and* when its last tensor dies (a
+finalizer on the per-handout memoryview), so buffers freed together — many
+activations released at the end of a backward — never stay idle above it.
+:func:`release` (``fp8core_torch.empty_cache()``) frees every idle buffer.
+
+Limits and opt-out: a pooled output (≥ :data:`MIN_POOLED_BYTES`) lives in numpy
+memory, so ``out.resize_(...)`` to a different number of bytes raises torch's
+``RuntimeError: Trying to resize storage that is not resizable`` (resize a
+``.clone()``). To switch the pool off, set ``fp8core_torch._pool.MIN_POOLED_BYTES``
+above any output size (e.g. ``1 << 62``: every output is a plain, resizable
+``torch.empty``) — or ``MAX_IDLE_BYTES = 0`` to keep no idle buffer; both are read
+at every call. ``FP8CORE_KERNEL=0`` also bypasses it (only the C kernel's outputs
+are pooled).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -34,6 +47,7 @@ MAX_IDLE_BYTES = 512 << 20
 _ALIGN = 4096
 _LOCK = threading.Lock()
 _BUFS: list[np.ndarray] = []   # oldest first; each backs zero or more live tensors
+_PENDING = False               # a buffer went idle while the lock was held: trim on release
 
 
 def _ref_counts(bufs: list[np.ndarray]) -> list[int]:
@@ -49,11 +63,34 @@ def _calibrate() -> int | None:
     rather than risk handing out memory in use."""
     bufs = [np.empty(8, np.uint8)]
     idle = _ref_counts(bufs)[0]
-    t = torch.from_numpy(bufs[0]).view(torch.float16)[1:]
+    t = _handout(bufs[0], torch.float16, notify=False)[1:]
     busy = _ref_counts(bufs)[0]
     del t
     again = _ref_counts(bufs)[0]
     return idle if busy > idle and again == idle else None
+
+
+def _handout(buf: np.ndarray, dtype: torch.dtype, notify: bool = True) -> torch.Tensor:
+    """A tensor over ``buf``. It holds ``buf`` through a memoryview of its own (so the
+    reference count of ``buf`` rises while any tensor or view over it lives — numpy
+    would collapse an ndarray view's base to the owner of the memory); a finalizer on
+    that memoryview, which runs after the memoryview released ``buf``, re-applies the
+    idle cap when the last tensor dies."""
+    arr = np.frombuffer(memoryview(buf), np.uint8)
+    if notify:  # arr.base: the memoryview numpy keeps (it holds buf until it dies)
+        weakref.finalize(arr.base, _went_idle).atexit = False
+    return torch.from_numpy(arr).view(dtype)
+
+
+def _went_idle() -> None:
+    global _PENDING
+    if _LOCK.acquire(blocking=False):
+        try:
+            _trim()
+        finally:
+            _LOCK.release()
+    else:  # freed inside a pool call (this thread or another): that call trims
+        _PENDING = True
 
 
 _FREE_REFS = _calibrate()
@@ -69,17 +106,21 @@ def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
     nbytes = n * dtype.itemsize
     if nbytes < MIN_POOLED_BYTES or _FREE_REFS is None:
         return torch.empty(n, dtype=dtype)
+    global _PENDING
     with _LOCK:
         index = next((i for i, idle in enumerate(_idle_flags()) if idle and _BUFS[i].nbytes == nbytes),
                      None)
         if index is None:
             found = _aligned(nbytes)
             _BUFS.append(found)
-            _trim()
         else:  # most recently used last
             found = _BUFS.pop(index)
             _BUFS.append(found)
-        return torch.from_numpy(found).view(dtype)
+        out = _handout(found, dtype)
+        del found
+        _PENDING = False
+        _trim()
+        return out
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -93,7 +134,7 @@ def _aligned(nbytes: int) -> np.ndarray:
 
 def _trim() -> None:
     """Free the oldest idle buffers beyond MAX_IDLE_BYTES (the newest, just handed
-    out, is not idle: the caller holds it)."""
+    out, is not idle: the caller holds it). Called with the lock held."""
     idle = [i for i, flag in enumerate(_idle_flags()) if flag]
     total = sum(_BUFS[i].nbytes for i in idle)
     drop = set()

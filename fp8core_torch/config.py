@@ -131,12 +131,15 @@ def resolve_spec(spec: Any, *, argname: str = "codebook") -> QuantSpec:
     """A :class:`QuantSpec` from a format name, a Codebook, a QuantSpec or 256 values.
 
     Torch tensors are moved to the host and handed to :func:`fp8core.resolve_codebook`
-    (a code tensor must hold 256 real floating-point values).
+    (a code tensor must hold 256 real floating-point values; bfloat16 and float8 tensors
+    are converted to float32 first, exactly).
     """
     if isinstance(spec, QuantSpec):
         return spec
     if isinstance(spec, torch.Tensor):
-        if spec.dtype == torch.bfloat16:
+        if spec.dtype.is_floating_point and spec.dtype not in (torch.float16, torch.float32,
+                                                               torch.float64):
+            # bfloat16 and the float8 dtypes have no numpy twin: float32 holds them exactly
             spec = spec.detach().to(torch.float32)
         spec = spec.detach().cpu().numpy()
     return _spec(fp8core.resolve_codebook(spec, argname=argname))
