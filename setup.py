@@ -51,13 +51,22 @@ class BuildExt(build_ext):
     runtime). fp8core_jax._fp8q_xla: compiled and stamped by fp8core_jax/_build.py."""
 
     def get_ext_filename(self, fullname):
-        if fullname == FFI_EXT:  # a plain shared library (ctypes), not a Python module
-            return os.path.join(*fullname.split(".")[:-1], "_fp8q_xla.so")
-        return super().get_ext_filename(fullname)
+        name = super().get_ext_filename(fullname)
+        if fullname.split(".")[-1] == FFI_EXT.split(".")[-1]:  # a plain library (ctypes), no module
+            return os.path.join(os.path.dirname(name), "_fp8q_xla.so")
+        return name
 
     def get_outputs(self):
         outs = super().get_outputs()
         return outs + [o + ".json" for o in outs if o.endswith("_fp8q_xla.so")]
+
+    def copy_extensions_to_source(self):  # editable installs: the stamp goes with the library
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            if ext.name == FFI_EXT:
+                inplace, built = self._get_inplace_equivalent(self.get_finalized_command("build_py"), ext)
+                if os.path.exists(built + ".json"):
+                    self.copy_file(built + ".json", inplace + ".json", level=self.verbose)
 
     def build_extension(self, ext):
         if ext.name == FFI_EXT:

@@ -247,6 +247,9 @@ def compile_library(out: Path, cmd: list[str] | None = None, *, timeout: float =
         if proc.returncode != 0:
             raise BuildError(f"{shlex.join(argv)} failed:\n{proc.stderr[-2000:]}")
         lib = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(lib, 0o755 & ~umask)  # mkstemp made it 0600: readable by every user, like a module
         stamp = {"ffi_abi": ffi_abi, "kernel_abi": kernel_abi, "jaxlib": jaxlib_version(),
                  "xla_ffi_api": _ffi_api_version(inc), "compiler": _compiler_version(cmd),
                  "compiler_cmd": cmd, "source_sha256": _sha256(SOURCE),
@@ -255,6 +258,7 @@ def compile_library(out: Path, cmd: list[str] | None = None, *, timeout: float =
                  "size": lib.stat().st_size, "sha256": _sha256(lib)}
         stamp_tmp = Path(tmp + STAMP_SUFFIX)
         stamp_tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+        os.chmod(stamp_tmp, 0o644 & ~umask)
         os.replace(stamp_tmp, stamp_path(out))
         os.replace(tmp, out)
         return stamp
@@ -291,11 +295,15 @@ def check(lib: Path, want: dict[str, object]) -> dict:
         if stamp.get(field) != value:
             raise CheckFailed(f"{lib} was built for {field}={stamp.get(field)!r}, this installation "
                               f"has {value!r}")
-    size = lib.stat().st_size
+    try:
+        size = lib.stat().st_size
+        digest = _sha256(lib) if size == stamp.get("size") else None
+    except OSError as e:
+        raise CheckFailed(f"{lib} cannot be read: {e}") from None
     if size != stamp.get("size"):
         raise CheckFailed(f"{lib} is {size} bytes, its stamp says {stamp.get('size')} (truncated or "
                           f"replaced)", integrity=True)
-    if _sha256(lib) != stamp.get("sha256"):
+    if digest != stamp.get("sha256"):
         raise CheckFailed(f"{lib}'s sha256 is not its stamp's (damaged or replaced)", integrity=True)
     return stamp
 

@@ -166,6 +166,34 @@ def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def _resolve(allow_build: bool, quiet: bool = False) -> bool:
+    """Decide once (under the lock) whether the custom calls are registered; a
+    deferred build (a trace, or ``allow_build`` False) decides nothing."""
+    with _LOCK:
+        if "ok" in _STATE:
+            return bool(_STATE["ok"])
+        try:
+            notes = _load(allow_build)
+            _STATE["ok"] = True
+            if notes and not quiet:
+                _warn("fp8core_jax: " + "; ".join(notes))
+        except _Deferred as e:
+            _STATE["deferred"] = str(e)
+            if not quiet and "deferred_warned" not in _STATE:
+                _STATE["deferred_warned"] = True
+                _warn(f"fp8core_jax: the FFI wrapper needs a build ({e}); fp8core never runs a "
+                      f"compiler inside a jax trace, so this trace uses the XLA path (same "
+                      f"results, slower) and the build happens at the next call outside a trace "
+                      f"(or run `python -m fp8core_jax.build`)")
+            return False
+        except Exception as e:  # noqa: BLE001 - any failure: the XLA path, said once
+            _STATE["ok"], _STATE["why"] = False, f"{type(e).__name__}: {e}"
+            if not quiet:
+                _warn(f"fp8core_jax: fused CPU kernel unavailable, using the XLA path "
+                      f"(same results, slower): {_STATE['why']}")
+        return bool(_STATE["ok"])
+
+
 def available() -> bool:
     """Whether the custom calls can be used: the C kernel is built and enabled
     (``FP8CORE_KERNEL``) and the handler library is loaded — found, checked and
@@ -179,38 +207,27 @@ def available() -> bool:
         return False
     if "ok" in _STATE:
         return bool(_STATE["ok"])
-    with _LOCK:
-        if "ok" not in _STATE:
-            try:
-                notes = _load(allow_build=not _tracing())
-                _STATE["ok"] = True
-                if notes:
-                    _warn("fp8core_jax: " + "; ".join(notes))
-            except _Deferred as e:
-                if "deferred_warned" not in _STATE:
-                    _STATE["deferred_warned"] = True
-                    _warn(f"fp8core_jax: the FFI wrapper needs a build ({e}); fp8core never runs a "
-                          f"compiler inside a jax trace, so this trace uses the XLA path (same "
-                          f"results, slower) and the build happens at the next call outside a trace "
-                          f"(or run `python -m fp8core_jax.build`)")
-                return False
-            except Exception as e:  # noqa: BLE001 - any failure: the XLA path, said once
-                _STATE["ok"], _STATE["why"] = False, f"{type(e).__name__}: {e}"
-                _warn(f"fp8core_jax: fused CPU kernel unavailable, using the XLA path "
-                      f"(same results, slower): {_STATE['why']}")
-    return bool(_STATE["ok"])
+    tracing = _tracing()
+    if tracing and "deferred" in _STATE:  # already looked: only a build (outside a trace) helps
+        return False
+    return _resolve(allow_build=not tracing)
 
 
 def status() -> dict[str, object]:
-    """What :func:`available` decided, for ``fp8core.info()``: ``active`` (bool or None:
-    not decided yet), ``path``, ``origin`` (installed / cache), ``reason``."""
+    """Which path runs on CPU and why, for ``fp8core.info()``: ``active`` (bool),
+    ``path`` and ``origin`` (installed / cache) of the handler library, ``reason``
+    when inactive. Loads a usable library if none is yet, but never builds one (a
+    needed build is reported as such) and never warns."""
     if not _kernel.available():
-        why = ("fp8core's C kernel is not built" if _kernel._LIB is None
-               else "disabled (FP8CORE_KERNEL / fp8core._kernel.ENABLED)")
+        why = ("fp8core's C kernel (fp8core._fp8q) is not built" if _kernel._LIB is None
+               else "disabled by FP8CORE_KERNEL / fp8core._kernel.ENABLED")
         return {"active": False, "path": None, "origin": None, "reason": why}
-    if "ok" not in _STATE:
-        return {"active": None, "path": None, "origin": None, "reason": "not loaded yet"}
-    return {"active": bool(_STATE["ok"]), "path": str(_STATE.get("path")) if _STATE.get("path") else None,
+    ok = _resolve(allow_build=False, quiet=True)
+    if not ok and "ok" not in _STATE:
+        return {"active": False, "path": None, "origin": None,
+                "reason": f"not built yet — it will be compiled at the first call outside a jax "
+                          f"trace, or run `python -m fp8core_jax.build` ({_STATE.get('deferred')})"}
+    return {"active": ok, "path": str(_STATE["path"]) if _STATE.get("path") else None,
             "origin": _STATE.get("origin"), "reason": _STATE.get("why")}
 
 
