@@ -21,6 +21,7 @@ from fp8core.blocks import (
 )
 from fp8core.codebooks import LEGACY_NAMES, Codebook, create_fp8_map, resolve_codebook
 from fp8core.formats import ALIASES, FORMAT_NAMES, FormatSpec, all_formats, get_format
+from fp8core._info import info
 from fp8core.recipe import LinearRecipe, OperandRule, get_recipe
 from fp8core.reference import (
     dequantize_blockwise,
@@ -64,6 +65,7 @@ __all__ = [
     "fake_quantize_operand",
     "get_format",
     "get_recipe",
+    "info",
     "operand_matrix",
     "plan_blocks",
     "plan_operand",
