@@ -122,3 +122,22 @@ def test_recipe_layers_expose_the_same_attributes():
     for attr in ("in_features", "out_features", "recipe"):
         assert getattr(t, attr) == getattr(j, attr), attr
     assert t.recipe is fp8core.recipe.BLOCKWISE_1x128
+
+
+#: Public layers that exist in one backend only, each with its reason (an entry that no
+#: longer applies — the name missing, or present in the other backend too — is an error).
+BACKEND_ONLY = {
+    ("torch", "Conv1DFP8"): "transformers' Conv1D (GPT-2) is a torch module; NNX has no Conv1D",
+    ("jax", "LinearGeneralFP8"): "nnx.LinearGeneral (MultiHeadAttention's projections) has no "
+                                 "torch counterpart (torch attention projections are nn.Linear)",
+}
+
+
+def test_backend_only_layers_are_declared():
+    spaces = {"torch": set(fp8core_torch.__all__), "jax": set(fp8core_jax.nn.__all__)}
+    for (backend, name), _reason in BACKEND_ONLY.items():
+        other = "jax" if backend == "torch" else "torch"
+        assert name in spaces[backend] and name not in spaces[other], (backend, name)
+    layers = {n for s in spaces.values() for n in s if n.endswith("FP8")}
+    undeclared = layers - {n for _, n in BACKEND_ONLY} - (spaces["torch"] & spaces["jax"])
+    assert not undeclared, f"layers in one backend only, not in BACKEND_ONLY: {sorted(undeclared)}"
