@@ -1,13 +1,9 @@
 """Build, stamp and check fp8core's JAX FFI wrapper (``fp8core/csrc/fp8q_xla.cc``).
 
-The code behind ``setup.py``'s second extension, :mod:`fp8core_jax._ffi`'s loader and
-:mod:`fp8core_jax.build` (the command). ``python -m fp8core_jax.build`` rebuilds the wrapper for the running jaxlib into the
-cache directory (``$FP8CORE_CACHE``, else ``$XDG_CACHE_HOME/fp8core``, else
-``~/.cache/fp8core``) and prints what it did; ``--in-place`` rebuilds the installed
-copy next to this file instead (``fp8core_jax/_fp8q_xla.so``, what ``pip install``
-builds when jaxlib's FFI headers are available); ``--check`` only reports which
-library :mod:`fp8core_jax._ffi` would load and why. Run it after changing jaxlib
-(the installed copy is then stale) if you do not reinstall fp8core.
+The code behind ``setup.py``'s second extension (the installed copy,
+``fp8core_jax/_fp8q_xla.so``), :mod:`fp8core_jax._ffi`'s loader (the cache:
+``$FP8CORE_CACHE``, else ``$XDG_CACHE_HOME/fp8core``, else ``~/.cache/fp8core``) and
+the command ``python -m fp8core_jax.build`` (:mod:`fp8core_jax.build`).
 
 Every library is stamped with a JSON file next to it (``<library>.json``): the
 jaxlib version and XLA FFI API version it was compiled against, the compiler, the
@@ -23,7 +19,6 @@ time (``setup.py`` loads it by path to build the installed copy).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import importlib.util

@@ -57,7 +57,6 @@ __all__ = ["available", "quantize", "dequantize", "quantize_tiles", "dequantize_
 
 #: The ABI of the handler library's exports this module binds (``fp8q_xla_abi()``).
 FFI_ABI_VERSION = _build.FFI_ABI_VERSION
-_SOURCE = _build.SOURCE
 _LOCK = threading.Lock()
 # "ok": bool, "why": str (when not ok), "lib": CDLL, "path": Path, "origin": "installed" | "cache"
 _STATE: dict[str, object] = {}
@@ -80,10 +79,6 @@ def _tracing() -> bool:
     return not trace_state_clean()
 
 
-def _cache_dir() -> Path:
-    return _build.cache_dir()
-
-
 def _open(path: Path) -> ctypes.CDLL:
     """dlopen a checked library, check its ABI, bind the kernel, register the targets."""
     lib = ctypes.CDLL(str(path))
@@ -100,8 +95,9 @@ def _open(path: Path) -> ctypes.CDLL:
     if lib.fp8q_xla_bind(kernel_abi, *(ctypes.cast(getattr(_kernel._LIB, e), ctypes.c_void_p)
                                        for e in _ENTRIES)) != 0:
         raise RuntimeError(f"{path} refused the C kernel's ABI {kernel_abi} (fp8q_xla_bind)")
-    for name in _TARGETS:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    capsules = {name: jax.ffi.pycapsule(getattr(lib, name)) for name in _TARGETS}  # all, or none
+    for name, capsule in capsules.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return lib
 
 
@@ -125,8 +121,8 @@ def _load(allow_build: bool) -> list[str]:
     candidates += [("cache", p) for p in _build.cached_candidates(_kernel.ABI_VERSION)]
     for origin, path in candidates:
         if origin == "installed" and not path.exists():
-            reasons.append(f"no installed library ({path.name}: jaxlib's headers were not available "
-                           f"when fp8core was installed)")
+            reasons.append(f"no installed library {path} (not built at install time: no jaxlib "
+                           f"headers or no C++ compiler then)")
             continue
         try:
             _build.check(path, want)
