@@ -20,7 +20,8 @@ import dataclasses
 import logging
 import warnings
 
-__all__ = ["ConversionReport", "LayerRecord", "REASONS", "log", "warn_if_incomplete"]
+__all__ = ["ConversionReport", "LayerRecord", "REASONS", "check_include_subclasses", "log",
+           "warn_if_incomplete"]
 
 logger = logging.getLogger("fp8core")
 
@@ -130,6 +131,16 @@ def _names(records: tuple[LayerRecord, ...]) -> str:
     shown = ", ".join(f"{r.fqn or '<model>'!r} ({r.kind})" for r in records[:WARN_NAMES])
     more = len(records) - WARN_NAMES
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_include_subclasses(value: object) -> None:
+    """``convert_to_fp8``'s ``include_subclasses`` must be a bool (both backends).
+
+    Raises:
+      TypeError: anything else (``1``, ``"yes"``, None).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"include_subclasses must be True or False, got {value!r}")
 
 
 def log(report: ConversionReport) -> None:

@@ -278,8 +278,9 @@ def convert_to_fp8(
     objects (no copy; shared references stay shared) and its ``dtype`` /
     ``param_dtype``. Like torchao's ``convert_to_float8_training``,
     ``module_filter_fn(module, fqn)`` (``fqn`` = the dotted attribute path, e.g.
-    ``"layers.0"``; called for candidate layers only) returns False for layers to keep
-    as they are. A model that *is* a layer is returned converted (it cannot be replaced
+    ``"layers.0"``; called for candidate layers only: ``nnx.Linear``, or
+    ``nnx.LinearGeneral`` whose ``in_features`` / ``out_features`` are tuples) returns
+    False for layers to keep as they are. A model that *is* a layer is returned converted (it cannot be replaced
     in place).
 
     The report (:class:`fp8core.conversion.ConversionReport`) is attached as
@@ -297,8 +298,7 @@ def convert_to_fp8(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-    if not isinstance(include_subclasses, bool):
-        raise TypeError(f"include_subclasses must be True or False, got {include_subclasses!r}")
+    _conversion.check_include_subclasses(include_subclasses)
     kind, kwargs = fp8core.recipe.conversion(mode, recipe, fw_format, bw_format, bsz, bsz2)
     cls = LinearFP8 if kind == "recipe" else _MODES[kind]
     if kind != "recipe":  # hashable codebooks, resolved once for every layer

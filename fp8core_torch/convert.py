@@ -66,7 +66,8 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     ``bsz`` / ``bsz2`` (default: from each layer's features). Like torchao's
     ``convert_to_float8_training``: ``module_filter_fn(module, fqn)`` returns whether to
     convert the candidate layer at fully-qualified name ``fqn`` (called for candidates
-    only). The new layers share the old parameters. A model that *is* a layer is
+    only: an ``nn.Linear``, or a transformers ``Conv1D``, whose sizes are ``nx`` / ``nf``,
+    not ``in_features`` / ``out_features``). The new layers share the old parameters. A model that *is* a layer is
     returned converted (it cannot be swapped in place).
 
     The report (:class:`fp8core.conversion.ConversionReport`: converted layers, skipped
@@ -82,8 +83,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(include_subclasses, bool):
-        raise TypeError(f"include_subclasses must be True or False, got {include_subclasses!r}")
+    _conv.check_include_subclasses(include_subclasses)
     kind, kw = fp8core.recipe.conversion(mode, recipe, fw_format, bw_format, bsz, bsz2)
     cls = LinearFP8 if kind == "recipe" else _MODES[kind]
     conv1d_recipe = kw["recipe"] if kind == "recipe" else fp8core.recipe.bnb_recipe(

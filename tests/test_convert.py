@@ -137,14 +137,14 @@ def test_torch_model_that_is_a_layer_carries_its_report():
 @pytest.mark.parametrize("how", ["ROWWISE", "BNB_MIXED", "BNB_GLOBAL"])
 def test_conv1dfp8_equals_matmul_fp8_and_linearfp8(how):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 40, generator=g)            # Conv1D layout (nx, nf)
-    b = torch.randn(40, generator=g)
+    w = torch.randn(64, 128, generator=g)           # Conv1D layout (nx, nf)
+    b = torch.randn(128, generator=g)
     x = torch.randn(3, 5, 64, generator=g)
-    layer = T.Conv1DFP8(40, 64, recipe=how)
+    layer = T.Conv1DFP8(128, 64, recipe=how)
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(b)
-    lin = T.LinearFP8(64, 40, recipe=how)
+    lin = T.LinearFP8(64, 128, recipe=how)
     with torch.no_grad():
         lin.weight.copy_(w.t())
         lin.bias.copy_(b)
@@ -157,20 +157,20 @@ def test_conv1dfp8_equals_matmul_fp8_and_linearfp8(how):
     else:
         y_fn = T.matmul_fp8(xs[1], layer.weight, recipe=how, bias=layer.bias)
     y_lin = lin(xs[2])
-    assert y_layer.shape == (3, 5, 40)
+    assert y_layer.shape == (3, 5, 128)
     assert torch.equal(y_layer, y_fn) and torch.equal(y_layer, y_lin)
     # an independent figure: within FP8's error of the float64 product
     exact = x.double() @ w.double() + b.double()
     rel = ((y_layer.double() - exact).norm() / exact.norm()).item()
     assert 1e-4 < rel < 0.1
-    gy = torch.randn(3, 5, 40, generator=g)
+    gy = torch.randn(3, 5, 128, generator=g)
     y_layer.backward(gy)
     y_lin.backward(gy)
     assert torch.equal(xs[0].grad, xs[2].grad)
     assert torch.equal(layer.weight.grad, lin.weight.grad.t())
     assert torch.equal(layer.bias.grad, lin.bias.grad)
     assert sorted(layer.state_dict()) == ["bias", "weight"]
-    assert "nf=40, nx=64" in repr(layer)
+    assert "nf=128, nx=64" in repr(layer)
 
 
 def test_conv1dfp8_errors():
@@ -217,9 +217,10 @@ def test_nnx_report_converts_attention_and_reports_the_rest():
         "head": REASONS["filtered"]}
     assert rep.fp8_fraction == (128 + 4 * 256) / (128 + 4 * 256 + 256 + 256 + 3 * 128 + 64)
     assert isinstance(net.attn.query, JN.LinearGeneralFP8)
-    # jit keeps working with the report attached (a static attribute)
-    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, v: m(v))(net, x)), np.asarray(net(x)))
+    # nnx.jit takes the model with the report attached (a static attribute)
+    x = jnp.ones((2, 8))
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, v: m.inp(v))(net, x)),
+                                  np.asarray(net.inp(x)))
     with pytest.raises(TypeError, match="include_subclasses must be True or False"):
         JN.convert_to_fp8(net, include_subclasses="yes")
 
@@ -274,3 +275,24 @@ def test_linear_general_fp8_errors():
     with pytest.raises(TypeError, match="LinearGeneral over its trailing axes"):
         JN.LinearGeneralFP8.from_linear_general(
             nnx.LinearGeneral(4, 3, batch_axis={0: 2}, rngs=nnx.Rngs(0)), recipe="ROWWISE")
+
+
+@pytest.mark.parametrize("mode", ["mixed", "global"])
+def test_transformers_conv1d_converts_in_bnb_modes(mode):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(128, 64), nn.GELU(), Conv1D(64, 128))
+    old_w = model[0].weight
+    seen = []
+    T.convert_to_fp8(model, mode, module_filter_fn=lambda m, f: seen.append(type(m)) or True)
+    assert seen == [Conv1D, Conv1D]
+    assert type(model[0]) is T.Conv1DFP8 and model[0].weight is old_w
+    assert model.fp8_conversion_report.converted[0] == LayerRecord(
+        "0", "Conv1D", 64, 128, 64 * 128, recipe="BNB_MIXED" if mode == "mixed" else "BNB_GLOBAL")
+    x = torch.randn(4, 64)
+    fn = T.matmul_fp8_mixed if mode == "mixed" else T.matmul_fp8_global
+    with torch.no_grad():
+        assert torch.equal(model[0](x), fn(x, model[0].weight, bias=model[0].bias))
+    assert T.convert_to_fp8(Conv1D(8, 4), recipe="TENSORWISE").weight.shape == (4, 8)
