@@ -21,7 +21,8 @@ activations released at the end of a backward — never stay idle above it.
 Limits and opt-out: a pooled output (≥ :data:`MIN_POOLED_BYTES`) lives in numpy
 memory, so ``out.resize_(...)`` to a different number of bytes raises torch's
 ``RuntimeError: Trying to resize storage that is not resizable`` (resize a
-``.clone()``). To switch the pool off, set ``fp8core_torch._pool.MIN_POOLED_BYTES``
+``.clone()``; torch has already changed the tensor's sizes when it raises, so the
+tensor is unusable afterwards). To switch the pool off, set ``fp8core_torch._pool.MIN_POOLED_BYTES``
 above any output size (e.g. ``1 << 62``: every output is a plain, resizable
 ``torch.empty``) — or ``MAX_IDLE_BYTES = 0`` to keep no idle buffer; both are read
 at every call. ``FP8CORE_KERNEL=0`` also bypasses it (only the C kernel's outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fp8core_torch as T
@@ -72,3 +73,44 @@ def test_buffers_are_page_aligned():
     """GEMM speed depends on it (a 16-byte aligned bf16 operand is ~1.6x slower)."""
     for n in (2 * N, 3 * N + 5):
         assert _pool.empty(n, torch.bfloat16).data_ptr() % 4096 == 0
+
+
+def test_cap_holds_when_buffers_go_idle_together(monkeypatch):
+    """Buffers all live at the last allocation and freed together afterwards (the
+    activations at the end of a backward) used to stay idle above the cap: the cap was
+    applied only when a new size was allocated."""
+    T.empty_cache()
+    monkeypatch.setattr(_pool, "MAX_IDLE_BYTES", 2 * N * 4 + 100)
+    live = [_pool.empty(N + i, torch.float32) for i in range(6)]   # 6 sizes, all in use
+    for i, t in enumerate(live):
+        t.fill_(float(i))
+    assert _pool.idle_bytes() == 0
+    view = live[0][3:]                     # keeps buffer 0 busy
+    del live
+    assert _pool.idle_bytes() <= _pool.MAX_IDLE_BYTES
+    assert _pool.idle_bytes() > 0          # the newest idle buffers are kept for reuse
+    assert bool((view == 0.0).all())       # a busy buffer is never freed or reused
+    del view
+    assert _pool.idle_bytes() <= _pool.MAX_IDLE_BYTES
+    T.empty_cache()
+    assert _pool.idle_bytes() == 0
+
+
+def test_resize_of_pooled_output_and_the_opt_out(monkeypatch):
+    """A pooled output lives in numpy memory: resize_ to another size raises torch's
+    clear RuntimeError (documented in the module); MIN_POOLED_BYTES above every size
+    switches the pool off and outputs are plain, resizable tensors with the same bits."""
+    x = torch.randn(2 * N)
+    pooled = T.fake_quantize(x, "e4m3", 64)
+    if pooled.untyped_storage().resizable():
+        pytest.skip("this output was not pooled (C kernel not in use)")
+    want = pooled.clone()
+    with pytest.raises(RuntimeError, match="Trying to resize storage that is not resizable"):
+        pooled.resize_(4 * N)
+    monkeypatch.setattr(_pool, "MIN_POOLED_BYTES", 1 << 62)
+    plain = T.fake_quantize(x, "e4m3", 64)
+    assert plain.untyped_storage().resizable()
+    assert torch.equal(plain, want)
+    plain.resize_(4 * N)
+    assert plain.numel() == 4 * N and torch.equal(plain[: 2 * N], want)
+    assert _pool.empty(2 * N, torch.float32).untyped_storage().resizable()
