@@ -40,8 +40,10 @@ def _kind(mod: nn.Module) -> str:
 
 
 def _record(fqn: str, mod: nn.Module, **kw: Any) -> LayerRecord:
-    return LayerRecord(fqn, _kind(mod), getattr(mod, "in_features", None),
-                       getattr(mod, "out_features", None), _weights(mod), **kw)
+    # nn.Linear: in_features / out_features; transformers' Conv1D: nx / nf
+    fin = getattr(mod, "in_features", getattr(mod, "nx", None))
+    fout = getattr(mod, "out_features", getattr(mod, "nf", None))
+    return LayerRecord(fqn, _kind(mod), fin, fout, _weights(mod), **kw)
 
 
 def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = None,
@@ -93,6 +95,18 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     already: list[LayerRecord] = []
     skipped: list[LayerRecord] = []
 
+    def swap(mod: nn.Module, fqn: str, exact: type, make: Callable) -> tuple[nn.Module | None, bool]:
+        if type(mod) is not exact and not include_subclasses:
+            base = "nn.Linear" if exact is nn.Linear else exact.__name__
+            skipped.append(_record(fqn, mod, reason=REASONS["subclass"].format(base=base)))
+            return None, False
+        if module_filter_fn is not None and not module_filter_fn(mod, fqn):
+            skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
+            return None, False
+        new = make(mod)
+        converted.append(_record(fqn, mod, recipe=new.recipe.name))
+        return new, False
+
     def visit(mod: nn.Module, fqn: str) -> tuple[nn.Module | None, bool]:
         """(replacement or None, descend into children?)"""
         if isinstance(mod, _FP8):
@@ -103,34 +117,12 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
                                        _weights(mod), reason=REASONS["torch_mha"]))
             return None, False
         if isinstance(mod, nn.Linear):
-            if type(mod) is not nn.Linear and not include_subclasses:
-                skipped.append(_record(fqn, mod, reason=REASONS["subclass"].format(
-                    base="nn.Linear")))
-                return None, False
-            if module_filter_fn is not None and not module_filter_fn(mod, fqn):
-                skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
-                return None, False
-            new = cls.from_linear(mod, **kw)
-            converted.append(_record(fqn, mod, recipe=new.recipe.name))
-            return new, False
+            return swap(mod, fqn, nn.Linear, lambda m: cls.from_linear(m, **kw))
         if Conv1D is not None and isinstance(mod, Conv1D):
-            rec = dict(in_features=mod.weight.shape[0], out_features=mod.weight.shape[1])
-            if type(mod) is not Conv1D and not include_subclasses:
-                skipped.append(LayerRecord(fqn, type(mod).__name__, **rec, params=_weights(mod),
-                                           reason=REASONS["subclass"].format(base="Conv1D")))
-                return None, False
-            if module_filter_fn is not None and not module_filter_fn(mod, fqn):
-                skipped.append(LayerRecord(fqn, type(mod).__name__, **rec, params=_weights(mod),
-                                           reason=REASONS["filtered"]))
-                return None, False
-            new = Conv1DFP8.from_conv1d(mod, recipe=conv1d_recipe)
-            converted.append(LayerRecord(fqn, type(mod).__name__, **rec, params=_weights(mod),
-                                         recipe=new.recipe.name))
-            return new, False
+            return swap(mod, fqn, Conv1D, lambda m: Conv1DFP8.from_conv1d(m, recipe=conv1d_recipe))
         if isinstance(mod, _UNSUPPORTED):
-            skipped.append(LayerRecord(
-                fqn, _kind(mod), None, None, _weights(mod),
-                reason=REASONS["unsupported"].format(kind=_kind(mod))))
+            skipped.append(LayerRecord(fqn, _kind(mod), None, None, _weights(mod),
+                                       reason=REASONS["unsupported"].format(kind=_kind(mod))))
             return None, False
         return None, True
 
