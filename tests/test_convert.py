@@ -4,6 +4,8 @@ Conv1DFP8 (transformers' Conv1D layout) and LinearGeneralFP8 (NNX attention proj
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -55,6 +57,17 @@ def test_report_fraction_and_table_by_hand():
     assert lines[5].split()[:6] == ["high", "precision", "d", "nn.Conv2d", "-", "-"]
     assert ConversionReport("jax").fp8_fraction == 0.0
     hash(rep)  # frozen and hashable (NNX keeps it as a static attribute)
+
+
+def test_conversion_record_imports_without_frameworks():
+    code = ("import sys\n"
+            "for n in ('torch', 'jax', 'jaxlib', 'flax', 'transformers'): sys.modules[n] = None\n"
+            "import fp8core.conversion as c\n"
+            "print(c.ConversionReport('torch').summary())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ("convert_to_fp8 (torch): 0 converted, 0 already FP8, 0 high "
+                                  "precision; 0.0% of 0 matmul weights are FP8")
 
 
 # ------------------------------------------------------------------ torch
