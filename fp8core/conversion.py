@@ -20,8 +20,8 @@ import dataclasses
 import logging
 import warnings
 
-__all__ = ["ConversionReport", "LayerRecord", "REASONS", "check_include_subclasses", "log",
-           "warn_if_incomplete"]
+__all__ = ["ConversionReport", "LayerRecord", "NOTES", "REASONS", "check_include_subclasses",
+           "log", "names", "warn_if_incomplete"]
 
 logger = logging.getLogger("fp8core")
 
@@ -38,6 +38,15 @@ REASONS = {
     "linear_general": ("nnx.LinearGeneral with batch_axis or non-trailing contraction axes "
                        "(axis={axis}); stays high precision"),
     "einsum": "nnx.Einsum ({einsum}) is not converted; stays high precision",
+}
+
+#: Caveats about converted layers that a module may bypass (``ConversionReport.notes``).
+NOTES = {
+    "torch_encoder_fastpath": (
+        "nn.TransformerEncoderLayer {names}: in eval mode without gradients PyTorch's fast path "
+        "(torch._transformer_encoder_layer_fwd) reads linear1/linear2's weights directly and runs "
+        "them in high precision; call torch.backends.mha.set_fastpath_enabled(False) for FP8 "
+        "inference"),
 }
 
 #: How many module names a warning spells out before "and N more".
@@ -75,12 +84,15 @@ class ConversionReport:
       converted: layers replaced by FP8 layers in this call.
       already_fp8: FP8 layers that were there before (left as they are).
       skipped: matmul-bearing modules left in high precision, each with its reason.
+      notes: caveats (:data:`NOTES`), e.g. a module whose fast path bypasses its converted
+        layers in some modes.
     """
 
     framework: str
     converted: tuple[LayerRecord, ...] = ()
     already_fp8: tuple[LayerRecord, ...] = ()
     skipped: tuple[LayerRecord, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def matmul_params(self) -> int:
@@ -120,11 +132,19 @@ class ConversionReport:
         lines = [self.summary()]
         for c in cells:
             lines.append("  ".join(c[i].ljust(widths[i]) for i in range(6)) + "  " + c[6])
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def _n(v: int | None) -> str:
     return "-" if v is None else str(v)
+
+
+def names(fqns: list[str]) -> str:
+    """``'a', 'b', 'c', 'd' and 3 more`` (the first :data:`WARN_NAMES`)."""
+    more = len(fqns) - WARN_NAMES
+    return ", ".join(repr(f or "<model>") for f in fqns[:WARN_NAMES]) + (
+        f" and {more} more" if more > 0 else "")
 
 
 def _names(records: tuple[LayerRecord, ...]) -> str:
@@ -151,6 +171,8 @@ def log(report: ConversionReport) -> None:
 def warn_if_incomplete(report: ConversionReport, stacklevel: int = 3) -> None:
     """``UserWarning`` when ``report`` converted nothing, or skipped a matmul-bearing
     module the user did not filter out (names the first few, with a count)."""
+    for note in report.notes:
+        warnings.warn(f"convert_to_fp8: {note}", UserWarning, stacklevel=stacklevel)
     if not report.converted:
         already = (f" ({len(report.already_fp8)} layer(s) were FP8 already)"
                    if report.already_fp8 else "")

@@ -60,7 +60,9 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     every ``isinstance(m, nn.Linear)``; here a subclass may override ``forward``, which
     the swap would drop, so it is opt-in). ``nn.MultiheadAttention`` (both of its
     projections: its forward reads the weights directly), convolutions, ``nn.Bilinear``
-    and RNNs stay high precision and are reported.
+    and RNNs stay high precision and are reported. ``nn.TransformerEncoderLayer``'s
+    linears are converted, with a note (and a warning): its eval fast path without
+    gradients bypasses them unless ``torch.backends.mha.set_fastpath_enabled(False)``.
 
     With ``recipe`` (a :class:`fp8core.recipe.LinearRecipe` or preset name) the layers
     become :class:`LinearFP8`; otherwise bitsandbytes' layers: ``mode`` ``"mixed"``
@@ -94,6 +96,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     converted: list[LayerRecord] = []
     already: list[LayerRecord] = []
     skipped: list[LayerRecord] = []
+    encoder_layers: list[tuple[str, nn.Module]] = []
 
     def swap(mod: nn.Module, fqn: str, exact: type, make: Callable) -> tuple[nn.Module | None, bool]:
         if type(mod) is not exact and not include_subclasses:
@@ -120,6 +123,9 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
             return swap(mod, fqn, nn.Linear, lambda m: cls.from_linear(m, **kw))
         if Conv1D is not None and isinstance(mod, Conv1D):
             return swap(mod, fqn, Conv1D, lambda m: Conv1DFP8.from_conv1d(m, recipe=conv1d_recipe))
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            encoder_layers.append((fqn, mod))  # converted below; its fast path is a caveat
+            return None, True
         if isinstance(mod, _UNSUPPORTED):
             skipped.append(LayerRecord(fqn, _kind(mod), None, None, _weights(mod),
                                        reason=REASONS["unsupported"].format(kind=_kind(mod))))
@@ -146,7 +152,12 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
         model = new
     elif descend:
         walk(model, "")
-    report = _conv.ConversionReport("torch", tuple(converted), tuple(already), tuple(skipped))
+    bypassed = [fqn for fqn, layer in encoder_layers
+                if isinstance(layer.linear1, _FP8) or isinstance(layer.linear2, _FP8)]
+    notes = ((_conv.NOTES["torch_encoder_fastpath"].format(names=_conv.names(bypassed)),)
+             if bypassed else ())
+    report = _conv.ConversionReport("torch", tuple(converted), tuple(already), tuple(skipped),
+                                    notes)
     model.fp8_conversion_report = report
     _conv.log(report)
     _conv.warn_if_incomplete(report)

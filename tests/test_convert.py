@@ -309,3 +309,35 @@ def test_transformers_conv1d_converts_in_bnb_modes(mode):
     with torch.no_grad():
         assert torch.equal(model[0](x), fn(x, model[0].weight, bias=model[0].bias))
     assert T.convert_to_fp8(Conv1D(8, 4), recipe="TENSORWISE").weight.shape == (4, 8)
+
+
+def test_torch_encoder_layer_fast_path_is_noted():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True,
+                                                           dropout=0.0), 2,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        hp = enc(x)
+    with pytest.warns(UserWarning) as rec:
+        T.convert_to_fp8(enc, recipe="ROWWISE")
+    msgs = [str(w.message) for w in rec]
+    assert any("nn.TransformerEncoderLayer 'layers.0', 'layers.1': in eval mode" in m for m in msgs)
+    assert any("'layers.0.self_attn' (nn.MultiheadAttention)" in m for m in msgs)
+    rep = enc.fp8_conversion_report
+    assert [r.fqn for r in rep.converted] == ["layers.0.linear1", "layers.0.linear2",
+                                              "layers.1.linear1", "layers.1.linear2"]
+    assert "note: nn.TransformerEncoderLayer" in str(rep)
+    # what the note says: with gradients the FP8 layers run; the fast path (eval, no
+    # gradients) is high precision bit for bit, unless it is switched off
+    fp8 = enc(x).detach()
+    assert not torch.equal(fp8, hp)
+    with torch.no_grad():
+        assert torch.equal(enc(x), hp)
+    saved = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(enc(x), fp8)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(saved)
