@@ -148,6 +148,59 @@ def test_thread_partitions(nthreads, n, blocksize, openmp):
                              openmp=openmp)
 
 
+def _pool_case(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(2**17 + 5) * np.exp(rng.uniform(-4, 4, 2**17 + 5))).astype(np.float32)
+
+
+def test_worker_pool_concurrent_callers():
+    """POSIX-thread callers share one persistent worker pool; callers that find it busy
+    (here: eight Python threads at once — ctypes drops the GIL) start threads of their
+    own. Every call still has the reference's bits."""
+    import concurrent.futures
+
+    cb = fp8core.resolve_codebook("e4m3")
+    cases = [_pool_case(s) for s in range(8)]
+    want = [R.quantize_blockwise(x, cb, 1000)[0].reshape(-1) for x in cases]
+
+    def run(i):
+        return [kernel_quantize(cases[i], cb, 1000, nthreads=3)[0] for _ in range(5)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        for i, got in enumerate(ex.map(run, range(8))):
+            for codes in got:
+                np.testing.assert_array_equal(codes, want[i])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_worker_pool_after_fork():
+    """A forked child has none of the parent's pool workers: its first multi-threaded
+    call rebuilds the pool (without that it would wait forever for workers that do not
+    exist in the child) and gives the reference's bits."""
+    import os
+
+    cb = fp8core.resolve_codebook("e4m3")
+    x = _pool_case(1)
+    kernel_quantize(x, cb, 1000, nthreads=2)            # the parent's pool exists now
+    want = R.quantize_blockwise(x, cb, 1000)[0].reshape(-1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                          # child: report and leave at once
+        try:
+            ok = np.array_equal(kernel_quantize(x, cb, 1000, nthreads=2)[0], want)
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    import select
+
+    ready, _, _ = select.select([r], [], [], 60)
+    out = os.read(r, 1) if ready else b"timeout"
+    os.close(r)
+    os.waitpid(pid, 0) if ready else os.kill(pid, 9)
+    assert out == b"1", f"child result: {out!r}"
+
+
 @pytest.mark.parametrize("want_codes,want_vals", [(True, False), (False, True)])
 @pytest.mark.parametrize("out_dtype", ["float32", "float16", "bfloat16"])
 def test_outputs_independent(want_codes, want_vals, out_dtype):

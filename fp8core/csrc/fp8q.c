@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define FP8Q_ABI_VERSION 3
 
@@ -427,12 +428,103 @@ static void *run_job(void *arg) {
 #define MAX_THREADS 64
 #define MIN_PER_THREAD (1 << 15)   /* elements: below this a thread is not worth it */
 
+/* POSIX-thread callers (JAX/XLA, numpy) get a persistent pool: creating and
+ * joining a thread per call cost 20-40 us, as much as quantizing 64k elements,
+ * so two threads were slower than one below ~10^6 elements. Workers sleep on a
+ * condition variable between calls (no spinning: the caller's own thread pool
+ * needs the cores right after a quantize). One dispatch at a time; a concurrent
+ * caller (two custom calls run in parallel by XLA) falls back to per-call
+ * threads. After fork() the child rebuilds the pool (its workers do not exist). */
+typedef struct {
+    void *(*fn)(void *);
+    char *base;
+    size_t job_size;
+    int nj;              /* jobs of this dispatch (job 0 runs on the caller) */
+    unsigned long gen;   /* dispatch generation */
+    int pending;         /* worker jobs not finished */
+} dispatch_t;
+
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;   /* one dispatcher */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static dispatch_t pool_d;
+static int pool_workers;      /* started workers: worker w runs job w (1 <= w <= pool_workers) */
+static pid_t pool_pid;
+static unsigned long pool_start_gen[MAX_THREADS];  /* the generation a worker was started in */
+
+static void *pool_worker(void *arg) {
+    const int w = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool_mu);
+    unsigned long seen = pool_start_gen[w];   /* not pool_d.gen: a dispatch may already be posted */
+    for (;;) {
+        while (pool_d.gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
+        seen = pool_d.gen;
+        if (w < pool_d.nj) {
+            dispatch_t d = pool_d;
+            pthread_mutex_unlock(&pool_mu);
+            d.fn(d.base + (size_t)w * d.job_size);
+            pthread_mutex_lock(&pool_mu);
+            if (--pool_d.pending == 0) pthread_cond_signal(&pool_done);
+        }
+    }
+    return 0;
+}
+
+/* Run jobs 1..nj-1 on pool workers and job 0 here; 0, or -1 when the pool is busy
+ * or has too few workers (the caller then uses per-call threads). */
+static int pool_run(void *(*fn)(void *), char *base, size_t job_size, int nj) {
+    if (pthread_mutex_trylock(&pool_busy) != 0) return -1;
+    if (pool_pid != getpid()) {                 /* first use, or a forked child */
+        pthread_mutex_init(&pool_mu, 0);
+        pthread_cond_init(&pool_go, 0);
+        pthread_cond_init(&pool_done, 0);
+        memset(&pool_d, 0, sizeof pool_d);
+        pool_workers = 0;
+        pool_pid = getpid();
+    }
+    while (pool_workers < nj - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool_start_gen[pool_workers + 1] = pool_d.gen;
+        int rc = pthread_create(&th, &attr, pool_worker, (void *)(intptr_t)(pool_workers + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool_workers++;
+    }
+    if (pool_workers < nj - 1) {
+        pthread_mutex_unlock(&pool_busy);
+        return -1;
+    }
+    pthread_mutex_lock(&pool_mu);
+    pool_d.fn = fn;
+    pool_d.base = base;
+    pool_d.job_size = job_size;
+    pool_d.nj = nj;
+    pool_d.pending = nj - 1;
+    pool_d.gen++;
+    pthread_cond_broadcast(&pool_go);
+    pthread_mutex_unlock(&pool_mu);
+    fn(base);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_d.pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&pool_busy);
+    return 0;
+}
+
 /* Run fn(job t) for t in [0, nj): an OpenMP team if `openmp` (and built with
- * OpenMP), else POSIX threads with job 0 on the calling thread. */
+ * OpenMP), else the worker pool (or, when it is busy, POSIX threads started for
+ * this call), with job 0 on the calling thread. */
 static void run_parallel(void *(*fn)(void *), void *jobs, size_t job_size, int nj, int openmp) {
     char *base = (char *)jobs;
+    if (nj <= 1) {
+        fn(base);
+        return;
+    }
 #ifdef _OPENMP
-    if (openmp && nj > 1) {
+    if (openmp) {
 #pragma omp parallel for num_threads(nj) schedule(static, 1)
         for (int t = 0; t < nj; t++) fn(base + (size_t)t * job_size);
         return;
@@ -440,6 +532,7 @@ static void run_parallel(void *(*fn)(void *), void *jobs, size_t job_size, int n
 #else
     (void)openmp;
 #endif
+    if (pool_run(fn, base, job_size, nj) == 0) return;
     pthread_t th[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int t = 1; t < nj; t++) started[t] = pthread_create(&th[t], 0, fn, base + (size_t)t * job_size) == 0;
