@@ -29,6 +29,7 @@ ValueError otherwise, since an in-place result cannot carry the FP8 backward).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -88,7 +89,7 @@ def _tables(spec: QuantSpec, device: torch.device) -> CodebookTensors | None:
     return codebook_tensors(spec.codebook, device) if spec.needs_tables else None
 
 
-_SLOT_INDEX = {slot: i for i, slot in enumerate(fp8core.recipe.SLOTS)}
+_SLOTS = fp8core.recipe.SLOTS   # (input, weight, grad_output, weight_for_grad_input, ...)
 
 
 class _MatMulFP8(torch.autograd.Function):
@@ -109,85 +110,88 @@ class _MatMulFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, bias, recipe, specs, tabs):
         need_a, need_b = ctx.needs_input_grad[:2]
-        saved = recipe.saved(need_a, need_b)
+        save_x, save_w, _, _, _ = prog = _program(recipe, need_a, need_b)
         A2 = A.reshape(-1, A.shape[-1])
-        qa, qx = _side(A2, recipe, "input", specs, tabs, A.dtype, saved["X"] == "codes")
-        qw, qwc = _side(B.t(), recipe, "weight", specs, tabs, B.dtype, saved["W"] == "codes")
-        out = _mm(qa.view(A.shape), qw.t().to(A.dtype), bias)
-        tensors = [A if saved["X"] == "hp" else None, B if saved["W"] == "hp" else None]
+        qa, qx = _side(A2, recipe, 0, specs, tabs, A.dtype, save_x == "codes")
+        qw, qwc = _side(B.t(), recipe, 1, specs, tabs, B.dtype, save_w == "codes")
+        qw_t = qw.t()
+        out = _mm(qa.view(A.shape), qw_t if qw_t.dtype == A.dtype else qw_t.to(A.dtype), bias)
+        tensors = [A if save_x == "hp" else None, B if save_w == "hp" else None]
         for q in (qx, qwc):
             tensors += [None, None] if q is None else [q.codes, q.absmax]
         ctx.save_for_backward(*tensors)
         ctx.layouts = tuple(None if q is None else (q.how, q.transposed) for q in (qx, qwc))
-        ctx.meta = (recipe, specs, tabs, A.dtype, B.dtype, None if bias is None else bias.dtype,
-                    A.shape, _is_transposed(B))
+        ctx.meta = (recipe, specs, tabs, prog, A.dtype, B.dtype,
+                    None if bias is None else bias.dtype, A.shape, _is_transposed(B))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         A, B, x_codes, x_absmax, w_codes, w_absmax = ctx.saved_tensors
-        recipe, specs, tabs, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
+        recipe, specs, tabs, prog, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
+        _, _, src_wi, src_xw, src_gw = prog
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g2 = _grad_out_2d(grad_out, a_dtype)
         grad_a = grad_b = grad_bias = None
-
-        def saved_q(codes, absmax, layout):
-            return QuantizedOperand(codes, absmax, *layout)
-
         with torch.autocast(g2.device.type, enabled=False):
             qg = None
-            if need_a or (need_b and recipe.source("grad_output_for_grad_weight") == "reuse"):
-                qg, _ = _side(g2, recipe, "grad_output", specs, tabs, a_dtype, False)
+            if need_a or (need_b and src_gw == "reuse"):
+                qg, _ = _side(g2, recipe, 2, specs, tabs, a_dtype, False)
             if need_a:
-                src = recipe.source("weight_for_grad_input")
-                if src == "reuse":
-                    w = _decode(recipe, "weight", specs, tabs,
-                                saved_q(w_codes, w_absmax, ctx.layouts[1]), b_dtype)   # (N, K)
-                elif src == "hp":
-                    w = B.t()
+                if src_wi == "reuse":
+                    w = _decode(recipe, 1, specs, tabs,
+                                QuantizedOperand(w_codes, w_absmax, *ctx.layouts[1]), b_dtype)
+                elif src_wi == "hp":
+                    w = B.t()                           # (N, K)
                 else:                                   # W along N: the (K, N) matrix B
-                    w, _ = _side(B, recipe, "weight_for_grad_input", specs, tabs, b_dtype, False)
+                    w, _ = _side(B, recipe, 3, specs, tabs, b_dtype, False)
                     w = w.t()
-                grad_a = (qg @ w.to(a_dtype)).view(a_shape)
+                grad_a = (qg @ (w if w.dtype == a_dtype else w.to(a_dtype))).view(a_shape)
             if need_b:
-                src = recipe.source("input_for_grad_weight")
-                if src == "reuse":
-                    x = _decode(recipe, "input", specs, tabs,
-                                saved_q(x_codes, x_absmax, ctx.layouts[0]), a_dtype)
-                elif src == "hp":
+                if src_xw == "reuse":
+                    x = _decode(recipe, 0, specs, tabs,
+                                QuantizedOperand(x_codes, x_absmax, *ctx.layouts[0]), a_dtype)
+                elif src_xw == "hp":
                     x = A.reshape(-1, A.shape[-1])
                 else:                                   # X along M: the (K, M) matrix A2ᵀ
-                    x, _ = _side(A.reshape(-1, A.shape[-1]).t(), recipe, "input_for_grad_weight",
-                                 specs, tabs, a_dtype, False)
+                    x, _ = _side(A.reshape(-1, A.shape[-1]).t(), recipe, 4, specs, tabs,
+                                 a_dtype, False)
                     x = x.t()
-                src = recipe.source("grad_output_for_grad_weight")
-                if src == "reuse":
+                if src_gw == "reuse":
                     gw = qg
-                elif src == "hp":
+                elif src_gw == "hp":
                     gw = g2
                 else:                                   # dY along M: the (N, M) matrix gᵀ
-                    gw, _ = _side(g2.t(), recipe, "grad_output_for_grad_weight", specs, tabs,
-                                  a_dtype, False)
+                    gw, _ = _side(g2.t(), recipe, 5, specs, tabs, a_dtype, False)
                     gw = gw.t()
-                grad_b = _grad_b(x, gw, b_t).to(b_dtype)
+                grad_b = _grad_b(x, gw, b_t)
+                grad_b = grad_b if grad_b.dtype == b_dtype else grad_b.to(b_dtype)
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)
         return grad_a, grad_b, grad_bias, None, None, None
 
 
-def _side(m: torch.Tensor, recipe, slot: str, specs, tabs, dtype: torch.dtype, want_codes: bool):
-    """One GEMM operand (2-D, contraction axis last) as its slot says: ``(values in
+@functools.lru_cache(maxsize=None)
+def _program(recipe, need_a: bool, need_b: bool) -> tuple:
+    """Per (recipe, needed gradients), what the Function does, decided once: what the
+    forward saves of X and W (``recipe.saved``) and the sources of the three
+    re-quantizable backward slots (``recipe.source``)."""
+    saved = recipe.saved(need_a, need_b)
+    return (saved["X"], saved["W"], recipe.source("weight_for_grad_input"),
+            recipe.source("input_for_grad_weight"), recipe.source("grad_output_for_grad_weight"))
+
+
+def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want_codes: bool):
+    """One GEMM operand (2-D, contraction axis last) as slot ``SLOTS[i]`` says: ``(values in
     dtype, QuantizedOperand or None)``; a high-precision slot is ``m`` itself."""
-    rule = recipe.rule(slot)
+    rule = recipe.rule(_SLOTS[i])
     if rule is None:
-        return m.to(dtype), None
-    i = _SLOT_INDEX[slot]
+        return (m if m.dtype == dtype else m.to(dtype)), None
     return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes)
 
 
-def _decode(recipe, slot: str, specs, tabs, q: QuantizedOperand, dtype: torch.dtype):
-    i = _SLOT_INDEX[slot]
-    return _decode_operand(q, recipe.rule(slot), specs[i], tabs[i], dtype)
+def _decode(recipe, i: int, specs, tabs, q: QuantizedOperand, dtype: torch.dtype):
+    return _decode_operand(q, recipe.rule(_SLOTS[i]), specs[i], tabs[i], dtype)
 
 
 def _recipe_specs(recipe) -> tuple:

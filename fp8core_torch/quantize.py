@@ -28,6 +28,7 @@ run unchunked and inductor fuses them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import Any, NamedTuple
 
@@ -778,13 +779,7 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
             and not torch.compiler.is_compiling() and _kernel_ok(phys, spec)):
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
         # on small operands)
-        if how[0] == "tiles":
-            v, c, a = _quantize_tiles_impl(phys, spec.codebook, how[1], how[2], rule.scale,
-                                           out_dtype, want_codes)
-        else:
-            v, c, a = _quantize_impl(phys, spec.codebook, how[1] if how[0] == "flat" else None,
-                                     out_dtype, want_codes, rule.scale)
-        v, c = (v if out_dtype is not None else None), (c if want_codes else None)
+        v, c, a = _eager_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes)
     elif how[0] == "tiles":
         v, c, a = _qdq_tiles(phys, spec, tabs, how[1], how[2], out_dtype=out_dtype,
                              want_codes=want_codes, scale=rule.scale)
@@ -798,9 +793,73 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     return v, q
 
 
+_DT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # fp8core._kernel.DTYPE_CODES
+
+
+@functools.lru_cache(maxsize=4096)
+def _eager_call(rows: int, cols: int, how: tuple) -> tuple:
+    """(absmax shape, entry point name, its size arguments) of one operand's kernel call."""
+    if how[0] == "tiles":
+        return plan_tiles(rows, cols, how[1], how[2]).grid, "tiles", (rows, cols, how[1], how[2])
+    n = rows * cols
+    group = how[1] if how[0] == "flat" else n
+    return ((plan_blocks(n, group).n_blocks,) if how[0] == "flat" else ()), "flat", (n, group)
+
+
+def _eager_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
+                    out_dtype: torch.dtype | None, want_codes: bool):
+    """The kernel call of :func:`_operand` for a contiguous eager CPU ``phys`` with the
+    least Python around it (``_quantize_impl`` / ``_quantize_tiles_impl`` do the same
+    through their generic wrappers; on a 32 x 64 operand the wrappers cost more than the
+    kernel). Returns (values or None, codes or None, absmax), flat outputs."""
+    rows, cols = phys.shape
+    n = rows * cols
+    grid, entry, sizes = _eager_call(rows, cols, how)
+    absmax = torch.empty(grid, dtype=torch.float32)
+    vals = _pool.empty(n, out_dtype) if out_dtype is not None else None
+    codes = _pool.empty(n, torch.uint8) if want_codes else None
+    lib, fmt = _fp8q._LIB, _fp8q._format_for(codebook, scale)
+    args = (phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
+            None if codes is None else codes.data_ptr(), None if vals is None else vals.data_ptr(),
+            _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(), torch.get_num_threads(), 1)
+    rc = (lib.fp8q_quantize_tiles if entry == "tiles" else lib.fp8q_quantize)(*args)
+    if rc:
+        raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
+                         f"({phys.dtype}, {how}, {codebook.name}, scale={scale})")
+    return vals, codes, absmax
+
+
+def _eager_dequantize(q: QuantizedOperand, codebook, scale: str, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_decode_operand` through the kernel for eager CPU codes (see
+    :func:`_eager_quantize`); the physical layout, flat."""
+    rows, cols = q.codes.shape
+    n = rows * cols
+    _, entry, sizes = _eager_call(rows, cols, q.how)
+    y = _pool.empty(n, dtype)
+    lib, fmt = _fp8q._LIB, _fp8q._format_for(codebook, scale)
+    table = _fp8q._table(codebook).ctypes.data
+    if entry == "tiles":
+        rc = lib.fp8q_dequantize_tiles(q.codes.data_ptr(), *sizes, q.absmax.data_ptr(), table,
+                                       ctypes.byref(fmt), y.data_ptr(), _DT_CODES[dtype],
+                                       torch.get_num_threads(), 1)
+    else:
+        rc = lib.fp8q_dequantize(q.codes.data_ptr(), *sizes, q.absmax.data_ptr(), table,
+                                 ctypes.byref(fmt), y.data_ptr(), _DT_CODES[dtype],
+                                 torch.get_num_threads(), 1)
+    if rc:
+        raise ValueError(f"the C kernel rejected codes of shape ({rows}, {cols}) ({q.how})")
+    return y
+
+
 def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTensors | None,
                     dtype: torch.dtype) -> torch.Tensor:
     """The logical dequantized operand of :func:`_operand`'s codes (same bits as its values)."""
+    if (dtype in _DT_CODES and q.codes.numel() and not torch.compiler.is_compiling()
+            and q.codes.is_contiguous() and q.absmax.dtype == torch.float32
+            and q.absmax.is_contiguous() and q.absmax.device.type == "cpu"
+            and _kernel_ok(q.codes, None, (torch.uint8,))):
+        y = _eager_dequantize(q, spec.codebook, rule.scale, dtype).view(q.codes.shape)
+        return y.t() if q.transposed else y
     if q.how[0] == "tiles":
         y = _dequantize_tiles(q.codes, q.absmax, spec, tabs, q.how[1], q.how[2], dtype, rule.scale)
     else:
