@@ -29,6 +29,7 @@ ValueError otherwise, since an in-place result cannot carry the FP8 backward).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -127,13 +128,17 @@ class _MatMulFP8(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(_DOUBLE_BACKWARD)
         A, B, x_codes, x_absmax, w_codes, w_absmax = ctx.saved_tensors
         recipe, specs, tabs, prog, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
         _, _, src_wi, src_xw, src_gw = prog
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g2 = _grad_out_2d(grad_out, a_dtype)
         grad_a = grad_b = grad_bias = None
-        with torch.autocast(g2.device.type, enabled=False):
+        dev = g2.device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) \
+                else contextlib.nullcontext():
             qg = None
             if need_a or (need_b and src_gw == "reuse"):
                 qg, _ = _side(g2, recipe, 2, specs, tabs, a_dtype, False)
@@ -169,6 +174,16 @@ class _MatMulFP8(torch.autograd.Function):
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)
         return grad_a, grad_b, grad_bias, None, None, None
+
+
+#: backward runs with grad mode on only under ``create_graph=True``
+_DOUBLE_BACKWARD = (
+    "fp8core: double backward (create_graph=True through an FP8 matmul or layer) is not "
+    "supported: the FP8 gradients are straight-through estimates whose own derivatives are "
+    "not defined, and computing them would silently drop second-order terms. Call backward / "
+    "torch.autograd.grad without create_graph=True, or keep the layers whose second "
+    "derivative you need in high precision (module_filter_fn of convert_to_fp8)."
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,9 +258,12 @@ def _apply_module(A, B, bias, recipe, specs):
     """The layers' entry (input already checked): autocast, empty inputs, the Function."""
     if A.device.type == "meta":  # shape-only, as nn.Linear on meta (no values; no autocast)
         return _mm(A, B.to(A.dtype), bias)
-    A, B, bias = _autocast_inputs(A, B, bias)
+    dev = A.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    if autocast:
+        A, B, bias = _autocast_inputs(A, B, bias)
     recipe.check_input(A.dim(), argname="input")
-    with torch.autocast(A.device.type, enabled=False):
+    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         if A.numel() == 0:
             return _mm(A * 0, B.to(A.dtype) * 0, bias)
         return _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device))

@@ -991,14 +991,15 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, codebook: An
     """Inverse of :func:`quantize_blockwise`: ``fl(value[code] * dscale)`` cast to ``dtype``.
 
     Groups whose absmax is NaN or ±inf dequantize to NaN; codes without a value
-    decode to NaN.
+    decode to NaN. Not differentiable (like every quantizer here): the result carries no
+    gradient on any path, even for an ``absmax`` that requires grad.
     """
     _check_codes(codes)
     spec = resolve_spec(codebook)
     plan = plan_blocks(codes.numel(), blocksize)
     _check_absmax_tensor(absmax, (plan.n_blocks,))
     dtype = _check_out_dtype(dtype)
-    return _dequantize(codes, absmax, spec, _tables(spec, codes.device), blocksize, dtype)
+    return _dequantize(codes, absmax.detach(), spec, _tables(spec, codes.device), blocksize, dtype)
 
 
 def quantize_global(x: torch.Tensor, codebook: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1016,12 +1017,12 @@ def quantize_global(x: torch.Tensor, codebook: Any) -> tuple[torch.Tensor, torch
 
 def dequantize_global(codes: torch.Tensor, absmax: torch.Tensor, codebook: Any,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize_global`."""
+    """Inverse of :func:`quantize_global` (not differentiable, as :func:`dequantize_blockwise`)."""
     _check_codes(codes)
     spec = resolve_spec(codebook)
     _check_absmax_tensor(absmax, ())
     dtype = _check_out_dtype(dtype)
-    return _dequantize(codes, absmax, spec, _tables(spec, codes.device), None, dtype)
+    return _dequantize(codes, absmax.detach(), spec, _tables(spec, codes.device), None, dtype)
 
 
 def fake_quantize(x: torch.Tensor, codebook: Any, blocksize: int | None = None) -> torch.Tensor:
