@@ -3,8 +3,8 @@
 Run as ``python tests/_dist_worker.py RANK WORLD INIT_METHOD OUT_DIR CASE[,CASE...]``. For each
 case (a preset name or ``mixed``) the rank trains the same converted model three SGD steps on
 its half of a fixed global batch under DDP and under FSDP2 ``fully_shard``; rank 0 also trains
-one process on the whole batch and one process accumulating the gradients of the two halves
-(same thread count as the ranks, so the same GEMM kernels). It writes
+one process on the whole batch, and the last rank one process accumulating the gradients of
+the ranks' micro-batches (same thread count as the ranks, so the same GEMM kernels). It writes
 ``OUT_DIR/rank{RANK}.pt``: per case and mode the step-0 gradients and the parameters after
 training (both ranks' copies, all-gathered), the step-0 local loss, and whether the converted
 model holds any buffer. ``OUT_DIR/imported{RANK}`` is written once the imports succeeded and
@@ -128,7 +128,8 @@ def main(rank: int, world: int, init_method: str, out_dir: str, cases: list[str]
     try:
         from torch.distributed.fsdp import fully_shard  # FSDP2, torch >= 2.6
     except ImportError as e:
-        fully_shard, no_fsdp = None, f"FSDP2 fully_shard unavailable in torch {torch.__version__}: {e}"
+        fully_shard = None
+        no_fsdp = f"FSDP2 fully_shard unavailable in torch {torch.__version__}: {e}"
 
     x, y = global_batch()
     share = BATCH // world
@@ -151,9 +152,12 @@ def main(rank: int, world: int, init_method: str, out_dir: str, cases: list[str]
             res["fsdp"] = train(model, model, xl, yl)
             res["fsdp"]["all_params"] = gathered(res["fsdp"]["params"], world)
 
-        if rank == 0:  # one process, same thread count: the whole batch, and world micro-batches
+        # one process (same thread count as a rank): the whole batch on rank 0, gradient
+        # accumulation over the ranks' micro-batches on the last rank (in parallel)
+        if rank == 0:
             model = make_model(case)
             res["single"] = train(model, model, x, y)
+        if rank == world - 1:
             model = make_model(case)
             res["accum"] = train(model, model, x, y, micro=world)
         results[case] = res
