@@ -4,8 +4,9 @@ One run per group of recipes (:data:`QUICK`, :data:`SLOW`) spawns ``tests/_dist_
 twice (``gloo``, a ``file://`` rendezvous in tmp, ``OMP_NUM_THREADS=1``, killed and failed after
 :data:`TIMEOUT_S`; skipped with the reason where the gloo group cannot start): per recipe,
 3 SGD steps of a 2-block pre-norm transformer (d = 64, 13 converted ``nn.Linear``), each rank
-on one half of a fixed global batch of 4 × 64 tokens (128 tokens per rank). Rank 0 also trains one process on the whole
-batch, rank 1 one process accumulating the gradients of the same two halves. Oracles:
+on one half of a fixed global batch of 4 × 64 tokens (128 tokens per rank). Rank 0 also trains
+one process on the whole batch, rank 1 one process accumulating the gradients of the same two
+halves. Oracles:
 
 * the two ranks: bit-identical parameters (all-gathered) after training;
 * one process accumulating the halves' gradients (loss / 2 each): bit-identical step-0 gradients
