@@ -147,39 +147,45 @@ def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook
         return values * dscale[:, None]                               # §4.3 fl(v * dscale)
 
 
-def _block_pieces(numel: int, blocksize: int) -> list[tuple[int, int, int]]:
-    """The flattening as ``(start, n_groups, group_size)`` pieces: the full blocks as one
-    piece and the partial last block as a piece of its own, one group of the remaining
-    elements. Never padded: the zeros that would fill a partial block change neither its
-    absmax (§3) nor any other element's code, so a block of 10 elements with
-    ``blocksize=2**40`` costs 10 elements, not 2**40."""
-    plan = plan_blocks(numel, blocksize)
-    n_full, rem = divmod(numel, plan.blocksize)
-    pieces = [(0, n_full, plan.blocksize)] if n_full or not rem else []
-    if rem:
-        pieces.append((n_full * plan.blocksize, 1, rem))
-    return pieces
+#: A tensor smaller than one block is padded to at most this many elements (see below).
+_LONE_BLOCK_PAD = 64
+
+
+def _block_groups(flat: np.ndarray, blocksize: int, fill) -> np.ndarray:
+    """The blocks of a 1-D ``flat`` as a ``(n_blocks, group size)`` array.
+
+    Padding (``fill`` zeros) changes neither a block's absmax (§3) nor any other
+    element's code, so its size is free to choose; it is bounded by the data here. With
+    at least one full block, the partial last block is padded to a full one (less
+    padding than data). A tensor smaller than one block is one group of
+    ``max(numel, min(blocksize, 64))`` elements: 10 elements with ``blocksize=2**40``
+    cost 64, not 2**40. (Both keep the shapes numpy's loops saw before, and so the sign
+    numpy gives a NaN × NaN product in a non-finite block — numpy takes the first
+    operand's NaN in short rows, the second's in long ones. The contract leaves NaN
+    signs unspecified, but the golden vectors record them.)
+    """
+    plan = plan_blocks(flat.size, blocksize)
+    if plan.n_blocks == 1 and plan.pad:
+        size = max(flat.size, min(plan.blocksize, _LONE_BLOCK_PAD))
+        return np.concatenate([flat, np.zeros(size - flat.size, flat.dtype)]).reshape(1, size)
+    if plan.pad:
+        flat = np.concatenate([flat, np.zeros(plan.pad, flat.dtype)])
+    return flat.reshape(plan.n_blocks, plan.blocksize)
 
 
 def _quantize_blocks(flat: np.ndarray, blocksize: int, codebook: Codebook, scale: str = "fp32"
                      ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_quantize_groups` over the blocks of a 1-D float32 ``flat``: ``(codes like
     flat, absmax per block)``."""
-    parts = [_quantize_groups(flat[start:start + n * size].reshape(n, size), codebook, scale)
-             for start, n, size in _block_pieces(flat.size, blocksize)]
-    return (np.concatenate([c.reshape(-1) for c, _ in parts]),
-            np.concatenate([a for _, a in parts]))
+    codes, absmax = _quantize_groups(_block_groups(flat, blocksize, np.float32), codebook, scale)
+    return codes.reshape(-1)[: flat.size], absmax
 
 
 def _dequantize_blocks(codes: np.ndarray, absmax: np.ndarray, blocksize: int, codebook: Codebook,
                        scale: str = "fp32") -> np.ndarray:
     """:func:`_dequantize_groups` over the blocks of 1-D ``codes`` (float32, like codes)."""
-    parts = []
-    for start, n, size in _block_pieces(codes.size, blocksize):
-        first = start // blocksize
-        parts.append(_dequantize_groups(codes[start:start + n * size].reshape(n, size),
-                                        absmax[first:first + n], codebook, scale).reshape(-1))
-    return np.concatenate(parts)
+    y = _dequantize_groups(_block_groups(codes, blocksize, np.uint8), absmax, codebook, scale)
+    return y.reshape(-1)[: codes.size]
 
 
 def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,18 +270,9 @@ def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> np.nda
 
 
 # --------------------------------------------------------------- §9: recipes
-def _tight(plan):
-    """The same tiles with ``tile_rows``/``tile_cols`` clamped to the array (a tile larger
-    than the array holds the same elements), so that padding never exceeds a tile's
-    overhang: a 10-element operand with ``tile(2**40)`` is not padded to 2**40 zeros."""
-    return plan_tiles(plan.rows, plan.cols, max(1, min(plan.tile_rows, plan.rows)),
-                      max(1, min(plan.tile_cols, plan.cols)))
-
-
 def _tile_groups(a: np.ndarray, plan) -> np.ndarray:
     """(rows, cols) -> (n_groups, tile_rows * tile_cols), tiles in row-major grid order,
     edge tiles padded with zeros (which never change an absmax)."""
-    plan = _tight(plan)
     gr, gc = plan.grid
     padded = np.zeros(plan.padded_shape, a.dtype)
     padded[: plan.rows, : plan.cols] = a
@@ -284,7 +281,6 @@ def _tile_groups(a: np.ndarray, plan) -> np.ndarray:
 
 
 def _untile(groups: np.ndarray, plan) -> np.ndarray:
-    plan = _tight(plan)
     gr, gc = plan.grid
     t = groups.reshape(gr, gc, plan.tile_rows, plan.tile_cols).transpose(0, 2, 1, 3)
     return t.reshape(plan.padded_shape)[: plan.rows, : plan.cols]

@@ -282,22 +282,24 @@ def _peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("blocksize", [2**26, 2**40], ids=["2**26", "2**40"])
 def test_reference_huge_block_is_global_and_allocates_nothing_big(blocksize):
+    """A block larger than the tensor is one group (global semantics, §3) of at most 64
+    elements (the reference pads a lone partial block to min(blocksize, 64))."""
     want_codes, want_absmax = R.quantize_global(_X10, "e4m3")
     codes, absmax = R.quantize_blockwise(_X10, "e4m3", blocksize)
     assert np.array_equal(codes, want_codes) and np.array_equal(absmax, want_absmax.reshape(1))
     assert np.array_equal(R.dequantize_blockwise(codes, absmax, "e4m3", blocksize),
                           R.dequantize_global(want_codes, want_absmax, "e4m3"))
     x2 = _X10.reshape(2, 5)
-    for rule in (OperandRule("e4m3", flat(blocksize)), OperandRule("e4m3", tile(blocksize))):
-        c, a = R.quantize_operand(x2, rule)
-        assert np.array_equal(c.reshape(-1), want_codes), rule
-        assert np.array_equal(R.dequantize_operand(c, a, rule).reshape(-1),
-                              R.dequantize_global(want_codes, want_absmax, "e4m3"))
+    rule = OperandRule("e4m3", flat(blocksize))
+    c, a = R.quantize_operand(x2, rule)
+    assert np.array_equal(c.reshape(-1), want_codes)
+    assert np.array_equal(R.dequantize_operand(c, a, rule).reshape(-1),
+                          R.dequantize_global(want_codes, want_absmax, "e4m3"))
     peak = _peak_bytes(lambda: R.dequantize_blockwise(*R.quantize_blockwise(_X10, "e4m3", blocksize),
                                                       "e4m3", blocksize))
     assert peak < 1 << 20, f"peak {peak} bytes for 10 elements"
-    peak = _peak_bytes(lambda: R.quantize_operand(x2, OperandRule("e4m3", tile(blocksize))))
-    assert peak < 1 << 20, f"peak {peak} bytes for 10 elements (tiles)"
+    peak = _peak_bytes(lambda: R.fake_quantize_operand(x2, rule, axis=0))
+    assert peak < 1 << 20, f"peak {peak} bytes for 10 elements (operand)"
 
 
 def test_reference_partial_last_block_is_its_own_group():
@@ -326,15 +328,21 @@ def test_jax_xla_path_huge_block_is_global(monkeypatch):
                               R.fake_quantize(_X10, "e4m3", blocksize))
     assert np.array_equal(np.asarray(codes), want_codes)
     x2 = x.reshape(2, 5)
-    for rule in (OperandRule("e4m3", flat(2**40)), OperandRule("e4m3", tile(2**40))):
-        for axis in (-1, 0):
-            c, a = J.quantize_operand(x2, rule, axis=axis)
-            rc, ra = R.quantize_operand(_X10.reshape(2, 5), rule, axis=axis)
-            assert np.array_equal(np.asarray(c), rc) and np.array_equal(np.asarray(a), ra), rule
-            assert np.array_equal(np.asarray(J.dequantize_operand(c, a, rule, axis=axis)),
-                                  R.dequantize_operand(rc, ra, rule, axis=axis))
-            assert np.array_equal(np.asarray(J.fake_quantize_operand(x2, rule, axis=axis)),
-                                  R.fake_quantize_operand(_X10.reshape(2, 5), rule, axis=axis))
+    rule = OperandRule("e4m3", flat(2**40))
+    for axis in (-1, 0):
+        c, a = J.quantize_operand(x2, rule, axis=axis)
+        rc, ra = R.quantize_operand(_X10.reshape(2, 5), rule, axis=axis)
+        assert np.array_equal(np.asarray(c), rc) and np.array_equal(np.asarray(a), ra), axis
+        assert np.array_equal(np.asarray(J.dequantize_operand(c, a, rule, axis=axis)),
+                              R.dequantize_operand(rc, ra, rule, axis=axis))
+        assert np.array_equal(np.asarray(J.fake_quantize_operand(x2, rule, axis=axis)),
+                              R.fake_quantize_operand(_X10.reshape(2, 5), rule, axis=axis))
+    # a 2**40 x 2**40 tile holds the whole array: global semantics (one absmax), unpadded
+    rule = OperandRule("e4m3", tile(2**40))
+    c, a = J.quantize_operand(x2, rule)
+    assert np.array_equal(np.asarray(c).reshape(-1), want_codes) and float(a.reshape(())) == want_absmax
+    assert np.array_equal(np.asarray(J.dequantize_operand(c, a, rule)).reshape(-1),
+                          R.dequantize_global(want_codes, want_absmax, "e4m3"))
 
 
 def test_jax_xla_path_huge_block_memory_bounded():
