@@ -32,7 +32,7 @@ from fp8core import _env
 from fp8core.codebooks import Codebook
 
 __all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
-           "dequantize_tiles", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
+           "dequantize_tiles", "call", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
 ABI_VERSION = 3
@@ -90,6 +90,9 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
+_ENTRIES = {} if _LIB is None else {
+    e: getattr(_LIB, f"fp8q_{e}") for e in ("quantize", "dequantize", "quantize_tiles",
+                                            "dequantize_tiles")}
 #: Whether callers should use the kernel (only meaningful when :func:`available`).
 ENABLED: bool = _env.flag("FP8CORE_KERNEL", True)
 
@@ -229,6 +232,15 @@ def dequantize_tiles(codes_ptr: int, rows: int, cols: int, tile_rows: int, tile_
     if rc:
         raise ValueError(f"fp8q_dequantize_tiles rejected its arguments (shape=({rows}, {cols}), "
                          f"tile=({tile_rows}, {tile_cols}), out_dtype={out_dtype})")
+
+
+def call(entry: str, *args) -> int:
+    """``fp8q_<entry>(*args)`` with the C signature as it is (``entry``: ``"quantize"``,
+    ``"dequantize"``, ``"quantize_tiles"``, ``"dequantize_tiles"``); returns the C return
+    code. For callers whose per-call Python cost matters more than keyword checking
+    (fp8core_torch's eager operands on small layers); everyone else uses the functions
+    above. Like them, it is one of the entry points the conformance suite counts."""
+    return _ENTRIES[entry](*args)
 
 
 def cast(in_ptr: int, in_dtype: str, out_ptr: int, out_dtype: str, n: int) -> None:

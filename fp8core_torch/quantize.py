@@ -818,11 +818,13 @@ def _eager_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
     absmax = torch.empty(grid, dtype=torch.float32)
     vals = _pool.empty(n, out_dtype) if out_dtype is not None else None
     codes = _pool.empty(n, torch.uint8) if want_codes else None
-    lib, fmt = _fp8q._LIB, _fp8q._format_for(codebook, scale)
-    args = (phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
-            None if codes is None else codes.data_ptr(), None if vals is None else vals.data_ptr(),
-            _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(), torch.get_num_threads(), 1)
-    rc = (lib.fp8q_quantize_tiles if entry == "tiles" else lib.fp8q_quantize)(*args)
+    fmt = _fp8q._format_for(codebook, scale)
+    rc = _fp8q.call("quantize_tiles" if entry == "tiles" else "quantize",
+                    phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
+                    None if codes is None else codes.data_ptr(),
+                    None if vals is None else vals.data_ptr(),
+                    _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(),
+                    torch.get_num_threads(), 1)
     if rc:
         raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
                          f"({phys.dtype}, {how}, {codebook.name}, scale={scale})")
@@ -836,16 +838,11 @@ def _eager_dequantize(q: QuantizedOperand, codebook, scale: str, dtype: torch.dt
     n = rows * cols
     _, entry, sizes = _eager_call(rows, cols, q.how)
     y = _pool.empty(n, dtype)
-    lib, fmt = _fp8q._LIB, _fp8q._format_for(codebook, scale)
-    table = _fp8q._table(codebook).ctypes.data
-    if entry == "tiles":
-        rc = lib.fp8q_dequantize_tiles(q.codes.data_ptr(), *sizes, q.absmax.data_ptr(), table,
-                                       ctypes.byref(fmt), y.data_ptr(), _DT_CODES[dtype],
-                                       torch.get_num_threads(), 1)
-    else:
-        rc = lib.fp8q_dequantize(q.codes.data_ptr(), *sizes, q.absmax.data_ptr(), table,
-                                 ctypes.byref(fmt), y.data_ptr(), _DT_CODES[dtype],
-                                 torch.get_num_threads(), 1)
+    fmt = _fp8q._format_for(codebook, scale)
+    rc = _fp8q.call("dequantize_tiles" if entry == "tiles" else "dequantize",
+                    q.codes.data_ptr(), *sizes, q.absmax.data_ptr(),
+                    _fp8q._table(codebook).ctypes.data, ctypes.byref(fmt), y.data_ptr(),
+                    _DT_CODES[dtype], torch.get_num_threads(), 1)
     if rc:
         raise ValueError(f"the C kernel rejected codes of shape ({rows}, {cols}) ({q.how})")
     return y
