@@ -14,6 +14,17 @@ from typing import Any
 FLOAT_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 
+#: The error of a second derivative through an FP8 matmul or layer (torch: backward with
+#: ``create_graph=True``; JAX: ``grad`` of ``grad``, ``hessian``), raised as RuntimeError.
+DOUBLE_BACKWARD = (
+    "fp8core: double backward (a second derivative through an FP8 matmul or layer: torch's "
+    "create_graph=True, JAX's grad of grad / hessian) is not supported: the FP8 gradients are "
+    "straight-through estimates whose own derivatives are not defined, and computing them "
+    "would silently drop second-order terms. Take first derivatives only, or keep the layers "
+    "whose second derivative you need in high precision (module_filter_fn of convert_to_fp8)."
+)
+
+
 def check_blocksize(blocksize: Any, *, argname: str = "blocksize") -> None:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool):
         raise TypeError(

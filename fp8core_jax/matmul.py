@@ -77,12 +77,28 @@ def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype
 
 
 # ------------------------------------------------------------------ recipe
+@jax.custom_jvp
+def _first_order_only(x):
+    """The identity, whose derivative is an error. The forward's and the backward's inputs
+    pass through it; neither is differentiated by a first derivative (custom_vjp calls the
+    forward on primals and the backward for the transpose), so only a second derivative
+    through the FP8 matmul (``grad`` of ``grad``) reaches it: a clear error at trace time
+    instead of a failure deep inside a quantizer or dropped terms."""
+    return x
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise RuntimeError(_validation.DOUBLE_BACKWARD)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _f(A, B, recipe: LinearRecipe, b_dtype: str):
     return _f_fwd(A, B, recipe, b_dtype)[0]
 
 
 def _f_fwd(A, B, recipe, b_dtype):
+    A, B = _first_order_only(A), _first_order_only(B)
     a_dtype = np.dtype(A.dtype).name
     saved = recipe.saved(True, True)
     a_q, x_res = _quantized(A, recipe.input, -1, a_dtype, saved["X"])      # Q_input(A along K)
@@ -92,6 +108,7 @@ def _f_fwd(A, B, recipe, b_dtype):
 
 
 def _f_bwd(recipe, b_dtype, res, g):
+    res, g = jax.tree_util.tree_map(_first_order_only, (res, g))
     x_res, w_res = res
     dtype = np.dtype(g.dtype).name                                         # A's dtype
     # dgrad: grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(B along N)ᵀ

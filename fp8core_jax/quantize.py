@@ -533,6 +533,7 @@ def dequantize_blockwise(codes: Any, absmax: Any, codebook: Any, blocksize: int,
     ``dscale = fl(clip(absmax, FLOOR, CEIL) * fl(1/M))``; blocks whose absmax is
     NaN or ±inf dequantize to NaN; codes without a value decode to NaN. The final
     cast rounds to nearest even (no intermediate reduced-precision rounding).
+    Derivative: zero on every path (not differentiable, as the quantizers).
 
     Raises:
       TypeError: ``codes`` not uint8, ``absmax`` not float32, ``dtype`` not a float dtype.
@@ -544,7 +545,9 @@ def dequantize_blockwise(codes: Any, absmax: Any, codebook: Any, blocksize: int,
     _validation.check_codes_dtype(np.dtype(codes.dtype).name)
     plan = fp8core.plan_blocks(int(np.prod(codes.shape)), blocksize)
     _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), (plan.n_blocks,))
-    return _dequantize_blockwise(codes, absmax, codebook, blocksize, _dtype_name(dtype))
+    # not differentiable on any path (zero derivative; the custom call has none at all)
+    return _dequantize_blockwise(codes, lax.stop_gradient(absmax), codebook, blocksize,
+                                 _dtype_name(dtype))
 
 
 def quantize_global(x: Any, codebook: Any) -> tuple[jax.Array, jax.Array]:
@@ -567,7 +570,7 @@ def dequantize_global(codes: Any, absmax: Any, codebook: Any, dtype: Any = jnp.f
     codebook = _resolve(codebook)
     _validation.check_codes_dtype(np.dtype(codes.dtype).name)
     _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), ())
-    return _dequantize_global(codes, absmax, codebook, _dtype_name(dtype))
+    return _dequantize_global(codes, lax.stop_gradient(absmax), codebook, _dtype_name(dtype))
 
 
 def fake_quantize(x: Any, codebook: Any, blocksize: int | None = None) -> jax.Array:
@@ -882,7 +885,7 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     axis = _check_axis(tuple(codes.shape), rule, axis)
     plan = _layout(tuple(codes.shape), rule.granularity, axis).plan
     _validation.check_absmax(np.dtype(absmax.dtype).name, tuple(absmax.shape), plan.scale_shape)
-    return _dequantize_operand(codes, absmax, rule, axis, _dtype_name(dtype))
+    return _dequantize_operand(codes, lax.stop_gradient(absmax), rule, axis, _dtype_name(dtype))
 
 
 def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> jax.Array:

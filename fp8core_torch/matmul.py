@@ -129,7 +129,7 @@ class _MatMulFP8(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError(_DOUBLE_BACKWARD)
+            raise RuntimeError(_validation.DOUBLE_BACKWARD)  # grad mode: create_graph=True
         A, B, x_codes, x_absmax, w_codes, w_absmax = ctx.saved_tensors
         recipe, specs, tabs, prog, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
         _, _, src_wi, src_xw, src_gw = prog
@@ -174,16 +174,6 @@ class _MatMulFP8(torch.autograd.Function):
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)
         return grad_a, grad_b, grad_bias, None, None, None
-
-
-#: backward runs with grad mode on only under ``create_graph=True``
-_DOUBLE_BACKWARD = (
-    "fp8core: double backward (create_graph=True through an FP8 matmul or layer) is not "
-    "supported: the FP8 gradients are straight-through estimates whose own derivatives are "
-    "not defined, and computing them would silently drop second-order terms. Call backward / "
-    "torch.autograd.grad without create_graph=True, or keep the layers whose second "
-    "derivative you need in high precision (module_filter_fn of convert_to_fp8)."
-)
 
 
 @functools.lru_cache(maxsize=None)
