@@ -250,6 +250,7 @@ def _cache_entry(tmp_path: Path, good_lib: Path) -> Path:
     return _copy(good_lib, tmp_path / "cache" / key)
 
 
+@pytest.mark.slow   # a jax subprocess (~2.5 s): kept out of the README test command
 def test_installed_library_is_used_without_a_compiler(tmp_path, good_lib):
     lib = _copy(good_lib, tmp_path / "pkg" / "_fp8q_xla.so")
     out = _scenario(tmp_path, installed=lib, env={"CXX": "/nonexistent"})
@@ -299,6 +300,7 @@ def test_installed_library_for_another_jaxlib(tmp_path, good_lib):
     assert "built for jaxlib='0.0.1'" in out["warnings"][0]
 
 
+@pytest.mark.slow   # a jax subprocess (~2.5 s): kept out of the README test command
 def test_unwritable_cache(tmp_path):
     # a cache "directory" below a regular file cannot be created even by root (chmod
     # would not stop root); also read-only for everyone else
