@@ -9,7 +9,6 @@ weight as is (no transpose). Parameters and ``state_dict`` keys/shapes are ``Con
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 import fp8core.recipe
 from fp8core import _validation
-from fp8core_torch.config import check_float_tensor
+from fp8core_torch.linear import _check_input, _warn_rows_once
 from fp8core_torch.matmul import _apply_module, _recipe_specs
 
 __all__ = ["Conv1DFP8"]
@@ -69,19 +68,8 @@ class Conv1DFP8(nn.Module):
         return self.nf
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_float_tensor(input, "input")
-        if input.dim() < 1 or input.shape[-1] != self.nx:
-            got = "a 0-d tensor" if input.dim() < 1 else f"{input.shape[-1]} features"
-            raise ValueError(
-                f"input has {got} (shape {tuple(input.shape)}), but Conv1DFP8(nf={self.nf}, "
-                f"nx={self.nx}) expects {self.nx} in its last dimension"
-            )
-        if self._may_span_rows and not self._rows_warned and not torch.compiler.is_compiling():
-            msg = self.recipe.rows_warning(input.numel() // self.nx, self.nx, self.nf,
-                                           type(self).__name__)
-            if msg is not None and input.dim() >= 2:
-                warnings.warn(msg, UserWarning, stacklevel=2)
-                self._rows_warned = True
+        _check_input(input, self.nx, f"Conv1DFP8(nf={self.nf}, nx={self.nx})")
+        _warn_rows_once(self, input, self.nx, self.nf)
         return _apply_module(input, self.weight, self.bias, self.recipe, self._specs)
 
     def extra_repr(self) -> str:

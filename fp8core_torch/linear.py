@@ -27,6 +27,26 @@ from fp8core_torch.matmul import _apply_module, _recipe_specs, _resolve_code
 __all__ = ["LinearFP8", "LinearFP8Mixed", "LinearFP8Global"]
 
 
+def _check_input(input: Any, in_features: int, layer: str) -> None:
+    """An FP8 layer's input: a float tensor with ``in_features`` in its last dimension
+    (the error names the layer as ``layer`` describes it)."""
+    check_float_tensor(input, "input")
+    if input.dim() < 1 or input.shape[-1] != in_features:
+        got = "a 0-d tensor" if input.dim() < 1 else f"{input.shape[-1]} features"
+        raise ValueError(f"input has {got} (shape {tuple(input.shape)}), but {layer} expects "
+                         f"{in_features} in its last dimension")
+
+
+def _warn_rows_once(layer: nn.Module, input: torch.Tensor, k: int, n: int) -> None:
+    """The layer's one warning when its recipe's flat blocks span rows of a 2-D+ input
+    (``recipe.rows_warning``); needs ``layer.recipe``, ``_may_span_rows``, ``_rows_warned``."""
+    if layer._may_span_rows and not layer._rows_warned and not torch.compiler.is_compiling():
+        msg = layer.recipe.rows_warning(input.numel() // k, k, n, type(layer).__name__)
+        if msg is not None and input.dim() >= 2:
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            layer._rows_warned = True
+
+
 class LinearFP8(nn.Linear):
     """``nn.Linear`` whose fprop, dgrad and wgrad GEMMs are quantized by ``recipe``.
 
@@ -62,24 +82,14 @@ class LinearFP8(nn.Linear):
         self._rows_warned = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_float_tensor(input, "input")
-        if input.dim() < 1 or input.shape[-1] != self.in_features:
-            got = "a 0-d tensor" if input.dim() < 1 else f"{input.shape[-1]} features"
-            raise ValueError(
-                f"input has {got} (shape {tuple(input.shape)}), but {type(self).__name__}"
-                f"(in_features={self.in_features}, out_features={self.out_features}) expects "
-                f"{self.in_features} in its last dimension"
-            )
+        _check_input(input, self.in_features,
+                    f"{type(self).__name__}(in_features={self.in_features}, "
+                    f"out_features={self.out_features})")
         if self.in_features == 0 or self.out_features == 0:
             # an empty layer has no product to quantize: nn.Linear's bias-only / empty result
             # and zero gradients (bit-identical to nn.Linear, autocast included)
             return F.linear(input, self.weight, self.bias)
-        if self._may_span_rows and not self._rows_warned and not torch.compiler.is_compiling():
-            msg = self.recipe.rows_warning(input.numel() // self.in_features, self.in_features,
-                                           self.out_features, type(self).__name__)
-            if msg is not None and input.dim() >= 2:
-                warnings.warn(msg, UserWarning, stacklevel=2)
-                self._rows_warned = True
+        _warn_rows_once(self, input, self.in_features, self.out_features)
         return _apply_module(input, self.weight.t(), self.bias, self.recipe, self._specs)
 
     def extra_repr(self) -> str:
