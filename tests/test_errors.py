@@ -302,6 +302,30 @@ def test_reference_huge_block_is_global_and_allocates_nothing_big(blocksize):
     assert peak < 1 << 20, f"peak {peak} bytes for 10 elements (operand)"
 
 
+@pytest.mark.parametrize("tile", [(2**40, 2**40), (2**40, 2), (3, 2**26)],
+                         ids=["2**40x2**40", "2**40x2", "3x2**26"])
+def test_reference_huge_tiles_allocate_nothing_big(tile):
+    """A tile far larger than the array is clamped in the reference's layout (its zero
+    padding changes no absmax): the groups equal those of the tile cut to the array, by
+    hand — global for one tile, else per band / per column group — with bounded memory."""
+    x = _X10.reshape(2, 5)
+    tr, tc = tile
+    codes, absmax = R.quantize_tiles(x, "e4m3", tr, tc)
+    gr, gc = absmax.shape
+    assert (gr, gc) == (-(-2 // tr), -(-5 // tc))
+    for i in range(gr):
+        for j in range(gc):
+            sl = (slice(i * tr, (i + 1) * tr), slice(j * tc, (j + 1) * tc))
+            c, a = R.quantize_global(x[sl], "e4m3")
+            assert np.array_equal(codes[sl], c) and absmax[i, j] == a
+            want = R.fake_quantize(x[sl], "e4m3")
+            got = R.dequantize_tiles(codes, absmax, "e4m3", tr, tc)[sl]
+            assert np.array_equal(got, want)
+    peak = _peak_bytes(lambda: R.dequantize_tiles(*R.quantize_tiles(x, "e4m3", tr, tc), "e4m3",
+                                                  tr, tc))
+    assert peak < 1 << 20, f"peak {peak} bytes for 10 elements"
+
+
 def test_reference_partial_last_block_is_its_own_group():
     """10 elements, blocksize 4: groups [0:4], [4:8], [8:10], each quantized alone."""
     codes, absmax = R.quantize_blockwise(_X10, "e5m2", 4)
