@@ -102,6 +102,14 @@ def available() -> bool:
     return _LIB is not None and ENABLED
 
 
+def not_built_warning(backend: str, path: str) -> str:
+    """The one warning a backend gives (once) when it would use the kernel but it is not
+    built: ``backend`` names it (``"fp8core_torch"``), ``path`` the path it takes instead."""
+    return (f"{backend}: fp8core's C kernel (fp8core._fp8q) is not built, using {path} (same "
+            f"results, slower); reinstall fp8core with a C compiler for the fused path "
+            f"(`python -m fp8core` shows what runs)")
+
+
 def supports(codebook: Codebook) -> bool:
     """The kernel rounds native codebooks of at most 8 bits (tables are searched elsewhere)."""
     fmt = codebook.format

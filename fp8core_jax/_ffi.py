@@ -198,8 +198,7 @@ def available() -> bool:
     if not _kernel.available():
         if _kernel._LIB is None and "kernel_warned" not in _STATE:
             _STATE["kernel_warned"] = True
-            _warn("fp8core_jax: fp8core's C kernel (fp8core._fp8q) is not built, using the XLA path "
-                  "(same results, slower); reinstall fp8core with a C compiler for the fused path")
+            _warn(_kernel.not_built_warning("fp8core_jax", "the XLA path"))
         return False
     if "ok" in _STATE:
         return bool(_STATE["ok"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -361,9 +362,24 @@ def _pieces_global(n: int, chunked: bool):
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_NOT_BUILT_WARNED = False
+
+
+def _warn_not_built() -> bool:
+    """Say once that the kernel is missing (a CPU tensor would have used it); False."""
+    global _NOT_BUILT_WARNED
+    if not _NOT_BUILT_WARNED and not torch.compiler.is_compiling():
+        _NOT_BUILT_WARNED = True
+        warnings.warn(_fp8q.not_built_warning("fp8core_torch", "the torch ops"), RuntimeWarning,
+                      stacklevel=4)
+    return False
+
+
 def _kernel_ok(x: torch.Tensor, spec: QuantSpec | None, dtypes=_KERNEL_DTYPES) -> bool:
     """Whether the fused C kernel can take ``x``: a plain CPU tensor of one of
     ``dtypes`` and a native codebook (``spec=None``: any codebook, for decoding)."""
+    if _fp8q._LIB is None and _fp8q.ENABLED and x.device.type == "cpu":
+        return _warn_not_built()
     return (_fp8q.available()
             and x.device.type == "cpu"
             and x.dtype in dtypes

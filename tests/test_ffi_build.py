@@ -325,9 +325,10 @@ def test_c_kernel_not_built_is_said_once(tmp_path):
     out = _scenario(tmp_path, prelude="import fp8core._kernel as k; k._LIB = None",
                     calls=_EAGER + "\n" + _EAGER)
     assert not out["available"]
-    assert out["warnings"] == ["fp8core_jax: fp8core's C kernel (fp8core._fp8q) is not built, "
-                               "using the XLA path (same results, slower); reinstall fp8core with "
-                               "a C compiler for the fused path"], out
+    assert len(out["warnings"]) == 1, out
+    assert out["warnings"][0].startswith(
+        "fp8core_jax: fp8core's C kernel (fp8core._fp8q) is not built, using the XLA path "
+        "(same results, slower); reinstall fp8core with a C compiler"), out
     assert out["status"]["reason"] == "fp8core's C kernel (fp8core._fp8q) is not built"
 
 

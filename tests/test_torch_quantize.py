@@ -330,3 +330,26 @@ def test_bad_inputs():
         T.dequantize_blockwise(c, a.double(), "e4m3", 4)
     with pytest.raises(TypeError, match="dtype must be a floating-point.*got dtype int32"):
         T.dequantize_blockwise(c, a, "e4m3", 4, dtype=torch.int32)
+
+
+def test_missing_kernel_is_said_once_and_the_torch_ops_give_the_bits(monkeypatch):
+    """Without the compiled kernel (an install without a C compiler) the first CPU quantize
+    warns once, naming what runs instead; the results are still the reference's."""
+    import warnings
+
+    from fp8core import _kernel
+    from fp8core_torch import quantize as Q
+
+    monkeypatch.setattr(_kernel, "_LIB", None)
+    monkeypatch.setattr(_kernel, "ENABLED", True)
+    monkeypatch.setattr(Q, "_NOT_BUILT_WARNED", False)
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [T.fake_quantize(x, "e4m3", 32) for _ in range(3)]
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "fp8core_torch: fp8core's C kernel" in msgs[0] \
+        and "the torch ops" in msgs[0], msgs
+    want = R.fake_quantize(x.numpy(), "e4m3", 32)
+    for g in got:
+        np.testing.assert_array_equal(g.numpy().view(np.uint32), want.view(np.uint32))
