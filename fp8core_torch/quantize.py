@@ -416,18 +416,16 @@ def _qdq_kernel(x: torch.Tensor, spec: QuantSpec, blocksize: int | None, *,
 def _quantize_impl(x: torch.Tensor, codebook, blocksize: int | None, out_dtype: torch.dtype | None,
                    want_codes: bool, scale: str = "fp32"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flat = x.reshape(-1).contiguous()
-    n = flat.numel()
-    absmax = torch.empty(plan_blocks(n, blocksize).n_blocks if blocksize else (), dtype=torch.float32)
-    vals = _pool.empty(n if out_dtype is not None else 0, out_dtype or torch.float32)
-    codes = _pool.empty(n if want_codes else 0, torch.uint8)
-    _fp8q.quantize(flat.data_ptr(), dtype_name(flat.dtype), n, blocksize or n, codebook,
-                   codes_ptr=codes.data_ptr() if want_codes else None,
-                   vals_ptr=vals.data_ptr() if out_dtype is not None else None,
-                   out_dtype=dtype_name(out_dtype or torch.float32),
-                   absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(), openmp=True,
-                   scale=scale)
-    return vals, codes, absmax
+    """Flat blocks / global of ``x`` through the kernel: flat ``(values, codes, absmax)``,
+    an unwanted output empty (the custom op's fixed return type)."""
+    flat = x.reshape(1, -1).contiguous()
+    how = ("flat", blocksize) if blocksize else ("global",)
+    v, c, a = _kernel_quantize(flat, codebook, how, scale, out_dtype, want_codes)
+    return _or_empty(v, out_dtype or torch.float32), _or_empty(c, torch.uint8), a
+
+
+def _or_empty(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return t if t is not None else torch.empty(0, dtype=dtype)
 
 
 @torch.library.custom_op("fp8core::quantize", mutates_args=(), device_types="cpu")
@@ -581,13 +579,9 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
 def _dequantize_impl(codes: torch.Tensor, absmax: torch.Tensor, codebook, blocksize: int | None,
                      dtype: torch.dtype, scale: str = "fp32") -> torch.Tensor:
     """:func:`_dequantize` of flat CPU ``codes`` through the C kernel (any codebook)."""
-    codes, absmax = codes.contiguous(), absmax.contiguous()
-    n = codes.numel()
-    y = _pool.empty(n, dtype)
-    _fp8q.dequantize(codes.data_ptr(), n, blocksize or n, absmax.data_ptr(), codebook,
-                     vals_ptr=y.data_ptr(), out_dtype=dtype_name(dtype),
-                     nthreads=torch.get_num_threads(), openmp=True, scale=scale)
-    return y
+    how = ("flat", blocksize) if blocksize else ("global",)
+    return _kernel_dequantize(codes.reshape(1, -1).contiguous(), absmax.contiguous(), codebook,
+                              how, scale, dtype)
 
 
 @torch.library.custom_op("fp8core::dequantize", mutates_args=(), device_types="cpu")
@@ -676,21 +670,9 @@ def _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, *, out_dtype, want_codes, s
 
 def _quantize_tiles_impl(p: torch.Tensor, codebook, tile_rows: int, tile_cols: int, scale: str,
                          out_dtype: torch.dtype | None, want_codes: bool):
-    p = p.contiguous()
-    rows, cols = p.shape
-    n = rows * cols
-    plan = plan_tiles(rows, cols, tile_rows, tile_cols)
-    absmax = torch.empty(plan.grid, dtype=torch.float32)
-    vals = _pool.empty(n if out_dtype is not None else 0, out_dtype or torch.float32)
-    codes = _pool.empty(n if want_codes else 0, torch.uint8)
-    _fp8q.quantize_tiles(p.data_ptr(), dtype_name(p.dtype), rows, cols, tile_rows, tile_cols,
-                         codebook, scale=scale,
-                         codes_ptr=codes.data_ptr() if want_codes else None,
-                         vals_ptr=vals.data_ptr() if out_dtype is not None else None,
-                         out_dtype=dtype_name(out_dtype or torch.float32),
-                         absmax_ptr=absmax.data_ptr(), nthreads=torch.get_num_threads(),
-                         openmp=True)
-    return vals, codes, absmax
+    v, c, a = _kernel_quantize(p.contiguous(), codebook, ("tiles", tile_rows, tile_cols), scale,
+                               out_dtype, want_codes)
+    return _or_empty(v, out_dtype or torch.float32), _or_empty(c, torch.uint8), a
 
 
 @torch.library.custom_op("fp8core::quantize_tiles", mutates_args=(), device_types="cpu")
@@ -732,14 +714,9 @@ def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec
 
 
 def _dequantize_tiles_impl(codes, absmax, codebook, tile_rows, tile_cols, dtype, scale):
-    codes, absmax = codes.contiguous(), absmax.contiguous().to(torch.float32)
-    rows, cols = codes.shape
-    y = _pool.empty(rows * cols, dtype)
-    _fp8q.dequantize_tiles(codes.data_ptr(), rows, cols, tile_rows, tile_cols, absmax.data_ptr(),
-                           codebook, scale=scale, vals_ptr=y.data_ptr(),
-                           out_dtype=dtype_name(dtype), nthreads=torch.get_num_threads(),
-                           openmp=True)
-    return y.view(rows, cols)
+    codes = codes.contiguous()
+    return _kernel_dequantize(codes, absmax.contiguous().to(torch.float32), codebook,
+                              ("tiles", tile_rows, tile_cols), scale, dtype).view(codes.shape)
 
 
 @torch.library.custom_op("fp8core::dequantize_tiles", mutates_args=(), device_types="cpu")
@@ -795,7 +772,7 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
             and not torch.compiler.is_compiling() and _kernel_ok(phys, spec)):
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
         # on small operands)
-        v, c, a = _eager_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes)
+        v, c, a = _kernel_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes)
     elif how[0] == "tiles":
         v, c, a = _qdq_tiles(phys, spec, tabs, how[1], how[2], out_dtype=out_dtype,
                              want_codes=want_codes, scale=rule.scale)
@@ -809,7 +786,7 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     return v, q
 
 
-_DT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # fp8core._kernel.DTYPE_CODES
+_DT_CODES = {getattr(torch, name): code for name, code in _fp8q.DTYPE_CODES.items()}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -822,12 +799,13 @@ def _eager_call(rows: int, cols: int, how: tuple) -> tuple:
     return ((plan_blocks(n, group).n_blocks,) if how[0] == "flat" else ()), "flat", (n, group)
 
 
-def _eager_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
-                    out_dtype: torch.dtype | None, want_codes: bool):
-    """The kernel call of :func:`_operand` for a contiguous eager CPU ``phys`` with the
-    least Python around it (``_quantize_impl`` / ``_quantize_tiles_impl`` do the same
-    through their generic wrappers; on a 32 x 64 operand the wrappers cost more than the
-    kernel). Returns (values or None, codes or None, absmax), flat outputs."""
+def _kernel_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
+                     out_dtype: torch.dtype | None, want_codes: bool):
+    """One kernel call for a contiguous CPU 2-D ``phys`` quantized as ``how`` (a
+    :class:`QuantizedOperand` layout), with the least Python around it (on a 32 x 64
+    operand the keyword wrappers of :mod:`fp8core._kernel` cost more than the kernel).
+    Returns (values or None, codes or None, absmax), flat outputs. Every eager and
+    custom-op kernel quantization goes through here."""
     rows, cols = phys.shape
     n = rows * cols
     grid, entry, sizes = _eager_call(rows, cols, how)
@@ -847,20 +825,20 @@ def _eager_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
     return vals, codes, absmax
 
 
-def _eager_dequantize(q: QuantizedOperand, codebook, scale: str, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`_decode_operand` through the kernel for eager CPU codes (see
-    :func:`_eager_quantize`); the physical layout, flat."""
-    rows, cols = q.codes.shape
-    n = rows * cols
-    _, entry, sizes = _eager_call(rows, cols, q.how)
-    y = _pool.empty(n, dtype)
+def _kernel_dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook, how: tuple,
+                       scale: str, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse kernel call of :func:`_kernel_quantize` (contiguous 2-D uint8 ``codes``
+    and contiguous float32 ``absmax``, any codebook); flat values."""
+    rows, cols = codes.shape
+    _, entry, sizes = _eager_call(rows, cols, how)
+    y = _pool.empty(rows * cols, dtype)
     fmt = _fp8q._format_for(codebook, scale)
     rc = _fp8q.call("dequantize_tiles" if entry == "tiles" else "dequantize",
-                    q.codes.data_ptr(), *sizes, q.absmax.data_ptr(),
+                    codes.data_ptr(), *sizes, absmax.data_ptr(),
                     _fp8q._table(codebook).ctypes.data, ctypes.byref(fmt), y.data_ptr(),
                     _DT_CODES[dtype], torch.get_num_threads(), 1)
     if rc:
-        raise ValueError(f"the C kernel rejected codes of shape ({rows}, {cols}) ({q.how})")
+        raise ValueError(f"the C kernel rejected codes of shape ({rows}, {cols}) ({how})")
     return y
 
 
@@ -871,7 +849,8 @@ def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTe
             and q.codes.is_contiguous() and q.absmax.dtype == torch.float32
             and q.absmax.is_contiguous() and q.absmax.device.type == "cpu"
             and _kernel_ok(q.codes, None, (torch.uint8,))):
-        y = _eager_dequantize(q, spec.codebook, rule.scale, dtype).view(q.codes.shape)
+        y = _kernel_dequantize(q.codes, q.absmax, spec.codebook, q.how, rule.scale,
+                               dtype).view(q.codes.shape)
         return y.t() if q.transposed else y
     if q.how[0] == "tiles":
         y = _dequantize_tiles(q.codes, q.absmax, spec, tabs, q.how[1], q.how[2], dtype, rule.scale)
