@@ -35,7 +35,7 @@ __all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
            "dequantize_tiles", "call", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: dtype name -> the kernel's dtype code.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 #: scale rule (fp8core.recipe.SCALE_RULES) -> ``fp8q_format.scale_rule``.
@@ -76,6 +76,9 @@ def _load() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fp8q_quantize.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), p, p, i32, p, i32, i32]
     lib.fp8q_quantize.restype = i32
+    lib.fp8q_quantize_given.argtypes = [p, i32, i64, ctypes.POINTER(_Format), p, p, i32, p, i32,
+                                        i32]
+    lib.fp8q_quantize_given.restype = i32
     lib.fp8q_dequantize.argtypes = [p, i64, i64, p, p, ctypes.POINTER(_Format), p, i32, i32, i32]
     lib.fp8q_dequantize.restype = i32
     lib.fp8q_quantize_tiles.argtypes = [p, i32, i64, i64, i64, i64, ctypes.POINTER(_Format), p, p,
@@ -91,8 +94,8 @@ def _load() -> ctypes.CDLL | None:
 
 _LIB = _load()
 _ENTRIES = {} if _LIB is None else {
-    e: getattr(_LIB, f"fp8q_{e}") for e in ("quantize", "dequantize", "quantize_tiles",
-                                            "dequantize_tiles")}
+    e: getattr(_LIB, f"fp8q_{e}") for e in ("quantize", "quantize_given", "dequantize",
+                                            "quantize_tiles", "dequantize_tiles")}
 #: Whether callers should use the kernel (only meaningful when :func:`available`).
 ENABLED: bool = _env.flag("FP8CORE_KERNEL", True)
 

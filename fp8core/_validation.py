@@ -59,6 +59,16 @@ def check_absmax(dtype_name: str, shape: tuple[int, ...], expected: tuple[int, .
         )
 
 
+def check_given_absmax(rule: Any, dtype_name: str, shape: tuple[int, ...]) -> None:
+    """``quantize_operand(..., absmax=)`` (every backend): one float32 amax, 0-d or shaped
+    like the ``(1, 1)`` absmax ``quantize_operand`` returns, for a ``tensor()`` rule only
+    (docs/numerics.md §10.2)."""
+    if rule.granularity.kind != "tensor":
+        raise ValueError(f"absmax= gives the one amax of a tensor() rule, but the rule is "
+                         f"{rule} ({rule.granularity} has one scale per group)")
+    check_absmax(dtype_name, shape, tuple(shape) if tuple(shape) == (1, 1) else ())
+
+
 def check_matmul_shapes(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
     """A is (..., K) with at least one dim, B is (K, N)."""
     if len(a_shape) < 1:

@@ -244,6 +244,14 @@ class LinearRecipe:
 
     Slots are :class:`OperandRule`, ``None`` (high precision) or :data:`REUSE`
     (backward slots only). ``name`` is for display.
+
+    ``amax_reduction`` (docs/numerics.md §10.2): where the amax of every per-tensor
+    (``tensor()``) slot is all-reduced (max) before its scale is formed, so the quantized
+    operands do not depend on how the batch is split — a mesh axis name or a tuple of them
+    in JAX (inside ``shard_map``), a ``torch.distributed`` process group in torch
+    (e.g. ``torch.distributed.group.WORLD``). ``None`` (default): each process, device and
+    micro-batch takes its own amax. The backend checks the kind it takes; here: a recipe
+    with no per-tensor slot cannot reduce an amax (ValueError).
     """
 
     __hash__ = _validation.cached_hash
@@ -256,6 +264,7 @@ class LinearRecipe:
     input_for_grad_weight: Slot = None
     grad_output_for_grad_weight: Slot = None
     name: str = "custom"
+    amax_reduction: Any = None
 
     def __post_init__(self) -> None:
         for slot in SLOTS:
@@ -292,6 +301,22 @@ class LinearRecipe:
                 )
         if not isinstance(self.name, str):
             raise TypeError(f"LinearRecipe.name must be a str, got {type(self.name).__name__}")
+        if self.amax_reduction is not None:
+            _check_amax_reduction(self)
+
+    def __copy__(self) -> "LinearRecipe":
+        return self     # immutable; a process group in amax_reduction cannot be copied
+
+    def __deepcopy__(self, memo: dict) -> "LinearRecipe":
+        return self
+
+    @property
+    def reduced_slots(self) -> tuple[str, ...]:
+        """The slots whose amax ``amax_reduction`` all-reduces: those quantizing with one
+        scale per tensor (a :data:`REUSE` slot takes its source's reduced value)."""
+        if self.amax_reduction is None:
+            return ()
+        return _per_tensor_slots(self)
 
     def rule(self, slot: str) -> OperandRule | None:
         """The rule a slot executes (a :data:`REUSE` slot: its source's rule)."""
@@ -354,10 +379,37 @@ class LinearRecipe:
         def fmt(slot):
             v = getattr(self, slot)
             return "high precision" if v is None else v if isinstance(v, str) else str(v)
-        return "; ".join(f"{s}={fmt(s)}" for s in SLOTS)
+        text = "; ".join(f"{s}={fmt(s)}" for s in SLOTS)
+        if self.amax_reduction is not None:
+            text += f"; amax_reduction={self.amax_reduction!r}"
+        return text
 
     def __str__(self) -> str:
         return self.name
+
+
+def _per_tensor_slots(recipe: LinearRecipe) -> tuple[str, ...]:
+    return tuple(s for s in SLOTS
+                 if isinstance(getattr(recipe, s), OperandRule)
+                 and getattr(recipe, s).granularity.kind == "tensor"
+                 and (s not in REUSE_SOURCE or recipe.source(s) != "reuse"))
+
+
+def _check_amax_reduction(recipe: LinearRecipe) -> None:
+    """fp8core's part of the ``amax_reduction`` rules (the backends check the kind)."""
+    v = recipe.amax_reduction
+    if isinstance(v, (bool, int, float, bytes, list, dict, set)) or (
+            isinstance(v, tuple) and (not v or not all(isinstance(n, str) and n for n in v))) or (
+            isinstance(v, str) and not v):
+        raise TypeError(
+            f"LinearRecipe.amax_reduction must be None, a mesh axis name or a tuple of them "
+            f"(JAX), or a torch.distributed process group (torch), got "
+            f"{type(v).__name__}: {v!r}")
+    if not _per_tensor_slots(recipe):
+        raise ValueError(
+            f"LinearRecipe.amax_reduction={v!r}: recipe {recipe.name} has no per-tensor "
+            f"(tensor()) slot, so there is no amax to reduce (its groups: "
+            f"{', '.join(sorted({str(recipe.rule(s).granularity) for s in SLOTS if recipe.rule(s)}))})")
 
 
 @functools.lru_cache(maxsize=None)

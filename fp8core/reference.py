@@ -37,6 +37,7 @@ __all__ = [
     "fake_quantize_operand",
     "operand_scales",
     "linear_operands",
+    "reduce_absmax",
 ]
 
 _F32 = np.float32
@@ -126,9 +127,12 @@ def round_to_codes(scaled: np.ndarray, codebook: Codebook) -> np.ndarray:
     return codes.reshape(scaled.shape)
 
 
-def _quantize_groups(groups: np.ndarray, codebook: Codebook, scale: str = "fp32"
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    absmax = group_absmax(groups)                                     # §3.2
+def _quantize_groups(groups: np.ndarray, codebook: Codebook, scale: str = "fp32",
+                     absmax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if absmax is None:
+        absmax = group_absmax(groups)                                 # §3.2
+    else:                                                             # §10.2: reduced
+        absmax = np.asarray(absmax, np.float32).reshape(groups.shape[0])
     finite, qscale, _ = group_scales(absmax, codebook, scale)         # §3.3
     with np.errstate(invalid="ignore"):  # inf * 0 in non-finite groups, replaced below
         scaled = groups * qscale[:, None]                             # §3.4 fl(x * qscale)
@@ -343,12 +347,25 @@ def dequantize_tiles(codes: Any, absmax: Any, codebook: Any, tile_rows: int, til
     return _untile(y, plan).astype(out_dtype)
 
 
-def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def reduce_absmax(absmaxes: Any) -> np.ndarray:
+    """§10.2: the all-reduced amax of per-rank absmax values (stacked on axis 0): the
+    maximum of their float32 bit patterns. Absmax values are +0, positive or the canonical
+    NaN (§3.2), which order like their bits, so a NaN on any rank wins and the result does
+    not depend on the order of the ranks."""
+    a = np.ascontiguousarray(np.asarray(absmaxes, np.float32))
+    return np.max(a.view(np.int32), axis=0).view(np.float32)
+
+
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a GEMM operand under an :class:`~fp8core.recipe.OperandRule` (§9).
 
     Args:
       x: float array; ``axis`` is its contraction axis (the last, or 0 of a 2-D array).
       rule: format, granularity and scale rule.
+      absmax: for a ``tensor()`` rule only, the amax to form the scale from instead of
+        ``x``'s own (§10.2: the :func:`reduce_absmax` of every rank's absmax, which a
+        recipe's ``amax_reduction`` computes), 0-d or ``(1, 1)``; returned as given.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax shaped
@@ -360,6 +377,14 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[np.ndarray, 
     rows, cols, transposed = operand_matrix(x.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
     m = x.T if transposed else x.reshape(rows, cols)
+    if absmax is not None:
+        absmax = np.asarray(absmax)
+        _validation.check_given_absmax(rule, absmax.dtype.name, absmax.shape)
+        codes, _ = _quantize_groups(m.astype(np.float32).reshape(1, -1), rule.format, rule.scale,
+                                    absmax)
+        codes = codes.reshape(rows, cols)
+        return np.ascontiguousarray(codes.T if transposed else codes.reshape(x.shape)), \
+            absmax.astype(np.float32).reshape(plan.scale_shape)
     if plan.kind == "flat":
         flat = np.ascontiguousarray(m).reshape(-1).astype(np.float32)
         if flat.size == 0:

@@ -17,7 +17,7 @@ from torch import nn
 import fp8core.recipe
 from fp8core import _validation
 from fp8core_torch.linear import _check_input, _warn_rows_once
-from fp8core_torch.matmul import _apply_module, _recipe_specs
+from fp8core_torch.matmul import _apply_module, _check_reduction, _recipe_specs
 
 __all__ = ["Conv1DFP8"]
 
@@ -51,6 +51,7 @@ class Conv1DFP8(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.nf, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)  # Conv1D's init
         self.recipe = fp8core.recipe.get_recipe(recipe)
+        _check_reduction(self.recipe)
         self._specs = _recipe_specs(self.recipe)
         self._may_span_rows = any(
             r is not None and r.granularity.kind == "flat"

@@ -22,7 +22,7 @@ import fp8core
 import fp8core.recipe
 from fp8core import _validation
 from fp8core_torch.config import QuantSpec, check_float_tensor
-from fp8core_torch.matmul import _apply_module, _recipe_specs, _resolve_code
+from fp8core_torch.matmul import _apply_module, _check_reduction, _recipe_specs, _resolve_code
 
 __all__ = ["LinearFP8", "LinearFP8Mixed", "LinearFP8Global"]
 
@@ -74,6 +74,7 @@ class LinearFP8(nn.Linear):
         self._set_recipe(recipe)
 
     def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe) -> None:
+        _check_reduction(recipe)
         self.recipe = recipe
         self._specs = _recipe_specs(recipe)
         self._may_span_rows = any(

@@ -46,7 +46,13 @@ from fp8core_torch.config import (
     dtype_name,
     resolve_spec,
 )
-from fp8core_torch.quantize import QuantizedOperand, _decode_operand, _operand
+from fp8core_torch.quantize import (
+    _F32_SMALLEST_NORMAL,
+    QuantizedOperand,
+    _decode_operand,
+    _operand,
+    _upcast,
+)
 
 __all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
 
@@ -192,7 +198,46 @@ def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want
     rule = recipe.rule(_SLOTS[i])
     if rule is None:
         return (m if m.dtype == dtype else m.to(dtype)), None
-    return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes)
+    absmax = None
+    if recipe.amax_reduction is not None and rule.granularity.kind == "tensor":
+        absmax = _reduced_absmax(m, recipe.amax_reduction)
+    return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes,
+                    absmax=absmax)
+
+
+def _reduced_absmax(m: torch.Tensor, group) -> torch.Tensor:
+    """§10.2: this rank's §3.2 absmax of ``m``, all-reduced (max) over ``group`` as its
+    float32 bits (absmax values order like their bits, NaN above +inf, so a NaN on any
+    rank wins, in any rank order — gloo's float max would not say)."""
+    x = _upcast(m)
+    if x.numel():
+        a = torch.maximum(torch.amax(x), torch.amin(x).neg()).to(torch.float32)
+        a = torch.where(a < _F32_SMALLEST_NORMAL, 0.0, a)
+        a = a.masked_fill(torch.isnan(a), float("nan")).reshape(1)
+    else:
+        a = torch.zeros(1, dtype=torch.float32, device=x.device)
+    bits = a.view(torch.int32)
+    torch.distributed.all_reduce(bits, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bits.view(torch.float32).view(())
+
+
+def _check_reduction(recipe) -> None:
+    """torch's part of ``LinearRecipe.amax_reduction``: a process group (fp8core checked
+    the recipe has a per-tensor slot)."""
+    v = recipe.amax_reduction
+    if v is None:
+        return
+    if isinstance(v, (str, tuple)):
+        raise TypeError(
+            f"recipe {recipe.name}: amax_reduction={v!r} is a JAX mesh axis name; in "
+            f"fp8core_torch it is a torch.distributed process group (e.g. "
+            f"torch.distributed.group.WORLD, after init_process_group)")
+    if not (torch.distributed.is_available()
+            and isinstance(v, torch.distributed.ProcessGroup)):
+        raise TypeError(
+            f"recipe {recipe.name}: amax_reduction must be a torch.distributed.ProcessGroup "
+            f"(e.g. torch.distributed.group.WORLD, after init_process_group), got "
+            f"{type(v).__name__}: {v!r}")
 
 
 def _decode(recipe, i: int, specs, tabs, q: QuantizedOperand, dtype: torch.dtype):
@@ -266,6 +311,7 @@ def _apply(A, B, bias, recipe, out=None):
     dev = A.device.type
     A, B, bias = _autocast_inputs(A, B, bias)
     recipe.check_input(A.dim())
+    _check_reduction(recipe)
     specs = _recipe_specs(recipe)
     if out is not None:
         records = torch.is_grad_enabled() and any(

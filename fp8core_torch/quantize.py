@@ -456,16 +456,18 @@ def _qdq(
     out_dtype: torch.dtype | None,
     want_codes: bool,
     scale: str = "fp32",
+    absmax_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The quantizer. ``x``: float16/bfloat16/float32 (float64 already rounded).
 
     Returns ``(values in out_dtype or None, uint8 codes or None, absmax)``, values and
-    codes flat. ``blocksize=None`` is global quantization (0-d absmax).
+    codes flat. ``blocksize=None`` is global quantization (0-d absmax); ``absmax_in``
+    (global only) a given 0-d float32 amax used instead of ``x``'s own (§10.2).
     """
     x = x.detach()
     flat = x.reshape(-1)
     n = flat.numel()
-    if n and _kernel_ok(x, spec):
+    if n and absmax_in is None and _kernel_ok(x, spec):
         return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes,
                            scale=scale)
     dev = x.device
@@ -481,7 +483,9 @@ def _qdq(
     abuf = (scratch[0].view(torch.int16) if scratch is not None
             and flat.dtype in (torch.float16, torch.bfloat16) and flat.is_contiguous() else None)
     if blocksize is None:
-        if not n:
+        if absmax_in is not None:
+            absmax = absmax_in.to(device=dev, dtype=torch.float32).reshape(())
+        elif not n:
             absmax = torch.zeros((), dtype=torch.float32, device=dev)
         elif abuf is not None:
             absmax = _absmax_rows_bits(flat.view(1, -1), abuf).view(())
@@ -746,7 +750,7 @@ class QuantizedOperand(NamedTuple):
 
 
 def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | None, *,
-             out_dtype: torch.dtype | None, want_codes: bool
+             out_dtype: torch.dtype | None, want_codes: bool, absmax: torch.Tensor | None = None
              ) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
     """Quantize the GEMM operand ``m`` (2-D, contraction axis last) under ``rule``.
 
@@ -754,7 +758,9 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     :class:`QuantizedOperand` when ``want_codes``). A transposed-contiguous ``m`` (a
     backward GEMM contracting over a row-major tensor's rows) is quantized in its
     memory layout with transposed tiles: no transposed copy of the data. Flat blocks
-    follow the logical row-major order (bitsandbytes), so they need ``m`` contiguous."""
+    follow the logical row-major order (bitsandbytes), so they need ``m`` contiguous.
+    ``absmax``: a 0-d float32 amax for a ``tensor()`` rule instead of ``m``'s own (§10.2,
+    the recipe's ``amax_reduction``)."""
     rows, cols = m.shape
     plan = plan_operand(rows, cols, rule.granularity)
     x = _upcast(m)
@@ -772,13 +778,15 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
             and not torch.compiler.is_compiling() and _kernel_ok(phys, spec)):
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
         # on small operands)
-        v, c, a = _kernel_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes)
+        v, c, a = _kernel_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes,
+                                   absmax)
     elif how[0] == "tiles":
         v, c, a = _qdq_tiles(phys, spec, tabs, how[1], how[2], out_dtype=out_dtype,
                              want_codes=want_codes, scale=rule.scale)
     else:
         v, c, a = _qdq(phys, spec, tabs, how[1] if how[0] == "flat" else None,
-                       out_dtype=out_dtype, want_codes=want_codes, scale=rule.scale)
+                       out_dtype=out_dtype, want_codes=want_codes, scale=rule.scale,
+                       absmax_in=absmax)
     if v is not None:
         v = v.view(phys.shape)
         v = v.t() if transposed else v
@@ -800,19 +808,32 @@ def _eager_call(rows: int, cols: int, how: tuple) -> tuple:
 
 
 def _kernel_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
-                     out_dtype: torch.dtype | None, want_codes: bool):
+                     out_dtype: torch.dtype | None, want_codes: bool,
+                     absmax_in: torch.Tensor | None = None):
     """One kernel call for a contiguous CPU 2-D ``phys`` quantized as ``how`` (a
     :class:`QuantizedOperand` layout), with the least Python around it (on a 32 x 64
     operand the keyword wrappers of :mod:`fp8core._kernel` cost more than the kernel).
     Returns (values or None, codes or None, absmax), flat outputs. Every eager and
-    custom-op kernel quantization goes through here."""
+    custom-op kernel quantization goes through here. ``absmax_in``: a given 0-d float32
+    amax for ``how == ("global",)`` (``fp8q_quantize_given``), returned as the absmax."""
     rows, cols = phys.shape
     n = rows * cols
     grid, entry, sizes = _eager_call(rows, cols, how)
-    absmax = torch.empty(grid, dtype=torch.float32)
     vals = _pool.empty(n, out_dtype) if out_dtype is not None else None
     codes = _pool.empty(n, torch.uint8) if want_codes else None
     fmt = _fp8q._format_for(codebook, scale)
+    if absmax_in is not None:
+        absmax = absmax_in.to(torch.float32).contiguous().reshape(())
+        rc = _fp8q.call("quantize_given", phys.data_ptr(), _DT_CODES[phys.dtype], n,
+                        ctypes.byref(fmt), None if codes is None else codes.data_ptr(),
+                        None if vals is None else vals.data_ptr(),
+                        _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(),
+                        torch.get_num_threads(), 1)
+        if rc:
+            raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
+                             f"({phys.dtype}, given absmax, {codebook.name}, scale={scale})")
+        return vals, codes, absmax
+    absmax = torch.empty(grid, dtype=torch.float32)
     rc = _fp8q.call("quantize_tiles" if entry == "tiles" else "quantize",
                     phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
                     None if codes is None else codes.data_ptr(),
@@ -865,13 +886,16 @@ def _logical(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
     return (x.t() if transposed else x.reshape(rows, cols)), transposed
 
 
-def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1,
+                     absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
 
     Args:
       x: float tensor; ``axis`` is its contraction axis (the last, or 0 of a 2-D tensor).
       rule: element format, granularity and scale rule.
+      absmax: for a ``tensor()`` rule, a float32 amax tensor (0-d or ``(1, 1)``) to scale by
+        instead of ``x``'s own (§10.2: e.g. the all-reduced max of every rank's absmax);
+        returned as given.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -884,9 +908,14 @@ def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1
     """
     check_float_tensor(x, "x")
     rule = fp8core.recipe.check_rule(rule)
+    if absmax is not None:
+        if not isinstance(absmax, torch.Tensor):
+            raise TypeError(f"absmax must be a float32 tensor, got {type(absmax).__name__}")
+        _validation.check_given_absmax(rule, dtype_name(absmax.dtype), tuple(absmax.shape))
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
-    _, q = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=None, want_codes=True)
+    _, q = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=None, want_codes=True,
+                    absmax=absmax)
     plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
     absmax = q.absmax.t() if (q.transposed and q.how[0] == "tiles") else q.absmax
     codes = q.codes.t() if q.transposed else q.codes                  # logical

@@ -1,7 +1,7 @@
 """One rank of the 2-process gloo runs of tests/test_torch_distributed.py (not a test file).
 
 Run as ``python tests/_dist_worker.py RANK WORLD INIT_METHOD OUT_DIR CASE[,CASE...]``. For each
-case (a preset name or ``mixed``) the rank trains the same converted model three SGD steps on
+case (a preset name, ``mixed``, or a preset name + :data:`REDUCED`: with ``amax_reduction``) the rank trains the same converted model three SGD steps on
 its half of a fixed global batch under DDP and under FSDP2 ``fully_shard``; rank 0 also trains
 one process on the whole batch, and the last rank one process accumulating the gradients of
 the ranks' micro-batches (same thread count as the ranks, so the same GEMM kernels). It writes
@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fp8core_torch import convert_to_fp8
+import fp8core.recipe
+from fp8core_torch import LinearFP8, convert_to_fp8, quantize_operand
 
 D, HIDDEN, BATCH, SEQ, STEPS, LR = 64, 128, 4, 64, 3, 0.1
 
@@ -59,12 +60,50 @@ class Model(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def make_model(case: str) -> nn.Module:
+#: a case ending in this suffix runs its preset with ``amax_reduction=dist.group.WORLD`` on the
+#: ranks (the one-process oracles run the preset itself: one process's amax is the global one)
+REDUCED = "+amax"
+
+
+def make_model(case: str, ranks: bool = False) -> nn.Module:
+    """The converted model of ``case``; ``ranks``: built for the DDP / FSDP2 ranks (a
+    :data:`REDUCED` case then all-reduces its per-tensor amax over the world)."""
     torch.manual_seed(0)                      # same initial weights on every rank
     model = Model()
     if case == "mixed":
         return convert_to_fp8(model, "mixed")
+    if case.endswith(REDUCED):
+        recipe = fp8core.recipe.get_recipe(case[:-len(REDUCED)])
+        if ranks:
+            recipe = recipe.replace(amax_reduction=dist.group.WORLD)
+        return convert_to_fp8(model, recipe=recipe)
     return convert_to_fp8(model, recipe=case)
+
+
+def capture_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    """Forward pre-hooks keeping each FP8 layer's first input (2-D), and the handles."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, LinearFP8):
+            def hook(mod, args, name=name):
+                seen.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+            handles.append(m.register_forward_pre_hook(hook))
+    return seen, handles
+
+
+def reduced_codes(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's input codes as its ``input`` slot quantizes them with the all-reduced
+    amax (the layers' own reduction and quantizer, called directly)."""
+    from fp8core_torch.matmul import _reduced_absmax
+    mods = dict(model.named_modules())
+    out = {}
+    for name, x in inputs.items():
+        recipe = mods[name].recipe
+        codes, _ = quantize_operand(x, recipe.input,
+                                    absmax=_reduced_absmax(x, recipe.amax_reduction))
+        out[name] = codes
+    return out
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,15 +176,22 @@ def main(rank: int, world: int, init_method: str, out_dir: str, cases: list[str]
     results = {"_no_fsdp": no_fsdp}
     for case in cases:
         res = {}
-        model = make_model(case)
+        model = make_model(case, ranks=True)
         res["buffers"] = [n for n, _ in model.named_buffers()]
         res["fp8_layers"] = len(model.fp8_conversion_report.converted)
+        if case.endswith(REDUCED):
+            seen, handles = capture_inputs(model)
         ddp = DistributedDataParallel(model)  # broadcast_buffers=True (the default)
         res["ddp"] = train(model, ddp, xl, yl)
         res["ddp"]["all_params"] = gathered(res["ddp"]["params"], world)
+        if case.endswith(REDUCED):
+            for h in handles:
+                h.remove()
+            res["ddp"]["inputs0"] = seen
+            res["ddp"]["reduced_codes0"] = reduced_codes(model, seen)
 
         if fully_shard is not None:
-            model = make_model(case)
+            model = make_model(case, ranks=True)
             for b in model.blocks:
                 fully_shard(b)
             fully_shard(model)

@@ -35,17 +35,20 @@ import torch.distributed as dist  # noqa: E402
 
 import fp8core.recipe  # noqa: E402
 import fp8core_torch  # noqa: E402
+from fp8core import reference as R  # noqa: E402
 from fp8core.reference import operand_scales  # noqa: E402
 
 import _dist_worker  # noqa: E402  (tests/ is on sys.path, as for _torch_helpers)
 
 # one 2-process run per group (~8 s of start-up + ~3 s a case on 2 cores): the quick set has
 # one split-invariant and one local-amax recipe; BNB_GLOBAL gives TENSORWISE's bits (§9.4)
-QUICK = ("ROWWISE", "TENSORWISE")
-SLOW = ("BLOCKWISE_1x128", "mixed", "BNB_GLOBAL")
+QUICK = ("ROWWISE", "TENSORWISE", "TENSORWISE+amax")
+SLOW = ("BLOCKWISE_1x128", "mixed", "BNB_GLOBAL", "BNB_GLOBAL+amax")
 CASES = QUICK + SLOW
 SPLIT_INVARIANT = ("ROWWISE", "BLOCKWISE_1x128", "mixed")
 LOCAL_AMAX = ("TENSORWISE", "BNB_GLOBAL")
+#: per-tensor recipes with amax_reduction=WORLD on the ranks (§10.2)
+REDUCED = tuple(c for c in CASES if c.endswith(_dist_worker.REDUCED))
 
 MODES = ("ddp", "fsdp")
 WORLD = 2
@@ -195,7 +198,7 @@ def test_ranks_bit_identical(runs, case, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", _params([c for c in CASES if c not in REDUCED]))
 def test_equals_one_process_accumulating_the_halves(runs, case, mode):
     """Every recipe, local amax included: a rank's micro-batch quantizes as it would in one
     process, so DDP / FSDP2 == gradient accumulation over the same halves, bit for bit."""
@@ -228,6 +231,41 @@ def test_local_amax_recipes_within_bound_of_whole_batch(runs, case, mode):
     p, pname = _max_rel(r0["params"], single["params"], update)
     assert 1e4 * EPS32 < g <= LOCAL_AMAX_GRAD_BOUND, f"step-0 gradient {gname}: {g:.3g} of its max"
     assert p <= LOCAL_AMAX_PARAM_BOUND, f"parameter {pname}: {p:.3g} of its largest update"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", _params(REDUCED))
+def test_reduced_amax_recipes_equal_whole_batch(runs, case, mode):
+    """With ``amax_reduction`` the per-tensor recipes become split-invariant: the scale is the
+    whole batch's (each rank's dY is 2× the whole batch's for its tokens — a mean over half the
+    elements — so its amax and scale differ by exactly 2 and the codes are the same)."""
+    r0, _ = _mode(runs, case, mode)
+    single = runs[0][case]["single"]
+    g, gname = _max_rel(r0["grads0"], single["grads0"], single["grads0"])
+    p, pname = _max_rel(r0["params"], single["params"], single["params"])
+    assert g <= NOISE_EPS * EPS32, f"step-0 gradient {gname}: {g / EPS32:.1f} ulps of its max"
+    assert p <= NOISE_EPS * EPS32, f"parameter {pname}: {p / EPS32:.1f} ulps of its max"
+
+
+@pytest.mark.parametrize("case", _params(REDUCED))
+def test_reduced_amax_operands_are_the_whole_batch_codes(runs, case):
+    """Every FP8 layer's step-0 input, quantized on each rank as its ``input`` slot does with
+    the all-reduced amax (gloo), is bit for bit the reference's codes of the whole batch's
+    input (the ranks' inputs stacked in batch order)."""
+    r0, r1 = (r[case]["ddp"] for r in runs)
+    assert len(r0["inputs0"]) == 13
+    rule = fp8core.recipe.get_recipe(case[:-len(_dist_worker.REDUCED)]).input
+    local_differs = 0
+    for name, x0 in r0["inputs0"].items():
+        x1 = r1["inputs0"][name]
+        whole = torch.cat([x0, x1]).numpy()
+        want, _ = R.quantize_operand(whole, rule)
+        got = torch.cat([r0["reduced_codes0"][name], r1["reduced_codes0"][name]]).numpy()
+        assert np.array_equal(got, want), name
+        # the rank without the batch's largest |x| would quantize other codes on its own
+        local = np.concatenate([R.quantize_operand(x.numpy(), rule)[0] for x in (x0, x1)])
+        local_differs += not np.array_equal(local, want)
+    assert local_differs == 13
 
 
 def _split(x, rule, at):

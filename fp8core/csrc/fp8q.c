@@ -40,7 +40,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define FP8Q_ABI_VERSION 3
+#define FP8Q_ABI_VERSION 4
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { SCALE_FP32 = 0, SCALE_POW2 = 1, SCALE_POW2_TORCHAO = 2 };
@@ -596,6 +596,28 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
     absmax[0] = a;
     scales_t sc = group_scales(a, f);
     for (int t = 0; t < nt; t++) { jobs[t].phase = 2; jobs[t].sc = sc; }
+    run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
+    return 0;
+}
+
+/* Global quantization of n elements with a given absmax (docs/numerics.md §10.2: the
+ * amax all-reduced across ranks, already in §3.2 form) instead of x's own: the second
+ * pass of fp8q_quantize only. absmax_in[0] is read; nothing else is written to it.
+ * Returns 0, or -1 on bad arguments. */
+int fp8q_quantize_given(const void *x, int in_dt, int64_t n, const fp8q_format *f,
+                        uint8_t *codes, void *vals, int out_dt, const float *absmax_in,
+                        int nthreads, int openmp) {
+    if (n < 0 || in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2 || !absmax_in) return -1;
+    if (bad_format(f, 1)) return -1;
+    if (n == 0) return 0;
+    call_t c = {x, in_dt, out_dt, codes, vals, f};
+    job_t jobs[MAX_THREADS];
+    scales_t sc = group_scales(absmax_in[0], f);
+    int nt = clamp_threads(nthreads, n);
+    for (int t = 0; t < nt; t++) {
+        job_t j = {&c, n, n, n * t / nt, n * (t + 1) / nt, NULL, sc, 0, 2};
+        jobs[t] = j;
+    }
     run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
     return 0;
 }

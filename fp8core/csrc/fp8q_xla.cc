@@ -20,7 +20,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #define FP8Q_XLA_ABI_VERSION 1
-#define FP8Q_XLA_KERNEL_ABI 3
+#define FP8Q_XLA_KERNEL_ABI 4
 
 namespace ffi = xla::ffi;
 
