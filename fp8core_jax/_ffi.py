@@ -254,6 +254,22 @@ def _round_attrs(codebook: Codebook) -> dict:
                 negzero=np.int32(f.negzero), fill_code=np.int32(f.fill_code))
 
 
+def _varying(*inputs) -> tuple[str, ...]:
+    """The shard_map mesh axes the inputs vary over (none outside shard_map)."""
+    mats = [getattr(jax.typeof(x), "manual_axis_type", None) for x in inputs]
+    return tuple(sorted(frozenset().union(*(m.varying for m in mats if m is not None))))
+
+
+def _like(outs, axes: tuple[str, ...]):
+    """A custom call's outputs typed as varying over ``axes``: per device it is an
+    elementwise-style op of its inputs, as XLA ops are (whose outputs shard_map types as
+    varying), but ``ffi_call`` types its results as identical on every device, which
+    shard_map's check rejects beside the XLA path's."""
+    if not axes:
+        return outs
+    return tuple(None if o is None else jax.lax.pcast(o, axes, to="varying") for o in outs)
+
+
 def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dtype,
              want_codes: bool, scale: str = "fp32") -> tuple[jax.Array | None, jax.Array | None, jax.Array]:
     """Flat ``(values or None, uint8 codes or None, float32 absmax)`` of ``x`` (f32/f16/bf16)
@@ -265,8 +281,9 @@ def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dty
               jax.ShapeDtypeStruct((n if want_codes else 0,), jnp.uint8),
               jax.ShapeDtypeStruct((nb,), jnp.float32))
     call = jax.ffi.ffi_call("fp8q_xla_quantize", shapes, vmap_method="sequential")
-    vals, codes, absmax = call(x.reshape(-1), group=np.int64(blocksize or 0), **_round_attrs(codebook),
-                               **_scale_attrs(codebook, scale))
+    vals, codes, absmax = _like(call(x.reshape(-1), group=np.int64(blocksize or 0),
+                                     **_round_attrs(codebook), **_scale_attrs(codebook, scale)),
+                                _varying(x))
     return (vals if out_dtype is not None else None, codes if want_codes else None,
             absmax if blocksize else absmax.reshape(()))
 
@@ -277,8 +294,9 @@ def dequantize(codes: jax.Array, absmax: jax.Array, codebook: Codebook, blocksiz
     call = jax.ffi.ffi_call("fp8q_xla_dequantize",
                             jax.ShapeDtypeStruct((codes.size,), dtype), vmap_method="sequential")
     table = jnp.asarray(_kernel._table(codebook))
-    return call(codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table,
-                group=np.int64(blocksize or 0), **_scale_attrs(codebook, scale))
+    y = call(codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table,
+             group=np.int64(blocksize or 0), **_scale_attrs(codebook, scale))
+    return _like((y,), _varying(codes, absmax))[0]
 
 
 def quantize_tiles(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: int, *,
@@ -296,8 +314,9 @@ def quantize_tiles(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: 
               jax.ShapeDtypeStruct((rows, cols) if want_codes else (0,), jnp.uint8),
               jax.ShapeDtypeStruct(grid, jnp.float32))
     call = jax.ffi.ffi_call("fp8q_xla_quantize_tiles", shapes, vmap_method="sequential")
-    vals, codes, absmax = call(x, tile_rows=np.int64(tile_rows), tile_cols=np.int64(tile_cols),
-                               **_round_attrs(codebook), **_scale_attrs(codebook, scale))
+    vals, codes, absmax = _like(call(x, tile_rows=np.int64(tile_rows), tile_cols=np.int64(tile_cols),
+                                     **_round_attrs(codebook), **_scale_attrs(codebook, scale)),
+                                _varying(x))
     return vals if out_dtype is not None else None, codes if want_codes else None, absmax
 
 
@@ -315,5 +334,6 @@ def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, ti
     call = jax.ffi.ffi_call("fp8q_xla_dequantize_tiles",
                             jax.ShapeDtypeStruct((rows, cols), dtype), vmap_method="sequential")
     table = jnp.asarray(_kernel._table(codebook))
-    return call(codes, absmax.astype(jnp.float32), table, tile_rows=np.int64(tile_rows),
-                tile_cols=np.int64(tile_cols), **_scale_attrs(codebook, scale))
+    y = call(codes, absmax.astype(jnp.float32), table, tile_rows=np.int64(tile_rows),
+             tile_cols=np.int64(tile_cols), **_scale_attrs(codebook, scale))
+    return _like((y,), _varying(codes, absmax))[0]

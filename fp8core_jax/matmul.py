@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 import fp8core
@@ -45,17 +46,25 @@ def _flat2d(x: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------- operands
-def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None):
+def _reduce(recipe: LinearRecipe, rule):
+    """The mesh axes a slot's amax is all-reduced over (§10.2), or None."""
+    if recipe.amax_reduction is None or rule is None or rule.granularity.kind != "tensor":
+        return None
+    return recipe.amax_reduction
+
+
+def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None, reduce=None):
     """``(value in dtype, residual)`` of one forward operand: the value the GEMM uses
     (``t`` itself for a high-precision slot) and what backward keeps of ``t`` —
     ``"codes"``: its uint8 codes + absmax (backward decodes the same value), ``"hp"``:
-    ``t``, ``None``: nothing."""
+    ``t``, ``None``: nothing. ``reduce``: as :func:`_q._fake_operand`."""
     if rule is None:
         return t.astype(dtype), (t if keep == "hp" else None)
     if keep == "codes":
-        vals, codes, absmax = _q._operand(t, rule, axis, dtype, True)
+        absmax = None if reduce is None else _q._reduced_absmax(t, reduce)
+        vals, codes, absmax = _q._operand(t, rule, axis, dtype, True, absmax)
         return vals, (codes, absmax)
-    return _q._fake_operand(t, rule, axis).astype(dtype), (t if keep == "hp" else None)
+    return _q._fake_operand(t, rule, axis, reduce).astype(dtype), (t if keep == "hp" else None)
 
 
 def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype: str,
@@ -73,7 +82,8 @@ def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype
         return _q._dequantize_operand(codes, absmax, rule, src_axis, dtype)
     if src == "hp":
         return hp.astype(dtype)
-    return _q._fake_operand(hp.astype(dtype), recipe.rule(slot), axis)
+    rule = recipe.rule(slot)
+    return _q._fake_operand(hp.astype(dtype), rule, axis, _reduce(recipe, rule))
 
 
 # ------------------------------------------------------------------ recipe
@@ -101,8 +111,10 @@ def _f_fwd(A, B, recipe, b_dtype):
     A, B = _first_order_only(A), _first_order_only(B)
     a_dtype = np.dtype(A.dtype).name
     saved = recipe.saved(True, True)
-    a_q, x_res = _quantized(A, recipe.input, -1, a_dtype, saved["X"])      # Q_input(A along K)
-    b_q, w_res = _quantized(B, recipe.weight, 0, b_dtype, saved["W"])      # Q_weight(B along K)
+    a_q, x_res = _quantized(A, recipe.input, -1, a_dtype, saved["X"],      # Q_input(A along K)
+                            _reduce(recipe, recipe.input))
+    b_q, w_res = _quantized(B, recipe.weight, 0, b_dtype, saved["W"],      # Q_weight(B along K)
+                            _reduce(recipe, recipe.weight))
     out = _dot(a_q, b_q.astype(a_dtype), a_dtype)
     return out, (x_res, w_res)
 
@@ -113,7 +125,7 @@ def _f_bwd(recipe, b_dtype, res, g):
     dtype = np.dtype(g.dtype).name                                         # A's dtype
     # dgrad: grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(B along N)ᵀ
     rule_g = recipe.grad_output
-    g_q = g if rule_g is None else _q._fake_operand(g, rule_g, -1)
+    g_q = g if rule_g is None else _q._fake_operand(g, rule_g, -1, _reduce(recipe, rule_g))
     w = _backward_operand(recipe, "weight_for_grad_input", w_res, w_res, 1, b_dtype)
     grad_A = _dot(g_q, w.astype(dtype).T, dtype)
     # wgrad: grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along M)
@@ -148,6 +160,38 @@ def _check_inputs(A, B, bias=None, argname: str = "A"):
     return A, B, bias
 
 
+def _varying(x) -> frozenset:
+    """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _vary_alike(A, B):
+    """Inside ``shard_map``, A and B marked varying over the union of their axes, as a
+    ``jnp.matmul`` of them does implicitly: the custom VJP's gradients vary where its
+    inputs do, and the transpose of this cast (a psum over the axes B was replicated on,
+    e.g. the data axis for a replicated weight) is JAX's own, outside the FP8 backward."""
+    va, vb = _varying(A), _varying(B)
+    if va == vb:
+        return A, B
+    both = va | vb
+    if both - va:
+        A = lax.pcast(A, tuple(sorted(both - va)), to="varying")
+    if both - vb:
+        B = lax.pcast(B, tuple(sorted(both - vb)), to="varying")
+    return A, B
+
+
+def _check_reduction(recipe: LinearRecipe) -> None:
+    """JAX's part of ``LinearRecipe.amax_reduction``: mesh axis names (fp8core checked the
+    recipe has a per-tensor slot; an axis not bound where it runs is a ValueError there)."""
+    v = recipe.amax_reduction
+    if v is not None and not isinstance(v, (str, tuple)):
+        raise TypeError(
+            f"recipe {recipe.name}: amax_reduction in fp8core_jax is a mesh axis name or a "
+            f"tuple of them (the axes of the enclosing shard_map), got {type(v).__name__}: {v!r}")
+
+
 def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
     """``y + bias`` in their promoted dtype, cast back to y's (PyTorch's ``out += bias``)."""
     if bias is None:
@@ -158,9 +202,11 @@ def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
 def _apply(A, B, bias, recipe: LinearRecipe, argname: str = "A") -> jax.Array:
     """Checked inputs → the recipe's custom VJP (+ bias); an empty product is zeros."""
     recipe.check_input(A.ndim, argname=argname)
+    _check_reduction(recipe)
     if A.size == 0 or B.size == 0:  # nothing to quantize: zeros (K == 0) or an empty result
         y = _dot(A * 0, (B * 0).astype(A.dtype), A.dtype)
     else:
+        A, B = _vary_alike(A, B)
         y = _f(A, B, recipe, np.dtype(B.dtype).name)
     return _add_bias(y, bias)
 

@@ -311,9 +311,10 @@ def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
     return _decode(_round_to_codes(s, c), c)
 
 
-def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32"
-                     ) -> tuple[jax.Array, jax.Array]:
-    absmax = _group_absmax(groups)                                     # §3.2
+def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
+                     absmax: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    if absmax is None:
+        absmax = _group_absmax(groups)                                 # §3.2
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c)                         # §3.4
     s = jnp.where(finite[..., None], s, jnp.float32(0))
@@ -328,13 +329,15 @@ def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants,
     return _decode(codes, c) * dscale[..., None]                       # §4.2–4.3
 
 
-def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32") -> jax.Array:
+def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
+                 absmax: jax.Array | None = None) -> jax.Array:
     """dequantize(quantize(groups)) without materialising codes.
 
     Same float32 operations: non-finite groups get ``dscale = NaN`` so every
     element becomes NaN, as the fill code dequantizes in §4.
     """
-    absmax = _group_absmax(groups)
+    if absmax is None:
+        absmax = _group_absmax(groups)
     _, qscale, dscale = _group_scales(absmax, c, scale)
     s = _scale_and_saturate(groups, qscale, c)
     return _round_to_values(s, c) * dscale[..., None]
@@ -812,8 +815,49 @@ def _dequantize_operand_jit(codes, absmax, rule, axis: int, dtype: str, kernel: 
     return _dispatch(kernel, (codes, absmax), fused, xla)
 
 
-def _operand(x, rule, axis: int, out_dtype: str | None, want_codes: bool):
-    """Internal entry of the matmuls (arguments already checked)."""
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _operand_given_jit(x, absmax, rule, out_dtype: str | None, want_codes: bool):
+    """:func:`_operand_jit` of a ``tensor()`` rule with a given 0-d amax (§10.2), on XLA
+    ops (one group, so the layout is the array's own)."""
+    c = _constants(rule.format)
+    g = x.astype(jnp.float32).reshape(1, -1)
+    a = absmax.astype(jnp.float32).reshape(1)
+    vals = codes = None
+    if want_codes:
+        codes, _ = _quantize_groups(g, c, rule.scale, a)
+        if out_dtype:
+            vals = _dequantize_groups(codes, a, c, rule.scale)
+        codes = codes.reshape(x.shape)
+    else:
+        vals = _fake_groups(g, c, rule.scale, a)
+    if out_dtype:
+        vals = _cast_out(vals, out_dtype).reshape(x.shape)
+    return vals, codes, a.reshape(())
+
+
+def _reduced_absmax(x, axes) -> jax.Array:
+    """§10.2: ``x``'s §3.2 absmax, all-reduced (max) over the mesh axes ``axes`` as its
+    float32 bits (absmax values order like their bits, NaN above +inf)."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    bound = tuple(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise ValueError(
+            f"amax_reduction={axes!r}: {', '.join(map(repr, missing))} is not a mesh axis of "
+            f"the enclosing shard_map (its manual axes: {bound or 'none, not inside shard_map'}). "
+            f"The amax is all-reduced over axes a shard_map binds; under a plain jit of "
+            f"sharded arrays the amax is already global and needs no amax_reduction")
+    local = _group_absmax(x.astype(jnp.float32).reshape(1, -1)).reshape(())
+    top = lax.pmax(lax.bitcast_convert_type(local, jnp.int32), names)
+    return lax.bitcast_convert_type(top, jnp.float32)
+
+
+def _operand(x, rule, axis: int, out_dtype: str | None, want_codes: bool,
+             absmax: jax.Array | None = None):
+    """Internal entry of the matmuls (arguments already checked). ``absmax``: a given
+    0-d amax for a ``tensor()`` rule (§10.2), computed on XLA ops."""
+    if absmax is not None:
+        return _operand_given_jit(x, absmax, rule, out_dtype, want_codes)
     lay = _layout(tuple(x.shape), rule.granularity, axis)
     kernel = _operand_kernel(rule, lay, rule.format, x.dtype, *([out_dtype] if out_dtype else []))
     return _operand_jit(x, rule, axis, out_dtype, want_codes, kernel)
@@ -825,8 +869,11 @@ def _dequantize_operand(codes, absmax, rule, axis: int, dtype: str):
                                    _operand_kernel(rule, lay, None, dtype))
 
 
-def _fake_operand(x, rule, axis: int):
-    return _operand(x, rule, axis, np.dtype(x.dtype).name, False)[0]
+def _fake_operand(x, rule, axis: int, reduce=None):
+    """dequantize(quantize(x)) in x's dtype; ``reduce``: mesh axes over which a
+    ``tensor()`` rule's amax is all-reduced first (the recipe's ``amax_reduction``)."""
+    absmax = None if reduce is None else _reduced_absmax(x, reduce)
+    return _operand(x, rule, axis, np.dtype(x.dtype).name, False, absmax)[0]
 
 
 def _check_axis(shape: tuple[int, ...], rule, axis: Any) -> int:
@@ -834,7 +881,8 @@ def _check_axis(shape: tuple[int, ...], rule, axis: Any) -> int:
     return int(axis)
 
 
-def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
+                     ) -> tuple[jax.Array, jax.Array]:
     """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
 
     Args:
@@ -842,6 +890,9 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[jax.Array, j
         last, or 0 of a 2-D array — the transposed orientation a backward GEMM uses).
       rule: element format, granularity (tensor, axiswise, block(B), tile(B),
         flat(B)) and scale rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``). Static.
+      absmax: for a ``tensor()`` rule, a float32 amax (0-d or ``(1, 1)``) to scale by
+        instead of ``x``'s own (§10.2: e.g. the all-reduced max of every device's absmax);
+        returned as given.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -863,8 +914,12 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> tuple[jax.Array, j
     x = _check_x(x)
     rule = fp8core.recipe.check_rule(rule)
     axis = _check_axis(tuple(x.shape), rule, axis)
-    _, codes, absmax = _operand(x, rule, axis, None, True)
-    return codes, absmax
+    if absmax is not None:
+        absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
+        _validation.check_given_absmax(rule, np.dtype(absmax.dtype).name, tuple(absmax.shape))
+        absmax = lax.stop_gradient(absmax)
+    _, codes, absmax = _operand(x, rule, axis, None, True, absmax)
+    return codes, absmax.reshape(_layout(tuple(x.shape), rule.granularity, axis).plan.scale_shape)
 
 
 def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
