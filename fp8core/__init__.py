@@ -26,11 +26,13 @@ from fp8core.recipe import LinearRecipe, OperandRule, get_recipe
 from fp8core.reference import (
     dequantize_blockwise,
     dequantize_global,
+    dequantize_mx,
     dequantize_operand,
     fake_quantize,
     fake_quantize_operand,
     quantize_blockwise,
     quantize_global,
+    quantize_mx,
     quantize_operand,
 )
 
@@ -60,6 +62,7 @@ __all__ = [
     "create_fp8_map",
     "dequantize_blockwise",
     "dequantize_global",
+    "dequantize_mx",
     "dequantize_operand",
     "fake_quantize",
     "fake_quantize_operand",
@@ -72,6 +75,7 @@ __all__ = [
     "plan_tiles",
     "quantize_blockwise",
     "quantize_global",
+    "quantize_mx",
     "quantize_operand",
     "recipe",
     "resolve_codebook",

@@ -34,6 +34,7 @@ from typing import Any, Union
 import numpy as np
 
 from fp8core import _validation
+from fp8core import mx as _mx
 from fp8core.codebooks import Codebook, resolve_codebook
 
 __all__ = [
@@ -144,7 +145,10 @@ def flat(size: int | None = None) -> Granularity:
 #: as torchao 0.18's ``round_scales_to_power_of_2`` computes it (rounds *up* to the next
 #: power of two for a scale within a few ulps below one). For both power-of-two rules
 #: ``dscale = 1 / qscale`` exactly.
-SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao")
+#: ``"mx_floor"``, ``"mx_ceil"``, ``"mx_even"``, ``"mx_rceil"``: OCP MX e8m0 block scales
+#: under torchao 0.18's four ``ScaleCalculationMode`` rules (§11, :mod:`fp8core.mx`); MX
+#: element formats and block / tile granularity only.
+SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +192,13 @@ class OperandRule:
                 f"OperandRule.scale={self.scale!r} needs a native format, got the table "
                 f"codebook {cb.name}; use scale='fp32' for tables"
             )
+        if self.scale in _mx.MX_SCALE_RULES:
+            _check_mx(cb, self.granularity, self.scale)
+
+    @property
+    def is_mx(self) -> bool:
+        """Whether the scale is an MX e8m0 block scale (§11)."""
+        return self.scale in _mx.MX_SCALE_RULES
 
     @property
     def codebook(self) -> Codebook:
@@ -196,6 +207,23 @@ class OperandRule:
     def __str__(self) -> str:
         scale = "" if self.scale == "fp32" else f", {self.scale}"
         return f"{self.format.name}/{self.granularity}{scale}"
+
+
+def _check_mx(cb: Codebook, granularity: Granularity, scale: str) -> None:
+    if cb.format.name not in _mx.MX_ELEMENT_FORMATS:
+        raise ValueError(
+            f"OperandRule.scale={scale!r} is an MX block scale, but OperandRule.format is "
+            f"{cb.name}; MX element formats: {', '.join(_mx.MX_ELEMENT_FORMATS)}")
+    if granularity.kind not in ("block", "tile"):
+        raise ValueError(
+            f"OperandRule.scale={scale!r} is an MX block scale: granularity must be block(B) "
+            f"(1×B along the contraction axis) or tile(B) (B×B, for weights), got {granularity}")
+    unit = _mx.pack_unit(cb)
+    if granularity.size % unit:
+        raise ValueError(
+            f"OperandRule.granularity={granularity}: an MX block of {cb.name} must hold a "
+            f"positive multiple of {unit} elements (they pack {unit} to a whole number of "
+            f"bytes), got {granularity.size}")
 
 
 def check_rule(rule: Any, *, argname: str = "rule") -> OperandRule:

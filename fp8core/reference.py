@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from fp8core import _validation
+from fp8core import mx as _mx
 from fp8core import recipe as _recipe
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
@@ -38,6 +39,8 @@ __all__ = [
     "operand_scales",
     "linear_operands",
     "reduce_absmax",
+    "quantize_mx",
+    "dequantize_mx",
 ]
 
 _F32 = np.float32
@@ -88,6 +91,9 @@ def group_scales(absmax: np.ndarray, codebook: Codebook, scale: str = "fp32"
     get ``qscale = 0`` (unused) and ``dscale = NaN``.
     """
     absmax = np.asarray(absmax, dtype=np.float32)
+    if scale in _mx.MX_SCALE_RULES:                                   # §11: e8m0 bytes
+        return _mx.byte_scales(_mx.scale_bytes(absmax, codebook, _mx.mode_of(scale)),
+                               _mx.mode_of(scale))
     finite = np.isfinite(absmax)
     a = np.clip(np.where(finite, absmax, _F32(1)), codebook.scale_floor, codebook.scale_ceiling)
     q0 = (codebook.max / a).astype(np.float32)
@@ -474,3 +480,42 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
         out[slot] = (out[_recipe.REUSE_SOURCE[slot]] if src == "reuse"
                      else q(t, slot, axis, a_dtype))
     return out
+
+
+def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int = -1,
+                scale_mode: str = "floor") -> tuple[np.ndarray, np.ndarray]:
+    """OCP MX quantization (§11): blocks of ``block_size`` consecutive elements along
+    ``axis`` (the last, or 0 of a 2-D array; a last partial block is allowed), one e8m0
+    scale byte per block under ``scale_mode`` (torchao 0.18's ``floor``, ``ceil``,
+    ``even``, ``rceil``), elements saturated and rounded half to even.
+
+    Returns:
+      ``(codes, scales)``: uint8 element codes shaped like ``x`` (a sub-byte format's bit
+      pattern in the low bits, one per byte) and uint8 e8m0 bytes shaped like ``x`` with
+      ``axis`` shortened to ``ceil(n / block_size)``. Equal to torchao's ``to_mx`` (codes
+      unpacked) on its inputs, except the element codes of a block containing NaN (scale
+      byte 255: the block decodes to NaN either way; here every code is the format's fill
+      code).
+    """
+    x = _as_float_array(x)
+    rule = _mx.mx_rule(element_format, block_size, scale_mode)
+    codes, absmax = quantize_operand(x, rule, axis=axis)
+    scales = _mx.scale_bytes(absmax, rule.format, _mx.mode_of(rule.scale))
+    return codes, _mx.scales_layout(scales, x.shape, axis)
+
+
+def dequantize_mx(codes: Any, scales: Any, element_format: Any, *, block_size: int = 32,
+                  axis: int = -1, dtype: Any = np.float32) -> np.ndarray:
+    """Inverse of :func:`quantize_mx`: ``fl(value[code] · 2**(scale − 127))`` (exact in
+    float32, subnormal results included), NaN where the scale byte is 255, cast once to
+    ``dtype``."""
+    codes = np.asarray(codes)
+    scales = np.asarray(scales)
+    rule = _mx.mx_rule(element_format, block_size, "floor")
+    _validation.check_codes_dtype(codes.dtype.name)
+    _mx.check_scales(scales.dtype.name, tuple(scales.shape), tuple(codes.shape), block_size, axis)
+    out_dtype = _out_dtype(dtype)
+    s = _mx.expand_scales(_mx.e8m0_values(scales), codes.shape, block_size, axis)
+    with np.errstate(invalid="ignore", over="ignore"):   # NaN blocks; 448 · 2**120 = inf
+        y = rule.format.values256[codes] * s
+    return y.astype(out_dtype)
