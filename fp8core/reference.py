@@ -153,7 +153,7 @@ def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook
                        scale: str = "fp32") -> np.ndarray:
     _, _, dscale = group_scales(absmax, codebook, scale)              # §4.1
     values = codebook.values256[codes]                                # §4.2
-    with np.errstate(invalid="ignore"):  # NaN/inf codes and NaN scales are expected here
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf codes, NaN scales; MX inf blocks
         return values * dscale[:, None]                               # §4.3 fl(v * dscale)
 
 

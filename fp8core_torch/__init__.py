@@ -18,12 +18,14 @@ from fp8core_torch.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
     dequantize_blockwise,
     dequantize_global,
+    dequantize_mx,
     dequantize_operand,
     empty_cache,
     fake_quantize,
     fake_quantize_operand,
     quantize_blockwise,
     quantize_global,
+    quantize_mx,
     quantize_operand,
 )
 
@@ -36,6 +38,7 @@ __all__ = [
     "convert_to_fp8",
     "dequantize_blockwise",
     "dequantize_global",
+    "dequantize_mx",
     "dequantize_operand",
     "empty_cache",
     "fake_quantize",
@@ -45,5 +48,6 @@ __all__ = [
     "matmul_fp8_mixed",
     "quantize_blockwise",
     "quantize_global",
+    "quantize_mx",
     "quantize_operand",
 ]

@@ -33,9 +33,11 @@ import functools
 import warnings
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 import fp8core
+import fp8core.mx
 import fp8core.recipe
 from fp8core import _kernel as _fp8q
 from fp8core import _validation
@@ -139,6 +141,8 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
 
     ``"pow2"`` / ``"pow2_torchao"``: qscale is q0's power of two (plus one binade where
     q0 reaches the torchao threshold), dscale its exact reciprocal, both from the bits."""
+    if scale in _MX_RULES:
+        return _mx_scales(absmax, spec, fp8core.mx.mode_of(scale))
     finite = torch.isfinite(absmax)
     a = torch.where(finite, absmax, 1.0).clamp(spec.scale_floor, spec.scale_ceiling)
     # fl(M / a): a tensor/tensor division. `spec.max / a` would be reciprocal(a) * M.
@@ -156,6 +160,47 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
     dscale = torch.where(finite, torch.bitwise_left_shift(254 - e, 23).view(torch.float32),
                          float("nan"))
     return finite, qscale, dscale
+
+
+_MX_RULES = frozenset(fp8core.mx.MX_SCALE_RULES)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """float32 ``2**e`` for int ``e`` in [-127, 127], from the bits (2**-127 is subnormal)."""
+    e = e.to(torch.int32)
+    bits = torch.where(e >= -126, torch.bitwise_left_shift(e + 127, 23),
+                       torch.bitwise_left_shift(torch.ones_like(e), (e + 149).clamp(min=0)))
+    return bits.view(torch.float32)
+
+
+def _mx_scales(absmax: torch.Tensor, spec: QuantSpec, mode: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """§11: the e8m0 byte of each block (a search of the absmax bits in fp8core.mx's
+    byte table; NaN → 255), then ``(finite, qscale, dscale)`` as fp8core.mx.byte_scales."""
+    b = _mx_bytes(absmax, spec, mode).to(torch.int32)
+    finite = b != fp8core.mx.E8M0_NAN
+    if mode == "rceil":                                   # 1 for byte 0 (torchao, TE)
+        qexp = torch.where(b == 0, 0, 127 - b)
+    else:                                                 # divisor max(2**(b-127), 2**-126)
+        qexp = 127 - b.clamp(min=1)
+    qscale = torch.where(finite, _pow2(qexp.clamp(-127, 127)), 0.0)
+    dscale = torch.where(finite, _pow2((b - 127).clamp(-127, 127)), float("nan"))
+    return finite, qscale, dscale
+
+
+def _mx_bytes(absmax: torch.Tensor, spec: QuantSpec, mode: str) -> torch.Tensor:
+    """uint8 e8m0 bytes of float32 ``absmax`` (§3.2 form) under ``mode``."""
+    thr, values = _mx_table(spec.codebook.format.name, mode, absmax.device)
+    bits = absmax.contiguous().view(torch.int32)
+    b = values[torch.searchsorted(thr, bits, right=True) - 1]
+    return torch.where(torch.isnan(absmax), fp8core.mx.E8M0_NAN, b).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _mx_table(fmt: str, mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    thr, values = fp8core.mx.byte_table(fmt, mode)
+    return (torch.from_numpy(thr.astype(np.int32)).to(device),
+            torch.from_numpy(values.astype(np.int64)).to(device))
 
 
 #: fp8core.recipe.pow2_torchao_thresholds() as a tensor, made once at import (under
@@ -467,7 +512,7 @@ def _qdq(
     x = x.detach()
     flat = x.reshape(-1)
     n = flat.numel()
-    if n and absmax_in is None and _kernel_ok(x, spec):
+    if n and absmax_in is None and scale in _fp8q.SCALE_RULE_CODES and _kernel_ok(x, spec):
         return _qdq_kernel(x, spec, blocksize, out_dtype=out_dtype, want_codes=want_codes,
                            scale=scale)
     dev = x.device
@@ -557,7 +602,8 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec,
     n = flat.numel()
     if n == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    if dtype in _KERNEL_DTYPES and _kernel_ok(flat, None, (torch.uint8,)):
+    if (dtype in _KERNEL_DTYPES and scale in _fp8q.SCALE_RULE_CODES
+            and _kernel_ok(flat, None, (torch.uint8,))):
         am = absmax.reshape(-1).to(torch.float32)                   # any codebook
         if not torch.compiler.is_compiling():
             return _dequantize_impl(flat, am, spec.codebook, blocksize, dtype,
@@ -646,7 +692,7 @@ def _qdq_tiles(p: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None, t
         return (p.new_empty(p.shape, dtype=out_dtype) if out_dtype is not None else None,
                 p.new_empty(p.shape, dtype=torch.uint8) if want_codes else None,
                 p.new_zeros(plan.grid, dtype=torch.float32))
-    if _kernel_ok(p, spec):
+    if scale in _fp8q.SCALE_RULE_CODES and _kernel_ok(p, spec):
         return _qdq_tiles_kernel(p, spec, tile_rows, tile_cols, out_dtype=out_dtype,
                                  want_codes=want_codes, scale=scale)
     x4 = _tiled(p, plan)
@@ -704,7 +750,8 @@ def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec
     plan = plan_tiles(codes.shape[0], codes.shape[1], tile_rows, tile_cols)
     if plan.n_groups == 0:
         return codes.new_empty(codes.shape, dtype=dtype)
-    if dtype in _KERNEL_DTYPES and _kernel_ok(codes, None, (torch.uint8,)):
+    if (dtype in _KERNEL_DTYPES and scale in _fp8q.SCALE_RULE_CODES
+            and _kernel_ok(codes, None, (torch.uint8,))):
         if not torch.compiler.is_compiling():
             return _dequantize_tiles_impl(codes, absmax, spec.codebook, tile_rows, tile_cols,
                                           dtype, scale)
@@ -775,7 +822,8 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
             th, tw = plan.tiles.tile_rows, plan.tiles.tile_cols
             how = ("tiles", tw, th) if transposed else ("tiles", th, tw)
     if (phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
-            and not torch.compiler.is_compiling() and _kernel_ok(phys, spec)):
+            and not torch.compiler.is_compiling() and rule.scale in _fp8q.SCALE_RULE_CODES
+            and _kernel_ok(phys, spec)):
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
         # on small operands)
         v, c, a = _kernel_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes,
@@ -869,6 +917,7 @@ def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTe
     if (dtype in _DT_CODES and q.codes.numel() and not torch.compiler.is_compiling()
             and q.codes.is_contiguous() and q.absmax.dtype == torch.float32
             and q.absmax.is_contiguous() and q.absmax.device.type == "cpu"
+            and rule.scale in _fp8q.SCALE_RULE_CODES
             and _kernel_ok(q.codes, None, (torch.uint8,))):
         y = _kernel_dequantize(q.codes, q.absmax, spec.codebook, q.how, rule.scale,
                                dtype).view(q.codes.shape)
@@ -955,6 +1004,44 @@ def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1) -> torc
     spec = resolve_spec(rule.format)
     v, _ = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=x.dtype, want_codes=False)
     return (v.t() if transposed else v.reshape(x.shape)).contiguous()
+
+
+def quantize_mx(x: torch.Tensor, element_format: Any, *, block_size: int = 32, axis: int = -1,
+                scale_mode: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP MX quantization (docs/numerics.md §11) as :func:`fp8core.quantize_mx`: uint8
+    element codes shaped like ``x`` and uint8 e8m0 scale bytes, one per ``block_size``
+    elements along ``axis`` (the last, or 0 of a 2-D tensor). Bit-identical to the
+    reference (and so to torchao's ``to_mx``, codes unpacked). Not differentiable."""
+    check_float_tensor(x, "x")
+    rule = fp8core.mx.mx_rule(element_format, block_size, scale_mode)
+    codes, absmax = quantize_operand(x, rule, axis=axis)
+    spec = resolve_spec(rule.format)
+    b = _mx_bytes(absmax, spec, fp8core.mx.mode_of(rule.scale))
+    if x.dim() == 2 and axis in (0, -2):
+        b = b.t()
+    else:
+        b = b.reshape(*x.shape[:-1], b.shape[-1])
+    return codes, b.contiguous()
+
+
+def dequantize_mx(codes: torch.Tensor, scales: torch.Tensor, element_format: Any, *,
+                  block_size: int = 32, axis: int = -1,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_mx` as :func:`fp8core.dequantize_mx`:
+    ``fl(value[code] · 2**(scale − 127))`` (NaN for byte 255), cast once to ``dtype``."""
+    rule = fp8core.mx.mx_rule(element_format, block_size, "floor")
+    _check_codes(codes)
+    if not isinstance(scales, torch.Tensor):
+        raise TypeError(f"scales must be a uint8 tensor, got {type(scales).__name__}")
+    fp8core.mx.check_scales(dtype_name(scales.dtype), tuple(scales.shape), tuple(codes.shape),
+                            block_size, axis)
+    out = _check_out_dtype(dtype)
+    ax = axis % codes.dim()
+    b = scales.to(torch.int32)
+    s = torch.where(b == fp8core.mx.E8M0_NAN, float("nan"), _pow2((b - 127).clamp(-127, 127)))
+    s = s.repeat_interleave(block_size, dim=ax).narrow(ax, 0, codes.shape[ax])
+    spec = resolve_spec(rule.format)
+    return (_decode(codes, spec, _tables(spec, codes.device)) * s).to(out)
 
 
 # -------------------------------------------------------------- public helpers
