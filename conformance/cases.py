@@ -178,6 +178,8 @@ def _training_cases(seed: int, quick: bool) -> list[Case]:
 #: element formats of the operand cases: the presets' two, one more native format, and a
 #: bitsandbytes table (scale "fp32" only: the power-of-two rules need a native format)
 OPERAND_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "bnb_e4m3")
+#: the scale rules every granularity takes (the MX rules have their own cases)
+NON_MX_SCALE_RULES = tuple(s for s in R.SCALE_RULES if not s.startswith("mx_"))
 OPERAND_GRANULARITIES = (R.tensor(), R.axiswise(), R.block(128), R.tile(128), R.flat())
 #: (shape, contraction axis): full 128-blocks and tiles, partial ones, 3-D (axis -1 only)
 OPERAND_SHAPES = (((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 200), 0),
@@ -212,7 +214,7 @@ def operand_rules() -> tuple[R.OperandRule, ...]:
     for fmt in OPERAND_FORMATS:
         native = fp8core.resolve_codebook(fmt).is_native
         for gran in OPERAND_GRANULARITIES:
-            for scale in (R.SCALE_RULES if native else ("fp32",)):
+            for scale in (NON_MX_SCALE_RULES if native else ("fp32",)):
                 rule = R.OperandRule(fmt, gran, scale)
                 if rule not in out:
                     out.append(rule)
