@@ -11,11 +11,13 @@ from fp8core_jax.quantize import (
     NATIVE_CAST_FORMATS,
     dequantize_blockwise,
     dequantize_global,
+    dequantize_mx,
     dequantize_operand,
     fake_quantize,
     fake_quantize_operand,
     quantize_blockwise,
     quantize_global,
+    quantize_mx,
     quantize_operand,
 )
 
@@ -23,6 +25,7 @@ __all__ = [
     "NATIVE_CAST_FORMATS",
     "dequantize_blockwise",
     "dequantize_global",
+    "dequantize_mx",
     "dequantize_operand",
     "fake_quantize",
     "fake_quantize_operand",
@@ -31,5 +34,6 @@ __all__ = [
     "matmul_fp8_mixed",
     "quantize_blockwise",
     "quantize_global",
+    "quantize_mx",
     "quantize_operand",
 ]

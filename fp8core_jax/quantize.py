@@ -26,7 +26,11 @@ XLA hazards and how this module meets them (each is pinned by a test in
   division is ``qscale = M / a`` (a constant divided by the per-group absmax);
   ``dscale = a * INV_M`` is written as a multiplication.
 * float32 subnormals are flushed on CPU: the scale floor makes every subnormal
-  input quantize to a signed zero and every non-zero output a normal.
+  input quantize to a signed zero and every non-zero output a normal. MX rules
+  (§11) have no scale floor — a subnormal input scaled by up to 2**126 has a
+  non-zero code, small scale bytes decode to subnormals, rceil's scale of an inf
+  block is 2**-127 — so they apply their powers of two to the float32 bits
+  (:func:`_mul_pow2`) and find the scale byte by integer compares.
 * ``f32 → f8 → f32`` may be removed as "excess precision": the fused
   fake-quantize path never converts to an 8-bit type (it rounds with integer
   arithmetic on the float32 bits, :func:`_rne_values`), and the code paths go
@@ -44,6 +48,7 @@ import numpy as np
 from jax import lax
 
 import fp8core
+import fp8core.mx
 import fp8core.recipe
 from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
@@ -59,6 +64,8 @@ __all__ = [
     "quantize_operand",
     "dequantize_operand",
     "fake_quantize_operand",
+    "quantize_mx",
+    "dequantize_mx",
     "NATIVE_CAST_FORMATS",
 ]
 
@@ -87,6 +94,7 @@ class _Constants(NamedTuple):
     zero_code: int
     negzero_code: int | None
     fill_code: int
+    format_name: str | None    # the format's name (MX byte tables), None for tables
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,6 +120,7 @@ def _constants(codebook: Codebook) -> _Constants:
         zero_code=int(codebook.zero_code),
         negzero_code=codebook.negzero_code,
         fill_code=int(codebook.fill_code),
+        format_name=None if codebook.format is None else codebook.format.name,
     )
 
 
@@ -221,7 +230,14 @@ def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
     (torchao's float32 ``exp2(floor(log2(q0)))``); both: ``dscale = 1/qscale``
     exactly, written as exponent bits (no division). Non-finite groups:
     ``qscale = 0`` (unused), ``dscale = NaN``.
+
+    MX rules (§11, :func:`_mx_scales`): ``qscale`` and ``dscale`` are int32 exponents
+    ``k`` of the powers of two ``2**k`` (a float32 ``2**k`` may be subnormal, which
+    XLA:CPU flushes), applied by :func:`_scale_and_saturate` / :func:`_unscale`;
+    ``finite`` is ``byte != 255``.
     """
+    if scale in fp8core.mx.MX_SCALE_RULES:
+        return _mx_scales(absmax, c, scale)
     finite = jnp.isfinite(absmax)
     a = jnp.clip(jnp.where(finite, absmax, jnp.float32(1)), c.floor, c.ceiling)
     q0 = jnp.float32(c.m) / a
@@ -242,9 +258,116 @@ def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
     return finite, qscale, dscale
 
 
-def _scale_and_saturate(groups: jax.Array, qscale: jax.Array, c: _Constants) -> jax.Array:
-    """§3.4: ``clip(fl(x * qscale), -M, M)`` — the clamp precedes any cast."""
-    return jnp.clip(groups * qscale[..., None], -jnp.float32(c.m), jnp.float32(c.m))
+@functools.lru_cache(maxsize=None)
+def _mx_tables(format_name: str, mode: str) -> tuple[np.ndarray, ...]:
+    """Host tables of one MX element format and mode, int32[256] each:
+
+    ``base[E]``, ``step[E]``: :func:`fp8core.mx.byte_table` per float32 binade (exponent
+    field ``E``) — the byte at the binade's first bit pattern, and the bit pattern inside
+    the binade where it steps up by one (``2**31 - 1``: none). Every rule steps at most
+    once inside a binade (checked here), so the search of ``byte_table`` is two gathers
+    and a compare. ``qexp[b]``, ``dexp[b]``: the exponents ``k`` of
+    :func:`fp8core.mx.byte_scales`' ``qscale = 2**k`` and ``dscale = 2**k`` of each byte
+    (0 for the NaN byte, unused).
+    """
+    thresholds, values = fp8core.mx.byte_table(format_name, mode)
+    t = thresholds.astype(np.int64)
+    starts = np.arange(256, dtype=np.int64) << 23
+    base = values[np.searchsorted(t, starts, side="right") - 1].astype(np.int32)
+    step = np.full(256, 0x7FFFFFFF, np.int32)
+    for e, lo in enumerate(starts):
+        inner = t[(t > lo) & (t < lo + (1 << 23))]
+        if inner.size > 1 or (inner.size and values[t == inner[0]][0] != base[e] + 1):
+            raise AssertionError(f"{format_name}/{mode}: more than one byte step in binade {e}")
+        if inner.size:
+            step[e] = inner[0]
+    finite, qscale, dscale = fp8core.mx.byte_scales(np.arange(256), mode)
+
+    def log2(v: np.ndarray) -> np.ndarray:
+        frac, exp = np.frexp(np.where(finite, v, 1).astype(np.float64))
+        if not np.all(frac == 0.5):
+            raise AssertionError("MX scales are powers of two")
+        return (exp - 1).astype(np.int32)
+
+    out = (base, step, log2(qscale), log2(dscale))
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+def _mx_bytes(absmax: jax.Array, c: _Constants, scale: str) -> jax.Array:
+    """§11: the e8m0 byte (int32) of each §3.2 absmax (+0, positive, +inf or NaN): its
+    float32 bits looked up in :func:`fp8core.mx.byte_table` (per binade,
+    :func:`_mx_tables`; integer compares — non-negative floats order like their bits, and
+    no float32-subnormal arithmetic is involved); NaN → 255."""
+    base, step, _, _ = _mx_tables(c.format_name, fp8core.mx.mode_of(scale))
+    bits = lax.bitcast_convert_type(absmax, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    e = bits >> 23
+    b = jnp.asarray(base)[e] + (bits >= jnp.asarray(step)[e]).astype(jnp.int32)
+    return jnp.where(bits > jnp.int32(0x7F800000), jnp.int32(fp8core.mx.E8M0_NAN), b)
+
+
+def _mx_scales(absmax: jax.Array, c: _Constants, scale: str
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(finite, qexp, dexp)`` of an MX rule: ``finite = byte != 255`` and the int32
+    exponents of :func:`fp8core.mx.byte_scales`' ``qscale`` and ``dscale``."""
+    _, _, qexp, dexp = _mx_tables(c.format_name, fp8core.mx.mode_of(scale))
+    b = _mx_bytes(absmax, c, scale)
+    return b != fp8core.mx.E8M0_NAN, jnp.asarray(qexp)[b], jnp.asarray(dexp)[b]
+
+
+def _mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
+    """``x · 2**k`` for float32 ``x`` and int32 ``k`` (broadcast), by integer arithmetic on
+    the bits, so that float32 subnormals — which XLA:CPU flushes to zero as operands and as
+    results — are neither read nor produced as zeros.
+
+    A normal or subnormal ``x`` (a subnormal's significand converted to float32 is exact,
+    ``|x| · 2**149``) is renormalised and its exponent moved by ``k``: a normal result is
+    exact; an exponent above the float32 range gives ±inf (the rounded product's
+    overflow); a subnormal result is the significand shifted into the subnormal field —
+    exact whenever the product is a float32 (MX decoding: element values have ≤ 3
+    mantissa bits and are ≥ 2**-16, and ``k ≥ -127``), truncated toward zero otherwise
+    (MX scaling: such a product is far below half the smallest element-format subnormal,
+    so it rounds to ±0 either way). ±0, ±inf and NaN are returned unchanged; the sign is
+    always kept.
+    """
+    b = lax.bitcast_convert_type(x, jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    a = b & jnp.uint32(0x7FFFFFFF)
+    e = (a >> 23).astype(jnp.int32)
+    sub = e == 0
+    an = jnp.where(sub, lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32), a)
+    en = (an >> 23).astype(jnp.int32) - jnp.where(sub, jnp.int32(149), jnp.int32(0)) + k
+    frac = an & jnp.uint32(0x7FFFFF)
+    normal = (jnp.clip(en, 1, 254).astype(jnp.uint32) << 23) | frac
+    shift = jnp.clip(1 - en, 0, 31).astype(jnp.uint32)
+    subnormal = (frac | jnp.uint32(0x800000)) >> shift
+    r = jnp.where(en >= 255, jnp.uint32(0x7F800000), jnp.where(en >= 1, normal, subnormal))
+    r = jnp.where((a == 0) | (e == 255), a, r)
+    return lax.bitcast_convert_type(r | sign, jnp.float32)
+
+
+def _scale_and_saturate(groups: jax.Array, qscale: jax.Array, c: _Constants,
+                        scale: str = "fp32") -> jax.Array:
+    """§3.4: ``clip(fl(x * qscale), -M, M)`` — the clamp precedes any cast. MX rules:
+    ``qscale`` is the exponent ``k`` and the product :func:`_mul_pow2` (a float32-subnormal
+    ``x`` scaled by up to ``2**126`` is a normal with a non-zero code; ``2**-127``, rceil's
+    scale of an inf block, is itself subnormal)."""
+    if scale in fp8core.mx.MX_SCALE_RULES:
+        s = _mul_pow2(groups, qscale[..., None])
+    else:
+        s = groups * qscale[..., None]
+    return jnp.clip(s, -jnp.float32(c.m), jnp.float32(c.m))
+
+
+def _unscale(values: jax.Array, finite: jax.Array, dscale: jax.Array, scale: str) -> jax.Array:
+    """§4.3: ``fl(v * dscale)`` per group (``dscale`` NaN in non-finite groups). MX rules:
+    ``dscale`` is the exponent ``k``, the product :func:`_mul_pow2` (exact, subnormal
+    results included, as the reference's), NaN where the byte is 255."""
+    if scale in fp8core.mx.MX_SCALE_RULES:
+        return jnp.where(finite[..., None], _mul_pow2(values, dscale[..., None]),
+                         jnp.float32(np.nan))
+    return values * dscale[..., None]
 
 
 def _search_index(s: jax.Array, c: _Constants) -> jax.Array:
@@ -316,7 +439,7 @@ def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
     if absmax is None:
         absmax = _group_absmax(groups)                                 # §3.2
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
-    s = _scale_and_saturate(groups, qscale, c)                         # §3.4
+    s = _scale_and_saturate(groups, qscale, c, scale)                  # §3.4
     s = jnp.where(finite[..., None], s, jnp.float32(0))
     codes = _round_to_codes(s, c)                                      # §3.5
     codes = jnp.where(finite[..., None], codes, jnp.uint8(c.fill_code))  # §3.6
@@ -325,8 +448,8 @@ def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
 
 def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants,
                        scale: str = "fp32") -> jax.Array:
-    _, _, dscale = _group_scales(absmax, c, scale)                     # §4.1
-    return _decode(codes, c) * dscale[..., None]                       # §4.2–4.3
+    finite, _, dscale = _group_scales(absmax, c, scale)                # §4.1
+    return _unscale(_decode(codes, c), finite, dscale, scale)          # §4.2–4.3
 
 
 def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
@@ -338,9 +461,9 @@ def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
     """
     if absmax is None:
         absmax = _group_absmax(groups)
-    _, qscale, dscale = _group_scales(absmax, c, scale)
-    s = _scale_and_saturate(groups, qscale, c)
-    return _round_to_values(s, c) * dscale[..., None]
+    finite, qscale, dscale = _group_scales(absmax, c, scale)
+    s = _scale_and_saturate(groups, qscale, c, scale)
+    return _unscale(_round_to_values(s, c), finite, dscale, scale)
 
 
 def _cast_out(y: jax.Array, dtype: Any) -> jax.Array:
@@ -350,8 +473,16 @@ def _cast_out(y: jax.Array, dtype: Any) -> jax.Array:
     own f32→bf16 convert is ~1.7x slower here); identical bits for every finite
     value and ±inf (overflow rounds to inf, as IEEE RNE does); NaN stays NaN
     (canonical payload — NaN payloads are unspecified by the contract). Inputs
-    are float32 normals, zeros, ±inf or NaN (never subnormal, by the scale floor).
+    are float32 normals, zeros, ±inf or NaN — never subnormal by the scale floor,
+    except under MX rules (§11: ``v · 2**(b - 127)`` for small bytes ``b``): the
+    integer rounding is exact for them too, float16 makes them ±0 (as RNE does),
+    and float64 (x64) reads their bits, where XLA:CPU's convert would flush them.
     """
+    if jax.dtypes.canonicalize_dtype(dtype) == jnp.float64:      # x64 on
+        b = lax.bitcast_convert_type(y, jnp.uint32)
+        sub = (b & jnp.uint32(0x7F800000)) == 0
+        field = (b & jnp.uint32(0x7FFFFF)).astype(jnp.float64) * np.float64(2.0 ** -149)
+        return jnp.where(sub, jnp.where(jnp.signbit(y), -field, field), y.astype(jnp.float64))
     if jnp.dtype(dtype) != jnp.bfloat16:
         return y.astype(dtype)
     b = lax.bitcast_convert_type(y, jnp.uint32)
@@ -719,7 +850,11 @@ def _ffi_recipes() -> bool:
 
 def _operand_kernel(rule, lay: _Layout, codebook: Codebook | None, *dtypes) -> bool:
     """The C kernel serves this operand (decided outside the trace; ``codebook=None``:
-    decoding, which takes any codebook)."""
+    decoding, which takes any codebook). Only scale rules the kernel executes
+    (``fp8core._kernel.SCALE_RULE_CODES``) go to it: the MX rules run on XLA ops until
+    the kernel's binding lists them."""
+    if rule.scale not in _kernel.SCALE_RULE_CODES:
+        return False
     if lay.plan.rows * lay.plan.cols == 0 or not _kernel_path(codebook, *dtypes):
         return False
     if rule.scale != "fp32" or (lay.plan.kind == "tiles" and lay.runs is None
@@ -889,7 +1024,8 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
       x: float16 / bfloat16 / float32 array; ``axis`` is its contraction axis (the
         last, or 0 of a 2-D array — the transposed orientation a backward GEMM uses).
       rule: element format, granularity (tensor, axiswise, block(B), tile(B),
-        flat(B)) and scale rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``). Static.
+        flat(B)) and scale rule (``"fp32"``, ``"pow2"``, ``"pow2_torchao"``, or an MX
+        rule ``"mx_floor"`` … ``"mx_rceil"``: e8m0 block scales, §11). Static.
       absmax: for a ``tensor()`` rule, a float32 amax (0-d or ``(1, 1)``) to scale by
         instead of ``x``'s own (§10.2: e.g. the all-reduced max of every device's absmax);
         returned as given.
@@ -965,3 +1101,106 @@ def _fake_operand_zero_grad(x, rule, axis: int):
 def _fake_operand_jvp(rule, axis, primals, tangents):
     (x,), (dx,) = primals, tangents
     return _fake_operand(x, rule, axis), jnp.zeros_like(dx)
+
+
+# ------------------------------------------------------------ §11: OCP MX
+@functools.lru_cache(maxsize=None)
+def _e8m0_exponents() -> np.ndarray:
+    """int32[256]: ``b - 127``, the exponent of each e8m0 byte's value
+    (:func:`fp8core.mx.e8m0_values`; 0 for the NaN byte, unused)."""
+    v = fp8core.mx.e8m0_values(np.arange(256)).astype(np.float64)
+    frac, exp = np.frexp(np.where(np.isnan(v), 1.0, v))
+    if not np.all(frac == 0.5):
+        raise AssertionError("e8m0 values are powers of two")
+    out = (exp - 1).astype(np.int32)
+    out.setflags(write=False)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _mx_scale_bytes_jit(absmax, codebook: Codebook, scale: str, shape: tuple[int, ...], axis: int):
+    """The e8m0 bytes (uint8) of quantize_operand's absmax grid, laid out as
+    :func:`fp8core.mx.scales_shape` (the layout of :func:`fp8core.mx.scales_layout`)."""
+    b = _mx_bytes(absmax, _constants(codebook), scale).astype(jnp.uint8)
+    if len(shape) == 2 and axis in (0, -2):
+        return b.T
+    return b.reshape(*shape[:-1], b.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _dequantize_mx_jit(codes, scales, codebook: Codebook, block_size: int, ax: int, dtype: str):
+    """``fl(value[code] · 2**(scale − 127))`` by :func:`_mul_pow2` (exact, subnormal
+    results included), NaN where the byte is 255, cast once to ``dtype``."""
+    k = jnp.asarray(_e8m0_exponents())[scales.astype(jnp.int32)]
+    nan = scales == jnp.uint8(fp8core.mx.E8M0_NAN)
+
+    def expand(s):   # fp8core.mx.expand_scales: each block's value over its elements
+        s = jnp.repeat(s, block_size, axis=ax, total_repeat_length=s.shape[ax] * block_size)
+        return lax.slice_in_dim(s, 0, codes.shape[ax], axis=ax)
+
+    y = _mul_pow2(_decode(codes, _constants(codebook)), expand(k))
+    y = jnp.where(expand(nan), jnp.float32(np.nan), y)
+    return _cast_out(y, dtype)
+
+
+def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int = -1,
+                scale_mode: str = "floor") -> tuple[jax.Array, jax.Array]:
+    """OCP MX quantization (§11): one e8m0 scale byte per block of ``block_size``
+    consecutive elements along ``axis``; bit-identical to :func:`fp8core.quantize_mx`.
+
+    Args:
+      x: float16 / bfloat16 / float32 array; ``axis`` the last, or 0 of a 2-D array (a
+        last partial block is allowed).
+      element_format: an MX element format (``"e4m3"``, ``"e5m2"``, ``"e2m3"``,
+        ``"e3m2"``, ``"e2m1"`` or their ml_dtypes names). Static, as the other keywords.
+      block_size: elements per block, a positive multiple of the format's packing unit.
+      scale_mode: torchao 0.18's ``ScaleCalculationMode``: ``"floor"`` (OCP MX v1.0),
+        ``"ceil"``, ``"even"`` or ``"rceil"`` (:mod:`fp8core.mx`).
+
+    Returns:
+      ``(codes, scales)``: uint8 element codes shaped like ``x`` (a sub-byte format's bit
+      pattern in the low bits) and uint8 e8m0 bytes of shape
+      :func:`fp8core.mx.scales_shape`.
+
+    Numerics: the block's §3.2 absmax; its byte searched in
+    :func:`fp8core.mx.byte_table` (NaN → 255); elements ``clip(x · qscale, −M, M)``
+    (:func:`fp8core.mx.byte_scales`, a power of two applied to the float32 bits, float32
+    subnormal inputs included — XLA:CPU would flush them), rounded half to even; a
+    block of byte 255 stores the fill code. Not differentiable: ``x`` enters through
+    ``stop_gradient`` (its derivative is zero, as :func:`fake_quantize_operand`'s).
+
+    Raises:
+      TypeError / ValueError: as :func:`fp8core.quantize_mx` (bad ``x`` dtype,
+      ``element_format``, ``block_size``, ``scale_mode`` or ``axis``).
+    """
+    x = _check_x(x)
+    rule = fp8core.mx.mx_rule(element_format, block_size, scale_mode)
+    axis = _check_axis(tuple(x.shape), rule, axis)
+    _, codes, absmax = _operand(lax.stop_gradient(x), rule, axis, None, True)
+    plan = _layout(tuple(x.shape), rule.granularity, axis).plan
+    scales = _mx_scale_bytes_jit(absmax.reshape(plan.scale_shape), rule.format, rule.scale,
+                                 tuple(x.shape), axis)
+    return codes, scales
+
+
+def dequantize_mx(codes: Any, scales: Any, element_format: Any, *, block_size: int = 32,
+                  axis: int = -1, dtype: Any = jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_mx`: ``fl(value[code] · 2**(scale − 127))`` — exact in
+    float32, subnormal results included (integer arithmetic on the bits: XLA:CPU flushes
+    float32 subnormals) — NaN where the scale byte is 255, cast once to ``dtype`` (round
+    half to even). Bit-identical to :func:`fp8core.dequantize_mx`; the inputs are
+    integers, so nothing is differentiated.
+
+    Raises:
+      TypeError: ``codes`` or ``scales`` not uint8, ``dtype`` not a float dtype.
+      ValueError: as :func:`fp8core.dequantize_mx` (``element_format``, ``block_size``,
+        ``scales`` not of :func:`fp8core.mx.scales_shape`).
+    """
+    codes = jnp.asarray(codes) if not hasattr(codes, "dtype") else codes
+    scales = jnp.asarray(scales) if not hasattr(scales, "dtype") else scales
+    rule = fp8core.mx.mx_rule(element_format, block_size, "floor")
+    _validation.check_codes_dtype(np.dtype(codes.dtype).name)
+    fp8core.mx.check_scales(np.dtype(scales.dtype).name, tuple(scales.shape), tuple(codes.shape),
+                            block_size, axis)
+    dtype = _dtype_name(dtype)
+    return _dequantize_mx_jit(codes, scales, rule.format, int(block_size), axis % codes.ndim, dtype)
