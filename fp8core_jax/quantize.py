@@ -165,8 +165,22 @@ def _absmax_parts(n_groups: int, size: int) -> int:
     return 1
 
 
+def _per_group(a: jax.Array, groups: jax.Array) -> jax.Array:
+    """A per-group array broadcast against its groups' elements: ``(n,)`` against
+    ``(n, size)``, the grid ``(gr, gc)`` against the tile view ``(gr, gc, th, tw)``."""
+    return a.reshape(a.shape + (1,) * (groups.ndim - a.ndim))
+
+
+# Inner chunk of a tile (rows, columns) that the one-pass variadic reduction covers in the
+# tile view; the chunks' partial maxima are reduced by one integer max (_tile_key).
+_TILE_CHUNK = (8, 128)
+_NAN_KEY = 0x7FFFFFFF  # above every |x| bit pattern, NaN's included
+
+
 def _group_absmax(groups: jax.Array) -> jax.Array:
-    """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
+    """§3.2 on a (n_groups, size) float32 array, or on the tile view
+    ``(gr, gc, th, tw)`` of :func:`_tiles_to_groups` (absmax ``(gr, gc)``):
+    NaN-propagating max |x|.
 
     One variadic reduction yields ``(max |x|, any(isnan(x)))`` per group; a NaN
     flag gives the canonical NaN whatever the float max did with the NaN (XLA's
@@ -184,26 +198,55 @@ def _group_absmax(groups: jax.Array) -> jax.Array:
     # materialised first (~3.5x slower on 16M elements), and a lone float max
     # goes to a library kernel that drops NaN and materialises |x| unless the
     # shapes line up. The float max is only trusted where no NaN is present
-    # (max of non-NaN floats is exact in any order, also as a cross-device
-    # all-reduce); the NaN flag is an exact boolean OR in any order.
-    def combine(p, q):
-        return jnp.maximum(p[0], q[0]), p[1] | q[1]
-
-    def reduce_last(mag, nan):
-        return lax.reduce((mag, nan), (jnp.float32(0), np.bool_(False)), combine, (mag.ndim - 1,))
-
+    # (max of non-NaN floats is exact in any order); the NaN flag is an exact
+    # boolean OR in any order. Both are then folded into one int32 key (_key),
+    # whose max — also across shards — is the absmax.
+    if groups.ndim == 4:
+        return _absmax_of_key(_tile_key(groups))
     n_groups, size = groups.shape
     parts = _absmax_parts(n_groups, size)
     if parts > 1:  # few large groups: reduce `parts` slices of each in parallel first
         sl = groups.reshape(n_groups * parts, size // parts)
-        top, has_nan = reduce_last(jnp.abs(sl), jnp.isnan(sl))
-        top, has_nan = reduce_last(top.reshape(n_groups, parts), has_nan.reshape(n_groups, parts))
+        top, has_nan = _mag_nan(jnp.abs(sl), jnp.isnan(sl), (1,))
+        top, has_nan = _mag_nan(top.reshape(n_groups, parts), has_nan.reshape(n_groups, parts), (1,))
     else:
-        top, has_nan = reduce_last(jnp.abs(groups), jnp.isnan(groups))
-    top = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7FFFFFFF)
-    top = jnp.where(top < jnp.int32(0x00800000), jnp.int32(0), top)           # subnormal → +0
-    top = jnp.where(has_nan | (top > jnp.int32(0x7F800000)),
-                    jnp.int32(CANONICAL_NAN_BITS.view(np.int32)), top)
+        top, has_nan = _mag_nan(jnp.abs(groups), jnp.isnan(groups), (1,))
+    return _absmax_of_key(_key(top, has_nan))
+
+
+def _mag_nan(mag: jax.Array, nan: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(max mag, any nan)`` over ``axes``: one variadic reduction (one fused pass)."""
+    return lax.reduce((mag, nan), (jnp.float32(0), np.bool_(False)),
+                      lambda p, q: (jnp.maximum(p[0], q[0]), p[1] | q[1]), axes)
+
+
+def _key(top: jax.Array, has_nan: jax.Array) -> jax.Array:
+    """An int32 whose max is the absmax: the bits of ``|top|`` (ordered as the floats
+    they are, for non-negative floats), :data:`_NAN_KEY` for a NaN group. An integer max
+    is exact and NaN-propagating in any order, also as a cross-device all-reduce."""
+    bits = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    return jnp.where(has_nan, jnp.int32(_NAN_KEY), bits)
+
+
+def _tile_key(groups: jax.Array) -> jax.Array:
+    """:func:`_key` per tile of the tile view ``(gr, gc, th, tw)``, shape ``(gr, gc)``: the
+    variadic reduction over chunks of at most 8 rows x 128 columns of each tile, then an
+    integer max of the chunks' keys. A variadic reduction over a sharded axis is
+    partitioned as an all-gather of the per-shard partials; a plain max becomes an
+    all-reduce, so a tile that spans shards (per-tensor, per-column over sharded tokens)
+    costs an all-reduce of one int32 per tile. Shards whose size is a multiple of the
+    chunk keep the first stage local; the second runs on 1/1024 of the data."""
+    gr, gc, th, tw = groups.shape
+    thi, twi = np.gcd(th, _TILE_CHUNK[0]), np.gcd(tw, _TILE_CHUNK[1])
+    v = groups.reshape(gr, gc, th // thi, thi, tw // twi, twi)
+    return jnp.max(_key(*_mag_nan(jnp.abs(v), jnp.isnan(v), (3, 5))), axis=(2, 3))
+
+
+def _absmax_of_key(key: jax.Array) -> jax.Array:
+    """The stored absmax of a :func:`_key`: +0 below the smallest normal, the canonical
+    NaN for a NaN group."""
+    top = jnp.where(key < jnp.int32(0x00800000), jnp.int32(0), key)           # subnormal → +0
+    top = jnp.where(top > jnp.int32(0x7F800000), jnp.int32(CANONICAL_NAN_BITS.view(np.int32)), top)
     return lax.bitcast_convert_type(top, jnp.float32)
 
 
@@ -244,7 +287,7 @@ def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
 
 def _scale_and_saturate(groups: jax.Array, qscale: jax.Array, c: _Constants) -> jax.Array:
     """§3.4: ``clip(fl(x * qscale), -M, M)`` — the clamp precedes any cast."""
-    return jnp.clip(groups * qscale[..., None], -jnp.float32(c.m), jnp.float32(c.m))
+    return jnp.clip(groups * _per_group(qscale, groups), -jnp.float32(c.m), jnp.float32(c.m))
 
 
 def _search_index(s: jax.Array, c: _Constants) -> jax.Array:
@@ -316,16 +359,16 @@ def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32"
     absmax = _group_absmax(groups)                                     # §3.2
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c)                         # §3.4
-    s = jnp.where(finite[..., None], s, jnp.float32(0))
+    s = jnp.where(_per_group(finite, groups), s, jnp.float32(0))
     codes = _round_to_codes(s, c)                                      # §3.5
-    codes = jnp.where(finite[..., None], codes, jnp.uint8(c.fill_code))  # §3.6
+    codes = jnp.where(_per_group(finite, groups), codes, jnp.uint8(c.fill_code))  # §3.6
     return codes, absmax
 
 
 def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants,
                        scale: str = "fp32") -> jax.Array:
     _, _, dscale = _group_scales(absmax, c, scale)                     # §4.1
-    return _decode(codes, c) * dscale[..., None]                       # §4.2–4.3
+    return _decode(codes, c) * _per_group(dscale, codes)               # §4.2–4.3
 
 
 def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32") -> jax.Array:
@@ -337,7 +380,7 @@ def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32") -> jax.A
     absmax = _group_absmax(groups)
     _, qscale, dscale = _group_scales(absmax, c, scale)
     s = _scale_and_saturate(groups, qscale, c)
-    return _round_to_values(s, c) * dscale[..., None]
+    return _round_to_values(s, c) * _per_group(dscale, groups)
 
 
 def _cast_out(y: jax.Array, dtype: Any) -> jax.Array:
@@ -653,33 +696,47 @@ def _tight(t: TilePlan) -> TilePlan:
 
 
 def _tiles_to_groups(m: jax.Array, t: TilePlan) -> jax.Array:
-    """``(rows, cols)`` → ``(n_groups, tile_rows * tile_cols)``, tiles in row-major grid
-    order; edge tiles padded with zeros (which never change an absmax)."""
+    """``(rows, cols)`` → the tile view ``(gr, gc, tile_rows, tile_cols)`` (tile ``(i, j)``
+    at ``[i, j]``); edge tiles padded with zeros (which never change an absmax). A
+    reshape that splits each axis and a transpose, never one that merges axes: a
+    sharded axis stays one axis of the view, so the partitioner keeps it sharded."""
     t = _tight(t)
     if t.pad_rows or t.pad_cols:
         m = jnp.pad(m, ((0, t.pad_rows), (0, t.pad_cols)))
     gr, gc = t.grid
-    m4 = m.reshape(gr, t.tile_rows, gc, t.tile_cols)
-    if t.tile_rows > 1 and gc > 1:  # otherwise (gr, th, gc, tw) already lists whole tiles
-        m4 = m4.transpose(0, 2, 1, 3)
-    return m4.reshape(gr * gc, t.tile_rows * t.tile_cols)
+    return m.reshape(gr, t.tile_rows, gc, t.tile_cols).transpose(0, 2, 1, 3)
 
 
 def _groups_to_tiles(groups: jax.Array, t: TilePlan) -> jax.Array:
     t = _tight(t)
-    gr, gc = t.grid
-    m4 = groups.reshape(gr, gc, t.tile_rows, t.tile_cols)
-    if t.tile_rows > 1 and gc > 1:
-        m4 = m4.transpose(0, 2, 1, 3)
-    m = m4.reshape(t.padded_shape)
+    m = groups.transpose(0, 2, 1, 3).reshape(t.padded_shape)
     return m[: t.rows, : t.cols] if (t.pad_rows or t.pad_cols) else m
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_as_tiles(lay: _Layout) -> TilePlan | None:
+    """The tiles that hold the same groups, in the same order, as the flat blocks of an
+    operand that is not transposed, when a block size divides the rows' length (tiles
+    ``1 x B``) or is a multiple of it dividing the array (tiles of ``B / cols`` whole rows,
+    or one tile). Those go through the tile view, which a partitioner
+    keeps sharded along either axis; other flat blocks run across rows."""
+    if lay.plan.kind != "flat" or lay.transposed:
+        return None
+    rows, cols, bs = lay.plan.rows, lay.plan.cols, lay.plan.flat.blocksize
+    if cols % bs == 0:
+        return plan_tiles(rows, cols, 1, bs)
+    if bs % cols == 0 and (rows % (bs // cols) == 0 or bs // cols >= rows):  # no padding
+        return plan_tiles(rows, cols, min(bs // cols, rows), cols)
+    return None
 
 
 def _operand_apply(fn, x: jax.Array, lay: _Layout, *per_group: jax.Array):
     """``fn(groups, *per_group) -> (per_element, per_group_out)`` over the operand's groups
     (physical group order); per-element outputs come back shaped like ``x``, per-group
-    ones 1-D. Flat blocks go through :func:`_blockwise` (a partial block unpadded)."""
-    if lay.plan.kind == "flat":
+    ones 1-D. Flat blocks go through the tile view when they are tiles
+    (:func:`_flat_as_tiles`), else through :func:`_blockwise` (a partial block unpadded)."""
+    tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+    if tiles is None:
         flat = (x.T if lay.transposed else x).reshape(-1)
         elems, groups = _blockwise(fn, flat, lay.plan.flat, *per_group)
         if lay.transposed:
@@ -687,9 +744,9 @@ def _operand_apply(fn, x: jax.Array, lay: _Layout, *per_group: jax.Array):
         else:
             back = lambda y: y.reshape(x.shape)  # noqa: E731
     else:
-        elems, groups = fn(_tiles_to_groups(x.reshape(lay.phys.rows, lay.phys.cols), lay.phys),
-                           *per_group)
-        back = lambda y: _groups_to_tiles(y, lay.phys).reshape(x.shape)  # noqa: E731
+        elems, groups = fn(_tiles_to_groups(x.reshape(tiles.rows, tiles.cols), tiles),
+                           *(a.reshape(tiles.grid) for a in per_group))
+        back = lambda y: _groups_to_tiles(y, tiles).reshape(x.shape)  # noqa: E731
     return (tuple(None if y is None else back(y) for y in elems),
             tuple(None if a is None else a.reshape(-1) for a in groups))
 
