@@ -17,7 +17,13 @@ constants derived from it (value table, thresholds) are built once per codebook
 On CPU, native codebooks and float32 / float16 / bfloat16 data go through fp8core's
 fused C kernel as an XLA custom call (:mod:`fp8core_jax._ffi`; the torch backend's
 kernel, same bits); everything else — other platforms, tables, float64, or
-``FP8CORE_KERNEL=0`` — runs the jax.numpy body below.
+``FP8CORE_KERNEL=0`` — runs the jax.numpy body below. Under ``jit`` with sharded
+operands, a GEMM operand whose groups are tiles (every granularity but flat blocks
+running across rows) is not all-gathered when each shard holds whole tiles or each tile
+whole shards (then its absmax is all-reduced), on either path: the jax.numpy body is
+written so the SPMD partitioner keeps it sharded (:func:`_tiles_to_groups`,
+:func:`_tile_key`), and the custom calls carry a sharding rule
+(:mod:`fp8core_jax._partition`).
 
 XLA hazards and how this module meets them (each is pinned by a test in
 ``tests/test_jax_quantize.py``):
@@ -48,7 +54,7 @@ import fp8core.recipe
 from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
 from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
-from fp8core_jax import _ffi
+from fp8core_jax import _ffi, _partition
 
 __all__ = [
     "quantize_blockwise",
@@ -354,9 +360,12 @@ def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
     return _decode(_round_to_codes(s, c), c)
 
 
-def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32"
-                     ) -> tuple[jax.Array, jax.Array]:
-    absmax = _group_absmax(groups)                                     # §3.2
+def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
+                     absmax: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(codes, absmax)`` of the groups; ``absmax`` given: the groups' absmax computed
+    elsewhere (a group spanning shards, fp8core_jax._partition)."""
+    if absmax is None:
+        absmax = _group_absmax(groups)                                 # §3.2
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c)                         # §3.4
     s = jnp.where(_per_group(finite, groups), s, jnp.float32(0))
@@ -819,18 +828,17 @@ def _operand_jit(x, rule, axis: int, out_dtype: str | None, want_codes: bool, ke
     def fused(x):
         kw = dict(out_dtype=jnp.dtype(out_dtype) if out_dtype else None, want_codes=want_codes,
                   **_scale_kw(rule))
-        if lay.plan.kind == "flat" and lay.transposed:
+        tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+        if tiles is not None:  # tiles, with a sharding rule (fp8core_jax._partition)
+            vals, codes, absmax = _partition.quantize_tiles(
+                x.reshape(tiles.rows, tiles.cols), tiles, cb, rule.scale, kw["out_dtype"], want_codes)
+            back = lambda y: y.reshape(x.shape)  # noqa: E731
+        elif lay.transposed:  # flat blocks of the transpose's flattening
             vals, codes, absmax = _ffi.quantize(x.T, cb, lay.plan.flat.blocksize, **kw)
             back = lambda y: y.reshape(x.shape[::-1]).T  # noqa: E731
-        else:
+        else:  # flat blocks running across rows
+            vals, codes, absmax = _ffi.quantize(x, cb, lay.plan.flat.blocksize, **kw)
             back = lambda y: y.reshape(x.shape)  # noqa: E731
-            if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
-                blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
-                vals, codes, absmax = _ffi.quantize(x, cb, blocksize, **kw)
-            else:
-                t = lay.phys
-                vals, codes, absmax = _ffi.quantize_tiles(x.reshape(t.rows, t.cols), cb, t.tile_rows,
-                                                          t.tile_cols, **kw)
         return (back(vals) if out_dtype else None, back(codes) if want_codes else None,
                 _grid_of_groups(absmax.reshape(-1), lay))
 
@@ -854,16 +862,15 @@ def _dequantize_operand_jit(codes, absmax, rule, axis: int, dtype: str, kernel: 
     def fused(codes, absmax):
         kw = _scale_kw(rule)
         flat_absmax = _groups_of_grid(absmax, lay)
-        if lay.plan.kind == "flat" and lay.transposed:
+        tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+        if tiles is not None:  # tiles, with a sharding rule (fp8core_jax._partition)
+            return _partition.dequantize_tiles(codes.reshape(tiles.rows, tiles.cols),
+                                               flat_absmax.reshape(tiles.grid), tiles, cb,
+                                               rule.scale, dtype).reshape(codes.shape)
+        if lay.transposed:  # flat blocks
             y = _ffi.dequantize(codes.T, flat_absmax, cb, lay.plan.flat.blocksize, jnp.dtype(dtype), **kw)
             return y.reshape(codes.shape[::-1]).T
-        if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
-            blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
-            y = _ffi.dequantize(codes, flat_absmax, cb, blocksize, jnp.dtype(dtype), **kw)
-        else:
-            t = lay.phys
-            y = _ffi.dequantize_tiles(codes.reshape(t.rows, t.cols), flat_absmax.reshape(t.grid), cb,
-                                      t.tile_rows, t.tile_cols, jnp.dtype(dtype), **kw)
+        y = _ffi.dequantize(codes, flat_absmax, cb, lay.plan.flat.blocksize, jnp.dtype(dtype), **kw)
         return y.reshape(codes.shape)
 
     return _dispatch(kernel, (codes, absmax), fused, xla)
