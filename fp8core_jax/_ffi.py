@@ -289,11 +289,12 @@ def quantize(x: jax.Array, codebook: Codebook, blocksize: int | None, *, out_dty
 
 
 def dequantize(codes: jax.Array, absmax: jax.Array, codebook: Codebook, blocksize: int | None,
-               dtype, *, scale: str = "fp32") -> jax.Array:
-    """Flat ``fl(value[code] * dscale)`` in ``dtype`` (f32/f16/bf16), any codebook. CPU only."""
+               dtype, *, scale: str = "fp32", table: jax.Array | None = None) -> jax.Array:
+    """Flat ``fl(value[code] * dscale)`` in ``dtype`` (f32/f16/bf16), any codebook. CPU only.
+    ``table``: the codebook's value table as an operand (default: a constant)."""
     call = jax.ffi.ffi_call("fp8q_xla_dequantize",
                             jax.ShapeDtypeStruct((codes.size,), dtype), vmap_method="sequential")
-    table = jnp.asarray(_kernel._table(codebook))
+    table = jnp.asarray(_kernel._table(codebook)) if table is None else table
     y = call(codes.reshape(-1), absmax.reshape(-1).astype(jnp.float32), table,
              group=np.int64(blocksize or 0), **_scale_attrs(codebook, scale))
     return _like((y,), _varying(codes, absmax))[0]
@@ -321,9 +322,11 @@ def quantize_tiles(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: 
 
 
 def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, tile_rows: int,
-                     tile_cols: int, dtype, *, scale: str = "fp32") -> jax.Array:
+                     tile_cols: int, dtype, *, scale: str = "fp32",
+                     table: jax.Array | None = None) -> jax.Array:
     """``fl(value[code] * dscale)`` of 2-D ``codes`` with their absmax grid, in ``dtype``
-    (f32/f16/bf16), shape ``codes.shape``; any codebook. CPU only."""
+    (f32/f16/bf16), shape ``codes.shape``; any codebook; ``table`` as :func:`dequantize`.
+    CPU only."""
     if codes.ndim != 2:
         raise ValueError(f"dequantize_tiles: codes must be 2-D, got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
@@ -333,7 +336,7 @@ def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, ti
                          f"{tuple(absmax.shape)}")
     call = jax.ffi.ffi_call("fp8q_xla_dequantize_tiles",
                             jax.ShapeDtypeStruct((rows, cols), dtype), vmap_method="sequential")
-    table = jnp.asarray(_kernel._table(codebook))
+    table = jnp.asarray(_kernel._table(codebook)) if table is None else table
     y = call(codes, absmax.astype(jnp.float32), table, tile_rows=np.int64(tile_rows),
              tile_cols=np.int64(tile_cols), **_scale_attrs(codebook, scale))
     return _like((y,), _varying(codes, absmax))[0]

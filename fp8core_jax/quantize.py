@@ -17,7 +17,13 @@ constants derived from it (value table, thresholds) are built once per codebook
 On CPU, native codebooks and float32 / float16 / bfloat16 data go through fp8core's
 fused C kernel as an XLA custom call (:mod:`fp8core_jax._ffi`; the torch backend's
 kernel, same bits); everything else — other platforms, tables, float64, or
-``FP8CORE_KERNEL=0`` — runs the jax.numpy body below.
+``FP8CORE_KERNEL=0`` — runs the jax.numpy body below. Under ``jit`` with sharded
+operands, a GEMM operand whose groups are tiles (every granularity but flat blocks
+running across rows) is not all-gathered when each shard holds whole tiles or each tile
+whole shards (then its absmax is all-reduced), on either path: the jax.numpy body is
+written so the SPMD partitioner keeps it sharded (:func:`_tiles_to_groups`,
+:func:`_tile_key`), and the custom calls carry a sharding rule
+(:mod:`fp8core_jax._partition`).
 
 XLA hazards and how this module meets them (each is pinned by a test in
 ``tests/test_jax_quantize.py``):
@@ -53,7 +59,7 @@ import fp8core.recipe
 from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
 from fp8core.codebooks import CANONICAL_NAN_BITS, F32_SMALLEST_NORMAL, Codebook
-from fp8core_jax import _ffi
+from fp8core_jax import _ffi, _partition
 
 __all__ = [
     "quantize_blockwise",
@@ -174,8 +180,22 @@ def _absmax_parts(n_groups: int, size: int) -> int:
     return 1
 
 
+def _per_group(a: jax.Array, groups: jax.Array) -> jax.Array:
+    """A per-group array broadcast against its groups' elements: ``(n,)`` against
+    ``(n, size)``, the grid ``(gr, gc)`` against the tile view ``(gr, gc, th, tw)``."""
+    return a.reshape(a.shape + (1,) * (groups.ndim - a.ndim))
+
+
+# Inner chunk of a tile (rows, columns) that the one-pass variadic reduction covers in the
+# tile view; the chunks' partial maxima are reduced by one integer max (_tile_key).
+_TILE_CHUNK = (8, 128)
+_NAN_KEY = 0x7FFFFFFF  # above every |x| bit pattern, NaN's included
+
+
 def _group_absmax(groups: jax.Array) -> jax.Array:
-    """§3.2 on a (n_groups, size) float32 array: NaN-propagating max |x|.
+    """§3.2 on a (n_groups, size) float32 array, or on the tile view
+    ``(gr, gc, th, tw)`` of :func:`_tiles_to_groups` (absmax ``(gr, gc)``):
+    NaN-propagating max |x|.
 
     One variadic reduction yields ``(max |x|, any(isnan(x)))`` per group; a NaN
     flag gives the canonical NaN whatever the float max did with the NaN (XLA's
@@ -193,26 +213,55 @@ def _group_absmax(groups: jax.Array) -> jax.Array:
     # materialised first (~3.5x slower on 16M elements), and a lone float max
     # goes to a library kernel that drops NaN and materialises |x| unless the
     # shapes line up. The float max is only trusted where no NaN is present
-    # (max of non-NaN floats is exact in any order, also as a cross-device
-    # all-reduce); the NaN flag is an exact boolean OR in any order.
-    def combine(p, q):
-        return jnp.maximum(p[0], q[0]), p[1] | q[1]
-
-    def reduce_last(mag, nan):
-        return lax.reduce((mag, nan), (jnp.float32(0), np.bool_(False)), combine, (mag.ndim - 1,))
-
+    # (max of non-NaN floats is exact in any order); the NaN flag is an exact
+    # boolean OR in any order. Both are then folded into one int32 key (_key),
+    # whose max — also across shards — is the absmax.
+    if groups.ndim == 4:
+        return _absmax_of_key(_tile_key(groups))
     n_groups, size = groups.shape
     parts = _absmax_parts(n_groups, size)
     if parts > 1:  # few large groups: reduce `parts` slices of each in parallel first
         sl = groups.reshape(n_groups * parts, size // parts)
-        top, has_nan = reduce_last(jnp.abs(sl), jnp.isnan(sl))
-        top, has_nan = reduce_last(top.reshape(n_groups, parts), has_nan.reshape(n_groups, parts))
+        top, has_nan = _mag_nan(jnp.abs(sl), jnp.isnan(sl), (1,))
+        top, has_nan = _mag_nan(top.reshape(n_groups, parts), has_nan.reshape(n_groups, parts), (1,))
     else:
-        top, has_nan = reduce_last(jnp.abs(groups), jnp.isnan(groups))
-    top = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7FFFFFFF)
-    top = jnp.where(top < jnp.int32(0x00800000), jnp.int32(0), top)           # subnormal → +0
-    top = jnp.where(has_nan | (top > jnp.int32(0x7F800000)),
-                    jnp.int32(CANONICAL_NAN_BITS.view(np.int32)), top)
+        top, has_nan = _mag_nan(jnp.abs(groups), jnp.isnan(groups), (1,))
+    return _absmax_of_key(_key(top, has_nan))
+
+
+def _mag_nan(mag: jax.Array, nan: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(max mag, any nan)`` over ``axes``: one variadic reduction (one fused pass)."""
+    return lax.reduce((mag, nan), (jnp.float32(0), np.bool_(False)),
+                      lambda p, q: (jnp.maximum(p[0], q[0]), p[1] | q[1]), axes)
+
+
+def _key(top: jax.Array, has_nan: jax.Array) -> jax.Array:
+    """An int32 whose max is the absmax: the bits of ``|top|`` (ordered as the floats
+    they are, for non-negative floats), :data:`_NAN_KEY` for a NaN group. An integer max
+    is exact and NaN-propagating in any order, also as a cross-device all-reduce."""
+    bits = lax.bitcast_convert_type(top, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    return jnp.where(has_nan, jnp.int32(_NAN_KEY), bits)
+
+
+def _tile_key(groups: jax.Array) -> jax.Array:
+    """:func:`_key` per tile of the tile view ``(gr, gc, th, tw)``, shape ``(gr, gc)``: the
+    variadic reduction over chunks of at most 8 rows x 128 columns of each tile, then an
+    integer max of the chunks' keys. A variadic reduction over a sharded axis is
+    partitioned as an all-gather of the per-shard partials; a plain max becomes an
+    all-reduce, so a tile that spans shards (per-tensor, per-column over sharded tokens)
+    costs an all-reduce of one int32 per tile. Shards whose size is a multiple of the
+    chunk keep the first stage local; the second runs on 1/1024 of the data."""
+    gr, gc, th, tw = groups.shape
+    thi, twi = np.gcd(th, _TILE_CHUNK[0]), np.gcd(tw, _TILE_CHUNK[1])
+    v = groups.reshape(gr, gc, th // thi, thi, tw // twi, twi)
+    return jnp.max(_key(*_mag_nan(jnp.abs(v), jnp.isnan(v), (3, 5))), axis=(2, 3))
+
+
+def _absmax_of_key(key: jax.Array) -> jax.Array:
+    """The stored absmax of a :func:`_key`: +0 below the smallest normal, the canonical
+    NaN for a NaN group."""
+    top = jnp.where(key < jnp.int32(0x00800000), jnp.int32(0), key)           # subnormal → +0
+    top = jnp.where(top > jnp.int32(0x7F800000), jnp.int32(CANONICAL_NAN_BITS.view(np.int32)), top)
     return lax.bitcast_convert_type(top, jnp.float32)
 
 
@@ -354,9 +403,9 @@ def _scale_and_saturate(groups: jax.Array, qscale: jax.Array, c: _Constants,
     ``x`` scaled by up to ``2**126`` is a normal with a non-zero code; ``2**-127``, rceil's
     scale of an inf block, is itself subnormal)."""
     if scale in fp8core.mx.MX_SCALE_RULES:
-        s = _mul_pow2(groups, qscale[..., None])
+        s = _mul_pow2(groups, _per_group(qscale, groups))
     else:
-        s = groups * qscale[..., None]
+        s = groups * _per_group(qscale, groups)
     return jnp.clip(s, -jnp.float32(c.m), jnp.float32(c.m))
 
 
@@ -365,9 +414,9 @@ def _unscale(values: jax.Array, finite: jax.Array, dscale: jax.Array, scale: str
     ``dscale`` is the exponent ``k``, the product :func:`_mul_pow2` (exact, subnormal
     results included, as the reference's), NaN where the byte is 255."""
     if scale in fp8core.mx.MX_SCALE_RULES:
-        return jnp.where(finite[..., None], _mul_pow2(values, dscale[..., None]),
+        return jnp.where(_per_group(finite, values), _mul_pow2(values, _per_group(dscale, values)),
                          jnp.float32(np.nan))
-    return values * dscale[..., None]
+    return values * _per_group(dscale, values)
 
 
 def _search_index(s: jax.Array, c: _Constants) -> jax.Array:
@@ -436,13 +485,15 @@ def _round_to_values(s: jax.Array, c: _Constants) -> jax.Array:
 
 def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
                      absmax: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(codes, absmax)`` of the groups; ``absmax`` given: the groups' absmax computed
+    elsewhere (a reduced amax, §10.2; a group spanning shards, fp8core_jax._partition)."""
     if absmax is None:
         absmax = _group_absmax(groups)                                 # §3.2
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c, scale)                  # §3.4
-    s = jnp.where(finite[..., None], s, jnp.float32(0))
+    s = jnp.where(_per_group(finite, groups), s, jnp.float32(0))
     codes = _round_to_codes(s, c)                                      # §3.5
-    codes = jnp.where(finite[..., None], codes, jnp.uint8(c.fill_code))  # §3.6
+    codes = jnp.where(_per_group(finite, groups), codes, jnp.uint8(c.fill_code))  # §3.6
     return codes, absmax
 
 
@@ -787,33 +838,47 @@ def _tight(t: TilePlan) -> TilePlan:
 
 
 def _tiles_to_groups(m: jax.Array, t: TilePlan) -> jax.Array:
-    """``(rows, cols)`` → ``(n_groups, tile_rows * tile_cols)``, tiles in row-major grid
-    order; edge tiles padded with zeros (which never change an absmax)."""
+    """``(rows, cols)`` → the tile view ``(gr, gc, tile_rows, tile_cols)`` (tile ``(i, j)``
+    at ``[i, j]``); edge tiles padded with zeros (which never change an absmax). A
+    reshape that splits each axis and a transpose, never one that merges axes: a
+    sharded axis stays one axis of the view, so the partitioner keeps it sharded."""
     t = _tight(t)
     if t.pad_rows or t.pad_cols:
         m = jnp.pad(m, ((0, t.pad_rows), (0, t.pad_cols)))
     gr, gc = t.grid
-    m4 = m.reshape(gr, t.tile_rows, gc, t.tile_cols)
-    if t.tile_rows > 1 and gc > 1:  # otherwise (gr, th, gc, tw) already lists whole tiles
-        m4 = m4.transpose(0, 2, 1, 3)
-    return m4.reshape(gr * gc, t.tile_rows * t.tile_cols)
+    return m.reshape(gr, t.tile_rows, gc, t.tile_cols).transpose(0, 2, 1, 3)
 
 
 def _groups_to_tiles(groups: jax.Array, t: TilePlan) -> jax.Array:
     t = _tight(t)
-    gr, gc = t.grid
-    m4 = groups.reshape(gr, gc, t.tile_rows, t.tile_cols)
-    if t.tile_rows > 1 and gc > 1:
-        m4 = m4.transpose(0, 2, 1, 3)
-    m = m4.reshape(t.padded_shape)
+    m = groups.transpose(0, 2, 1, 3).reshape(t.padded_shape)
     return m[: t.rows, : t.cols] if (t.pad_rows or t.pad_cols) else m
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_as_tiles(lay: _Layout) -> TilePlan | None:
+    """The tiles that hold the same groups, in the same order, as the flat blocks of an
+    operand that is not transposed, when a block size divides the rows' length (tiles
+    ``1 x B``) or is a multiple of it dividing the array (tiles of ``B / cols`` whole rows,
+    or one tile). Those go through the tile view, which a partitioner
+    keeps sharded along either axis; other flat blocks run across rows."""
+    if lay.plan.kind != "flat" or lay.transposed:
+        return None
+    rows, cols, bs = lay.plan.rows, lay.plan.cols, lay.plan.flat.blocksize
+    if cols % bs == 0:
+        return plan_tiles(rows, cols, 1, bs)
+    if bs % cols == 0 and (rows % (bs // cols) == 0 or bs // cols >= rows):  # no padding
+        return plan_tiles(rows, cols, min(bs // cols, rows), cols)
+    return None
 
 
 def _operand_apply(fn, x: jax.Array, lay: _Layout, *per_group: jax.Array):
     """``fn(groups, *per_group) -> (per_element, per_group_out)`` over the operand's groups
     (physical group order); per-element outputs come back shaped like ``x``, per-group
-    ones 1-D. Flat blocks go through :func:`_blockwise` (a partial block unpadded)."""
-    if lay.plan.kind == "flat":
+    ones 1-D. Flat blocks go through the tile view when they are tiles
+    (:func:`_flat_as_tiles`), else through :func:`_blockwise` (a partial block unpadded)."""
+    tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+    if tiles is None:
         flat = (x.T if lay.transposed else x).reshape(-1)
         elems, groups = _blockwise(fn, flat, lay.plan.flat, *per_group)
         if lay.transposed:
@@ -821,9 +886,9 @@ def _operand_apply(fn, x: jax.Array, lay: _Layout, *per_group: jax.Array):
         else:
             back = lambda y: y.reshape(x.shape)  # noqa: E731
     else:
-        elems, groups = fn(_tiles_to_groups(x.reshape(lay.phys.rows, lay.phys.cols), lay.phys),
-                           *per_group)
-        back = lambda y: _groups_to_tiles(y, lay.phys).reshape(x.shape)  # noqa: E731
+        elems, groups = fn(_tiles_to_groups(x.reshape(tiles.rows, tiles.cols), tiles),
+                           *(a.reshape(tiles.grid) for a in per_group))
+        back = lambda y: _groups_to_tiles(y, tiles).reshape(x.shape)  # noqa: E731
     return (tuple(None if y is None else back(y) for y in elems),
             tuple(None if a is None else a.reshape(-1) for a in groups))
 
@@ -900,18 +965,17 @@ def _operand_jit(x, rule, axis: int, out_dtype: str | None, want_codes: bool, ke
     def fused(x):
         kw = dict(out_dtype=jnp.dtype(out_dtype) if out_dtype else None, want_codes=want_codes,
                   **_scale_kw(rule))
-        if lay.plan.kind == "flat" and lay.transposed:
+        tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+        if tiles is not None:  # tiles, with a sharding rule (fp8core_jax._partition)
+            vals, codes, absmax = _partition.quantize_tiles(
+                x.reshape(tiles.rows, tiles.cols), tiles, cb, rule.scale, kw["out_dtype"], want_codes)
+            back = lambda y: y.reshape(x.shape)  # noqa: E731
+        elif lay.transposed:  # flat blocks of the transpose's flattening
             vals, codes, absmax = _ffi.quantize(x.T, cb, lay.plan.flat.blocksize, **kw)
             back = lambda y: y.reshape(x.shape[::-1]).T  # noqa: E731
-        else:
+        else:  # flat blocks running across rows
+            vals, codes, absmax = _ffi.quantize(x, cb, lay.plan.flat.blocksize, **kw)
             back = lambda y: y.reshape(x.shape)  # noqa: E731
-            if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
-                blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
-                vals, codes, absmax = _ffi.quantize(x, cb, blocksize, **kw)
-            else:
-                t = lay.phys
-                vals, codes, absmax = _ffi.quantize_tiles(x.reshape(t.rows, t.cols), cb, t.tile_rows,
-                                                          t.tile_cols, **kw)
         return (back(vals) if out_dtype else None, back(codes) if want_codes else None,
                 _grid_of_groups(absmax.reshape(-1), lay))
 
@@ -935,16 +999,15 @@ def _dequantize_operand_jit(codes, absmax, rule, axis: int, dtype: str, kernel: 
     def fused(codes, absmax):
         kw = _scale_kw(rule)
         flat_absmax = _groups_of_grid(absmax, lay)
-        if lay.plan.kind == "flat" and lay.transposed:
+        tiles = lay.phys if lay.plan.kind == "tiles" else _flat_as_tiles(lay)
+        if tiles is not None:  # tiles, with a sharding rule (fp8core_jax._partition)
+            return _partition.dequantize_tiles(codes.reshape(tiles.rows, tiles.cols),
+                                               flat_absmax.reshape(tiles.grid), tiles, cb,
+                                               rule.scale, dtype).reshape(codes.shape)
+        if lay.transposed:  # flat blocks
             y = _ffi.dequantize(codes.T, flat_absmax, cb, lay.plan.flat.blocksize, jnp.dtype(dtype), **kw)
             return y.reshape(codes.shape[::-1]).T
-        if lay.plan.kind == "flat" or lay.phys.grid == (1, 1) or lay.runs is not None:
-            blocksize = None if lay.plan.kind == "tiles" and lay.phys.grid == (1, 1) else lay.runs
-            y = _ffi.dequantize(codes, flat_absmax, cb, blocksize, jnp.dtype(dtype), **kw)
-        else:
-            t = lay.phys
-            y = _ffi.dequantize_tiles(codes.reshape(t.rows, t.cols), flat_absmax.reshape(t.grid), cb,
-                                      t.tile_rows, t.tile_cols, jnp.dtype(dtype), **kw)
+        y = _ffi.dequantize(codes, flat_absmax, cb, lay.plan.flat.blocksize, jnp.dtype(dtype), **kw)
         return y.reshape(codes.shape)
 
     return _dispatch(kernel, (codes, absmax), fused, xla)
