@@ -870,27 +870,20 @@ def _kernel_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
     vals = _pool.empty(n, out_dtype) if out_dtype is not None else None
     codes = _pool.empty(n, torch.uint8) if want_codes else None
     fmt = _fp8q._format_for(codebook, scale)
-    if absmax_in is not None:
+    if absmax_in is not None:   # fp8q_quantize_given: (n) in place of the sizes, absmax read
         absmax = absmax_in.to(torch.float32).contiguous().reshape(())
-        rc = _fp8q.call("quantize_given", phys.data_ptr(), _DT_CODES[phys.dtype], n,
-                        ctypes.byref(fmt), None if codes is None else codes.data_ptr(),
-                        None if vals is None else vals.data_ptr(),
-                        _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(),
-                        torch.get_num_threads(), 1)
-        if rc:
-            raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
-                             f"({phys.dtype}, given absmax, {codebook.name}, scale={scale})")
-        return vals, codes, absmax
-    absmax = torch.empty(grid, dtype=torch.float32)
-    rc = _fp8q.call("quantize_tiles" if entry == "tiles" else "quantize",
-                    phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
+        entry, sizes, what = "quantize_given", (n,), "given absmax"
+    else:
+        absmax = torch.empty(grid, dtype=torch.float32)
+        entry, what = ("quantize_tiles" if entry == "tiles" else "quantize"), how
+    rc = _fp8q.call(entry, phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
                     None if codes is None else codes.data_ptr(),
                     None if vals is None else vals.data_ptr(),
                     _DT_CODES[out_dtype or torch.float32], absmax.data_ptr(),
                     torch.get_num_threads(), 1)
     if rc:
         raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
-                         f"({phys.dtype}, {how}, {codebook.name}, scale={scale})")
+                         f"({phys.dtype}, {what}, {codebook.name}, scale={scale})")
     return vals, codes, absmax
 
 

@@ -32,6 +32,7 @@ from fp8core_jax import quantize as jq
 from fp8core_jax import (dequantize_mx, dequantize_operand, fake_quantize_operand, matmul_fp8,
                          quantize_mx, quantize_operand)
 from _jax_testutil import DTYPES, assert_bits_equal, assert_close_to_oracle, jax_path  # noqa: F401
+from test_mx import _special_blocks as _mx_special_blocks
 
 both_paths = pytest.mark.usefixtures("jax_path")
 slow = pytest.mark.slow
@@ -41,18 +42,7 @@ F32_TINY = np.float32(2.0 ** -126)
 def _special_blocks() -> np.ndarray:
     """tests/test_mx.py's blocks (2**±60, zero, −0, ±inf, float32-subnormal, huge, tiny,
     rounding midpoints), plus an inf block whose other elements survive rceil's 2**-127."""
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((48, 256)) * np.exp2(rng.integers(-60, 60, (48, 8)).repeat(32, 1)))
-    x = x.astype(np.float32)
-    x[3, :32] = 0
-    x[4, :32] = -0.0
-    x[5, 5], x[5, 40] = np.inf, -np.inf
-    x[6, :32] = 1e-40
-    x[6, 32:64] = -3e-39
-    x[7, 0] = 3.4e38
-    x[8, :32] *= 1e-37
-    x[9, :32] = np.arange(32) * 0.25 - 4     # e2m1 / e2m3 midpoints under scale 1
-    x[10, :32] = np.linspace(-448, 448, 32)
+    x = _mx_special_blocks()
     x[11, :4] = [np.inf, 3.0e38, -2.0 ** 127, 1e38]
     return x
 
