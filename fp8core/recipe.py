@@ -57,6 +57,9 @@ __all__ = [
     "ROWWISE",
     "ROWWISE_WITH_GW_HP",
     "BLOCKWISE_1x128",
+    "MXFP8",
+    "MXFP8_FLOOR",
+    "MXFP4",
     "get_recipe",
     "bnb_recipe",
     "conversion",
@@ -532,9 +535,22 @@ BLOCKWISE_1x128 = _all(OperandRule("e4m3", block(128), "pow2"),
                        OperandRule("e4m3", tile(128), "pow2"),
                        OperandRule("e4m3", block(128), "pow2"), "BLOCKWISE_1x128")
 
+#: OCP MX v1.0 MXFP8 as TransformerEngine ``MXFP8BlockScaling`` trains it: e4m3 for every
+#: operand including the gradients, 1×32 blocks along each GEMM's contraction axis (every
+#: backward operand re-quantized from high precision in its GEMM's orientation), e8m0
+#: scales by the RCEIL rule (cuBLAS' UE8M0 conversion, torchao ``ScaleCalculationMode.RCEIL``).
+MXFP8 = _all(*(OperandRule("e4m3", block(32), "mx_rceil"),) * 3, "MXFP8")
+#: :data:`MXFP8` with the OCP MX v1.0 FLOOR scale rule (torchao's ``to_mx`` default), which
+#: can saturate a block's largest element — for comparing scale rules.
+MXFP8_FLOOR = _all(*(OperandRule("e4m3", block(32), "mx_floor"),) * 3, "MXFP8_FLOOR")
+#: OCP MX v1.0 MXFP4: float4_e2m1fn for every operand, 1×32 blocks along each GEMM's
+#: contraction axis, e8m0 scales by the spec's FLOOR rule (torchao ``to_mx``'s default).
+MXFP4 = _all(*(OperandRule("float4_e2m1fn", block(32), "mx_floor"),) * 3, "MXFP4")
+
 #: Every preset by name.
 PRESETS: dict[str, LinearRecipe] = {r.name: r for r in (
-    BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128)}
+    BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128,
+    MXFP8, MXFP8_FLOOR, MXFP4)}
 
 
 def get_recipe(recipe: Any, *, argname: str = "recipe") -> LinearRecipe:

@@ -100,6 +100,8 @@ def _spec(cb: Codebook) -> QuantSpec:
             torch_dtype = getattr(torch, fmt.torch_dtype, None)
     else:
         plan = TABLE
+    _host_arrays(cb)  # fills the codebook's cached arrays now: traced code (torch.compile)
+    #                   reading them later then runs no numpy (dynamo cannot trace setflags)
     return QuantSpec(
         codebook=cb,
         max=float(cb.max),

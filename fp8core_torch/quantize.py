@@ -196,11 +196,18 @@ def _mx_bytes(absmax: torch.Tensor, spec: QuantSpec, mode: str) -> torch.Tensor:
     return torch.where(torch.isnan(absmax), fp8core.mx.E8M0_NAN, b).to(torch.uint8)
 
 
+#: fp8core.mx.byte_table of every MX element format and mode as tensors, made once at
+#: import (as _POW2_THRESHOLDS below: traced code under torch.compile must not run numpy
+#: or ml_dtypes — dynamo cannot trace ml_dtypes.finfo)
+_MX_TABLES = {(fmt, mode): tuple(torch.from_numpy(t.astype(dt)) for t, dt in zip(
+                  fp8core.mx.byte_table(fmt, mode), (np.int32, np.int64)))
+              for fmt in fp8core.mx.MX_ELEMENT_FORMATS for mode in fp8core.mx.SCALE_MODES}
+
+
 @functools.lru_cache(maxsize=64)
 def _mx_table(fmt: str, mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    thr, values = fp8core.mx.byte_table(fmt, mode)
-    return (torch.from_numpy(thr.astype(np.int32)).to(device),
-            torch.from_numpy(values.astype(np.int64)).to(device))
+    thr, values = _MX_TABLES[fmt, mode]
+    return thr.to(device), values.to(device)
 
 
 #: fp8core.recipe.pow2_torchao_thresholds() as a tensor, made once at import (under

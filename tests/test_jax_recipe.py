@@ -28,6 +28,7 @@ from fp8core_jax import matmul as jm
 from fp8core_jax import (dequantize_operand, fake_quantize_operand, matmul_fp8, matmul_fp8_global,
                          matmul_fp8_mixed, quantize_operand)
 from fp8core_jax.nn import LinearFP8, LinearFP8Global, LinearFP8Mixed, convert_to_fp8
+from _recipe_bounds import mlp_bounds
 from _jax_testutil import (DTYPES, assert_bits_equal, assert_close_to_oracle, jax_path,  # noqa: F401
                            mlp_errors)
 
@@ -330,14 +331,16 @@ def test_flat_blocks_spanning_rows_warn_once():
 @pytest.mark.parametrize("preset", list(R.PRESETS))
 def test_two_layer_mlp_close_to_fp32_twin(preset, jax_path):
     """test_jax_nn's MLP (1024 → 2048 → 1024, GELU, batch 10, loss mean(out)) per preset:
-    mean |output error| < 0.05, mean |kernel-/bias-grad error| of the first layer < 2e-5."""
+    mean |output error| < 0.05, mean |kernel-/bias-grad error| of the first layer < 2e-5
+    (4x for 4-bit recipes, tests/_recipe_bounds.py)."""
     e = mlp_errors(recipe=preset)
     print(f"{preset} [{jax_path}]: mean|out err|={e['mean_out']:.3g} (max {e['max_out']:.3g}) "
           f"mean|W grad err|={e['mean_kernel_grad']:.3g} (max {e['max_kernel_grad']:.3g}) "
           f"mean|b grad err|={e['mean_bias_grad']:.3g} (max {e['max_bias_grad']:.3g})")
-    assert e["mean_out"] < 0.05, e
-    assert e["mean_kernel_grad"] < 2e-5, e
-    assert e["mean_bias_grad"] < 2e-5, e
+    out_bound, grad_bound = mlp_bounds(preset)
+    assert e["mean_out"] < out_bound, e
+    assert e["mean_kernel_grad"] < grad_bound, e
+    assert e["mean_bias_grad"] < grad_bound, e
 
 
 # ------------------------------------------------------------------ bad input
@@ -396,7 +399,7 @@ def test_operand_and_layer_bad_input():
     with pytest.raises(TypeError, match="a codebook belongs in OperandRule"):
         LinearFP8(8, 4, recipe=fp8core.resolve_codebook("e5m2"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown recipe"):
-        LinearFP8(8, 4, recipe="MXFP8", rngs=nnx.Rngs(0))
+        LinearFP8(8, 4, recipe="MXFP8_TYPO", rngs=nnx.Rngs(0))
 
 
 # ------------------------------------------------------------------ API parity

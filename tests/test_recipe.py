@@ -35,7 +35,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
     (lambda: FR.TENSORWISE.replace(weight=OperandRule("e4m3").format), TypeError, r"LinearRecipe.weight must be an OperandRule, None or 'reuse', got Codebook"),
     (lambda: FR.TENSORWISE.replace(grad_output=None), ValueError, r"the dgrad GEMM quantizes one operand and not the other"),
     (lambda: FR.LinearRecipe(None, None, None, FR.REUSE), ValueError, r"weight_for_grad_input='reuse' needs LinearRecipe.weight to be an OperandRule"),
-    (lambda: FR.get_recipe("blockwise"), ValueError, r"unknown recipe 'blockwise'; presets: BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128"),
+    (lambda: FR.get_recipe("blockwise"), ValueError, r"unknown recipe 'blockwise'; presets: BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128, MXFP8, MXFP8_FLOOR, MXFP4"),
     (lambda: FR.get_recipe(fp8core.resolve_codebook("e4m3")), TypeError, r"got a Codebook; a codebook belongs in OperandRule"),
     (lambda: FR.get_recipe(3), TypeError, r"recipe must be a LinearRecipe or a preset name"),
     (lambda: fp8core.quantize_blockwise(np.ones(4, np.float32), FR.ROWWISE, 2), TypeError,
@@ -74,6 +74,12 @@ def test_presets_as_their_sources_define_them():
                             (e4, "tile(128)", "pow2"), (e4, "block(128)", "pow2"), (e4, "block(128)", "pow2")],
         "BNB_MIXED": [(e4, "flat()", "fp32"), (e4, "tensor", "fp32"), (e5, "flat()", "fp32"), "reuse", None, None],
         "BNB_GLOBAL": [(e4, "tensor", "fp32"), (e4, "tensor", "fp32"), (e5, "tensor", "fp32"), "reuse", "reuse", "reuse"],
+        # TransformerEngine MXFP8BlockScaling(fp8_format=E4M3): 1-D 1x32 blocks, E8M0 scale of
+        # float_to_e8m0(amax / max_norm) rounded up (= torchao RCEIL); OCP MX v1.0 FLOOR variant
+        "MXFP8": [(e4, "block(32)", "mx_rceil")] * 6,
+        "MXFP8_FLOOR": [(e4, "block(32)", "mx_floor")] * 6,
+        # OCP MX v1.0 MXFP4: E2M1 elements, 32-element blocks, the spec's (FLOOR) shared exponent
+        "MXFP4": [("float4_e2m1fn", "block(32)", "mx_floor")] * 6,
     }
     assert set(want) == set(FR.PRESETS)
     for name, slots in want.items():
@@ -88,6 +94,8 @@ def test_sources_and_saved_residuals():
     assert src["ROWWISE"] == ["quantize"] * 3
     assert src["BLOCKWISE_1x128"] == ["reuse", "quantize", "quantize"]
     assert src["BNB_MIXED"] == ["reuse", "hp", "hp"]
+    assert src["MXFP8"] == src["MXFP4"] == ["quantize"] * 3  # 1-D blocks: every orientation anew
+    assert FR.MXFP8.saved(True, True) == {"X": "hp", "W": "hp"}
     assert FR.BLOCKWISE_1x128.saved(True, True) == {"X": "hp", "W": "codes"}
     assert FR.BNB_GLOBAL.saved(True, False) == {"X": None, "W": "codes"}
 
