@@ -34,6 +34,7 @@ from fp8core.reference import (
     quantize_global,
     quantize_mx,
     quantize_operand,
+    random_hadamard_transform,
 )
 
 __version__ = "0.1.0"
@@ -77,6 +78,7 @@ __all__ = [
     "quantize_global",
     "quantize_mx",
     "quantize_operand",
+    "random_hadamard_transform",
     "recipe",
     "resolve_codebook",
     "select_block_size",

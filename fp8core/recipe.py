@@ -34,6 +34,7 @@ from typing import Any, Union
 import numpy as np
 
 from fp8core import _validation
+from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
 from fp8core.codebooks import Codebook, resolve_codebook
 
@@ -283,6 +284,13 @@ class LinearRecipe:
     (e.g. ``torch.distributed.group.WORLD``). ``None`` (default): each process, device and
     micro-batch takes its own amax. The backend checks the kind it takes; here: a recipe
     with no per-tensor slot cannot reduce an amax (ValueError).
+
+    ``wgrad_transform`` (docs/numerics.md §12): ``"rht16"`` rotates both wgrad operands
+    (X and dY) along the tokens with TransformerEngine's 16-point random Hadamard
+    transform before they are quantized (or used in high precision) — the product is
+    unchanged, the quantization sees outliers spread over 16 tokens. Both wgrad slots are
+    then computed from high precision (a :data:`REUSE` wgrad slot is a ValueError: the
+    forward's value is not rotated). ``None`` (default): no transform.
     """
 
     __hash__ = _validation.cached_hash
@@ -296,6 +304,7 @@ class LinearRecipe:
     grad_output_for_grad_weight: Slot = None
     name: str = "custom"
     amax_reduction: Any = None
+    wgrad_transform: str | None = None
 
     def __post_init__(self) -> None:
         for slot in SLOTS:
@@ -334,6 +343,8 @@ class LinearRecipe:
             raise TypeError(f"LinearRecipe.name must be a str, got {type(self.name).__name__}")
         if self.amax_reduction is not None:
             _check_amax_reduction(self)
+        if self.wgrad_transform is not None:
+            _check_wgrad_transform(self)
 
     def __copy__(self) -> "LinearRecipe":
         return self     # immutable; a process group in amax_reduction cannot be copied
@@ -413,6 +424,8 @@ class LinearRecipe:
         text = "; ".join(f"{s}={fmt(s)}" for s in SLOTS)
         if self.amax_reduction is not None:
             text += f"; amax_reduction={self.amax_reduction!r}"
+        if self.wgrad_transform is not None:
+            text += f"; wgrad_transform={self.wgrad_transform}"
         return text
 
     def __str__(self) -> str:
@@ -443,6 +456,21 @@ def _check_amax_reduction(recipe: LinearRecipe) -> None:
             f"{', '.join(sorted({str(recipe.rule(s).granularity) for s in SLOTS if recipe.rule(s)}))})")
 
 
+#: The wgrad GEMM's slots (what ``wgrad_transform`` rotates).
+WGRAD_SLOTS: tuple[str, ...] = ("input_for_grad_weight", "grad_output_for_grad_weight")
+
+
+def _check_wgrad_transform(recipe: LinearRecipe) -> None:
+    _hadamard.check_transform(recipe.wgrad_transform)
+    for slot in WGRAD_SLOTS:
+        if getattr(recipe, slot) == REUSE:
+            raise ValueError(
+                f"LinearRecipe.{slot}={REUSE!r} cannot be combined with "
+                f"wgrad_transform={recipe.wgrad_transform!r}: the forward's quantized "
+                f"{SLOT_TENSOR[slot]} is not rotated; give the slot its own OperandRule "
+                f"(or None for high precision)")
+
+
 @functools.lru_cache(maxsize=None)
 def _source(recipe: LinearRecipe, slot: str) -> str:
     if slot not in REUSE_SOURCE:
@@ -452,6 +480,8 @@ def _source(recipe: LinearRecipe, slot: str) -> str:
         return "hp"
     if isinstance(value, str):
         return "reuse"
+    if recipe.wgrad_transform is not None and slot in WGRAD_SLOTS:
+        return "quantize"                  # the rotated operand, never the forward's value
     src = getattr(recipe, REUSE_SOURCE[slot])
     if src == value and value.granularity.orientation_free:
         return "reuse"

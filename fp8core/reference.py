@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from fp8core import _validation
+from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
 from fp8core import recipe as _recipe
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
@@ -454,6 +455,8 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
     ``grad_B = input_for_grad_weightᵀ @ grad_output_for_grad_weight``. Every quantized
     value is in its tensor's own dtype first (X in A's, W in B's), then cast to A's
     dtype, exactly as the backends do; high-precision slots are the inputs themselves.
+    With ``recipe.wgrad_transform`` the two wgrad operands are :func:`wgrad_rotated`
+    (``(M', K)`` and ``(M', N)``, ``M'`` the tokens padded to a multiple of 16).
     """
     recipe = _recipe.get_recipe(recipe)
     A = _as_float_array(A, "A")
@@ -474,12 +477,34 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
         return out
     g2 = _as_float_array(g, "g").astype(a_dtype).reshape(-1, B.shape[1])
     out["grad_output"] = q(g2, "grad_output", -1, a_dtype)
-    for slot, (t, axis) in {"weight_for_grad_input": (B, 1), "input_for_grad_weight": (A2, 0),
-                            "grad_output_for_grad_weight": (g2, 0)}.items():
+    xw, gw = A2, g2
+    if recipe.wgrad_transform is not None:                       # §12: rotate along M
+        xw, gw = (wgrad_rotated(t, a_dtype) for t in (A2, g2))
+    for slot, (t, axis) in {"weight_for_grad_input": (B, 1), "input_for_grad_weight": (xw, 0),
+                            "grad_output_for_grad_weight": (gw, 0)}.items():
         src = recipe.source(slot)
         out[slot] = (out[_recipe.REUSE_SOURCE[slot]] if src == "reuse"
                      else q(t, slot, axis, a_dtype))
     return out
+
+
+def random_hadamard_transform(x: Any, *, axis: int = -1) -> np.ndarray:
+    """§12: ``x`` rotated in runs of 16 along ``axis`` by TransformerEngine's 16-point
+    random Hadamard transform, in float32 (the length along ``axis`` must be a multiple
+    of 16)."""
+    return _hadamard.random_hadamard_transform(_as_float_array(x), axis=axis)
+
+
+def wgrad_rotated(m: np.ndarray, dtype: Any) -> np.ndarray:
+    """A wgrad operand ``(M, C)`` as ``wgrad_transform="rht16"`` feeds its GEMM: ``m``
+    in ``dtype`` upcast to float32, zero tokens appended up to a multiple of 16, rotated
+    along the tokens (float32 ``(M', C)``; quantized from there, or cast to ``dtype``
+    for a high-precision slot)."""
+    m = np.asarray(m).astype(dtype).astype(np.float32)
+    pad = _hadamard.padded_length(m.shape[0]) - m.shape[0]
+    if pad:
+        m = np.concatenate([m, np.zeros((pad, m.shape[1]), np.float32)])
+    return _hadamard.random_hadamard_transform(m, axis=0)
 
 
 def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int = -1,

@@ -6,6 +6,7 @@ layers (:mod:`fp8core_jax.nn`) and weight transfer from PyTorch state dicts (:mo
 only — torch is never imported here).
 """
 
+from fp8core_jax.hadamard import random_hadamard_transform
 from fp8core_jax.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_jax.quantize import (
     NATIVE_CAST_FORMATS,
@@ -36,4 +37,5 @@ __all__ = [
     "quantize_global",
     "quantize_mx",
     "quantize_operand",
+    "random_hadamard_transform",
 ]

@@ -31,6 +31,7 @@ import fp8core.recipe
 from fp8core import _validation
 from fp8core.codebooks import Codebook
 from fp8core.recipe import LinearRecipe
+from fp8core_jax import hadamard as _hadamard
 from fp8core_jax import quantize as _q
 
 __all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
@@ -86,6 +87,16 @@ def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype
     return _q._fake_operand(hp.astype(dtype), rule, axis, _reduce(recipe, rule))
 
 
+def _rotated_operand(recipe: LinearRecipe, slot: str, hp, dtype: str):
+    """A wgrad operand under ``wgrad_transform``: ``hp (M, C)`` rotated along the tokens
+    (float32, ``M'`` padded to 16), then high precision or quantized along M by the slot."""
+    t = _hadamard.wgrad_rotated(hp, dtype)
+    rule = recipe.rule(slot)
+    if rule is None:
+        return t.astype(dtype)
+    return _q._fake_operand(t, rule, 0, _reduce(recipe, rule)).astype(dtype)
+
+
 # ------------------------------------------------------------------ recipe
 @jax.custom_jvp
 def _first_order_only(x):
@@ -131,10 +142,14 @@ def _f_bwd(recipe, b_dtype, res, g):
     # wgrad: grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along M)
     k = grad_A.shape[-1]
     x_hp = None if x_res is None or isinstance(x_res, tuple) else _flat2d(x_res)
-    x = _backward_operand(recipe, "input_for_grad_weight", x_res, x_hp, 0, dtype)
     g2 = _flat2d(g)
-    gw = _backward_operand(recipe, "grad_output_for_grad_weight", None, g2, 0, dtype,
-                           reused=_flat2d(g_q))
+    if recipe.wgrad_transform is not None:                        # §12: rotated along M
+        x = _rotated_operand(recipe, "input_for_grad_weight", x_hp, dtype)
+        gw = _rotated_operand(recipe, "grad_output_for_grad_weight", g2, dtype)
+    else:
+        x = _backward_operand(recipe, "input_for_grad_weight", x_res, x_hp, 0, dtype)
+        gw = _backward_operand(recipe, "grad_output_for_grad_weight", None, g2, 0, dtype,
+                               reused=_flat2d(g_q))
     grad_B = _dot(x.reshape(-1, k).T, gw, dtype).astype(b_dtype)
     return grad_A, grad_B
 

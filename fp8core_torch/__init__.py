@@ -13,6 +13,7 @@ Layout (after torchao.float8): ``config`` (per-codebook constants, frozen),
 from fp8core_torch.config import QuantSpec
 from fp8core_torch.conv1d import Conv1DFP8
 from fp8core_torch.convert import convert_to_fp8
+from fp8core_torch.hadamard import random_hadamard_transform
 from fp8core_torch.linear import LinearFP8, LinearFP8Global, LinearFP8Mixed
 from fp8core_torch.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
@@ -49,5 +50,6 @@ __all__ = [
     "quantize_blockwise",
     "quantize_global",
     "quantize_mx",
+    "random_hadamard_transform",
     "quantize_operand",
 ]

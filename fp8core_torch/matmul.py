@@ -46,6 +46,7 @@ from fp8core_torch.config import (
     dtype_name,
     resolve_spec,
 )
+from fp8core_torch.hadamard import wgrad_rotated
 from fp8core_torch.quantize import (
     _F32_SMALLEST_NORMAL,
     QuantizedOperand,
@@ -158,7 +159,13 @@ class _MatMulFP8(torch.autograd.Function):
                     w, _ = _side(B, recipe, 3, specs, tabs, b_dtype, False)
                     w = w.t()
                 grad_a = (qg @ (w if w.dtype == a_dtype else w.to(a_dtype))).view(a_shape)
-            if need_b:
+            if need_b and recipe.wgrad_transform is not None:    # §12: rotated along M
+                x, _ = _side(wgrad_rotated(A.reshape(-1, A.shape[-1]), a_dtype), recipe, 4,
+                             specs, tabs, a_dtype, False)
+                gw, _ = _side(wgrad_rotated(g2, a_dtype), recipe, 5, specs, tabs, a_dtype, False)
+                grad_b = _grad_b(x.t(), gw.t(), b_t)
+                grad_b = grad_b if grad_b.dtype == b_dtype else grad_b.to(b_dtype)
+            elif need_b:
                 if src_xw == "reuse":
                     x = _decode(recipe, 0, specs, tabs,
                                 QuantizedOperand(x_codes, x_absmax, *ctx.layouts[0]), a_dtype)
