@@ -269,8 +269,10 @@ def test_xla_max_propagates_nan_through_inf():
         assert bits(np.asarray(a)) == 0x7FC00000
 
 
-@pytest.mark.parametrize("shape, blocksize", [((1 << 17,), None), ((3, 1 << 16), None),
-                                               ((2, 1 << 17), 1 << 17), ((5, 70001), None)])
+@pytest.mark.parametrize("shape, blocksize", [((1 << 17,), None),
+                                               pytest.param((3, 1 << 16), None, marks=pytest.mark.slow),
+                                               pytest.param((2, 1 << 17), 1 << 17, marks=pytest.mark.slow),
+                                               ((5, 70001), None)])
 def test_absmax_two_stage_split_matches_reference(shape, blocksize):
     """Large groups (global, or a few big blocks) are reduced in slices first
     (``_absmax_parts``); the split never changes the absmax: NaN beats inf in any

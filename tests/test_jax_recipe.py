@@ -327,8 +327,12 @@ def test_flat_blocks_spanning_rows_warn_once():
 
 
 # ------------------------------------------------------------------ MLP
+#: presets whose MLP check runs with the slow tests only (the quick set keeps one of each
+#: kind: bitsandbytes, per tensor, axiswise, blocks and tiles, MX 8- and 4-bit)
+_MLP_SLOW = {"BNB_GLOBAL", "ROWWISE_WITH_GW_HP", "MXFP8_FLOOR"}
 @pytest.mark.parametrize("jax_path", ["kernel", pytest.param("xla", marks=slow)], indirect=True)
-@pytest.mark.parametrize("preset", list(R.PRESETS))
+@pytest.mark.parametrize("preset", [p if p not in _MLP_SLOW else pytest.param(p, marks=slow)
+                                    for p in R.PRESETS])
 def test_two_layer_mlp_close_to_fp32_twin(preset, jax_path):
     """test_jax_nn's MLP (1024 → 2048 → 1024, GELU, batch 10, loss mean(out)) per preset:
     mean |output error| < 0.05, mean |kernel-/bias-grad error| of the first layer < 2e-5
