@@ -15,6 +15,7 @@ import numpy as np
 from fp8core import _validation
 from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
+from fp8core import nvfp4 as _nvfp4
 from fp8core import recipe as _recipe
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
@@ -42,6 +43,8 @@ __all__ = [
     "reduce_absmax",
     "quantize_mx",
     "dequantize_mx",
+    "quantize_nvfp4",
+    "dequantize_nvfp4",
 ]
 
 _F32 = np.float32
@@ -543,4 +546,115 @@ def dequantize_mx(codes: Any, scales: Any, element_format: Any, *, block_size: i
     s = _mx.expand_scales(_mx.e8m0_values(scales), codes.shape, block_size, axis)
     with np.errstate(invalid="ignore", over="ignore"):   # NaN blocks; 448 · 2**120 = inf
         y = rule.format.values256[codes] * s
+    return y.astype(out_dtype)
+
+
+# ---------------------------------------------------------------- NVFP4 (§13)
+def _nvfp4_blocks(x32: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, int]:
+    """``x32`` with ``axis`` moved last and split into ``(…, n_blocks, block_size)`` blocks
+    (a last partial block padded with +0, which changes no block's max)."""
+    t = np.moveaxis(x32, axis, -1)
+    n = t.shape[-1]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        t = np.concatenate([t, np.zeros(t.shape[:-1] + (pad,), np.float32)], axis=-1)
+    return t.reshape(t.shape[:-1] + (nb, block_size)), n
+
+
+def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_scale: bool = True,
+                   variant: str = "torchao") -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """NVFP4 quantization (§13): ``float4_e2m1fn`` codes, one ``float8_e4m3fn`` block scale
+    per ``block_size`` (16) consecutive elements along ``axis`` (the last, or 0 of a 2-D
+    array; a last partial block is allowed) and a float32 tensor scale.
+
+    Every step is one float32 operation (round half to even), in this order; ``x`` is
+    first cast to float32, ``m`` is a block's ``max |x|`` and ``A`` the tensor's (both
+    NaN-propagating, no flush; ``A = 0`` for an empty ``x``):
+
+    ``variant="torchao"`` (torchao 0.18 ``nvfp4_quantize``; ``per_tensor_scale=True`` is
+    its two-level path fed ``per_tensor_amax_to_scale(A)``):
+      ``b = m / 6``; two-level: ``t = A / 2688`` (``t = 1`` where that is 0: an all-zero
+      tensor, where torchao divides 0 by 0), ``s = e4m3(clamp(b / t, 2**-6, 448))``,
+      ``r = (1 / t) / s``; single-level: ``t = 1``, ``s = e4m3(clamp(b, 2**-6, 448))``,
+      ``r = 1 / s``.
+    ``variant="te"`` (TransformerEngine ``NVFP4QuantizerRef``, 1x16):
+      ``S = min(2688 / A, FLT_MAX)``, ``S = 1`` where 0 (``S = 1`` without the per-tensor
+      scale), ``t = 1 / S``, ``s = e4m3(clamp(min(m · (S · fl(1/6)), FLT_MAX), −448, 448))``
+      (no lower clamp), ``r = min(1 / (s · t), FLT_MAX)``.
+    Then codes ``= e2m1(clamp(x · r, −6, 6))`` (round half to even, −0 kept as code 8).
+
+    NaN: a NaN in a block makes its scale byte 0x7F and every code of the block the fill
+    code 0 (decodes to NaN); a NaN anywhere makes the tensor scale NaN with the per-tensor
+    scale, so every block is NaN. An element whose scaled value is NaN (``0 · inf`` when
+    ``r`` overflowed: tensor amax < 2688 · 2**-128) is stored as code 0.
+
+    Returns:
+      ``(codes, block_scales, tensor_scale)``: uint8 codes shaped like ``x`` (the 4-bit
+      pattern in the low bits), uint8 e4m3 bytes of :func:`fp8core.nvfp4.scales_shape`,
+      and the float32 ``t`` (1.0 without the per-tensor scale; NaN as ``0x7FC00000``).
+    """
+    x = _as_float_array(x)
+    ax = _nvfp4.check_quantize_args(tuple(x.shape), block_size, axis, per_tensor_scale, variant)
+    x32 = x.astype(np.float32)
+    blocks, n = _nvfp4_blocks(x32, ax, block_size)
+    one, f32max = _F32(1), _F32(np.finfo(np.float32).max)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        m = np.max(np.abs(blocks), axis=-1) if blocks.size else np.zeros(blocks.shape[:-1], _F32)
+        amax = _F32(np.max(np.abs(x32))) if x32.size else _F32(0)
+        e4m3 = ml_dtypes.float8_e4m3fn
+        if variant == "torchao":
+            b = m / _nvfp4.E2M1_MAX
+            if per_tensor_scale:
+                t = amax / _nvfp4.TENSOR_SCALE_DIVISOR
+                t = one if t == 0 else t
+                s = np.clip(b / t, _nvfp4.E4M3_TINY, _nvfp4.E4M3_MAX).astype(e4m3)
+                r = (one / t) / s.astype(_F32)
+            else:
+                t = one
+                s = np.clip(b, _nvfp4.E4M3_TINY, _nvfp4.E4M3_MAX).astype(e4m3)
+                r = one / s.astype(_F32)
+        else:
+            S = one
+            if per_tensor_scale:
+                S = np.minimum(_nvfp4.TENSOR_SCALE_DIVISOR / amax, f32max)
+                S = one if S == 0 else S
+            t = one / S
+            mult = S * (one / _nvfp4.E2M1_MAX)
+            d = np.minimum(m * mult, f32max)
+            s = np.clip(d, -_nvfp4.E4M3_MAX, _nvfp4.E4M3_MAX).astype(e4m3)
+            r = np.minimum(one / (s.astype(_F32) * t), f32max)
+        scaled = np.clip(blocks * r[..., None].astype(_F32), -_nvfp4.E2M1_MAX, _nvfp4.E2M1_MAX)
+    scaled = scaled.astype(_F32)
+    codes = scaled.astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    sbytes = s.view(np.uint8).copy()
+    nan_block = np.isnan(s.astype(_F32))
+    sbytes[nan_block] = _nvfp4.E4M3_NAN_BYTE
+    codes = np.where(nan_block[..., None] | np.isnan(scaled), np.uint8(0), codes)
+    codes = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * block_size,))[..., :n]
+    t = CANONICAL_NAN_BITS.view(np.float32) if np.isnan(t) else _F32(t)
+    return (np.ascontiguousarray(np.moveaxis(codes, -1, ax)),
+            np.ascontiguousarray(np.moveaxis(sbytes, -1, ax)), t)
+
+
+def dequantize_nvfp4(codes: Any, block_scales: Any, tensor_scale: Any, *, block_size: int = 16,
+                     axis: int = -1, dtype: Any = np.float32) -> np.ndarray:
+    """Inverse of :func:`quantize_nvfp4` (either variant): ``fl(value[code] · fl(t · s))``
+    with ``s`` the e4m3 value of the block's byte (NaN for 0x7F / 0xFF), cast once to
+    ``dtype``, NaN as the canonical ``0x7FC00000``. ``tensor_scale`` is a float32 scalar (a
+    Python float is taken as float32)."""
+    codes = np.asarray(codes)
+    block_scales = np.asarray(block_scales)
+    ts = np.asarray(_F32(tensor_scale) if type(tensor_scale) is float else tensor_scale)
+    ax = _nvfp4.check_dequantize_args(codes.dtype.name, tuple(codes.shape), block_scales.dtype.name,
+                                      tuple(block_scales.shape), ts.dtype.name, tuple(ts.shape),
+                                      block_size, axis)
+    out_dtype = _out_dtype(dtype)
+    if np.any(codes > 15):
+        raise ValueError("codes must be float4_e2m1fn codes (0 … 15)")
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = ts.astype(_F32) * _nvfp4.e4m3_values()[block_scales]
+        vals = codes.view(ml_dtypes.float4_e2m1fn).astype(_F32)
+        y = (vals * _mx.expand_scales(total, codes.shape, block_size, ax)).astype(_F32)
+    y = np.where(np.isnan(y), CANONICAL_NAN_BITS.view(np.float32), y)
     return y.astype(out_dtype)
