@@ -7,6 +7,7 @@ only — torch is never imported here).
 """
 
 from fp8core_jax.hadamard import random_hadamard_transform
+from fp8core_jax.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from fp8core_jax.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_jax.quantize import (
     NATIVE_CAST_FORMATS,
@@ -27,6 +28,7 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_global",
     "dequantize_mx",
+    "dequantize_nvfp4",
     "dequantize_operand",
     "fake_quantize",
     "fake_quantize_operand",
@@ -36,6 +38,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_global",
     "quantize_mx",
+    "quantize_nvfp4",
     "quantize_operand",
     "random_hadamard_transform",
 ]

@@ -15,6 +15,7 @@ from fp8core_torch.conv1d import Conv1DFP8
 from fp8core_torch.convert import convert_to_fp8
 from fp8core_torch.hadamard import random_hadamard_transform
 from fp8core_torch.linear import LinearFP8, LinearFP8Global, LinearFP8Mixed
+from fp8core_torch.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from fp8core_torch.matmul import matmul_fp8, matmul_fp8_global, matmul_fp8_mixed
 from fp8core_torch.quantize import (
     dequantize_blockwise,
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_global",
     "dequantize_mx",
+    "dequantize_nvfp4",
     "dequantize_operand",
     "empty_cache",
     "fake_quantize",
@@ -50,6 +52,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_global",
     "quantize_mx",
+    "quantize_nvfp4",
     "random_hadamard_transform",
     "quantize_operand",
 ]

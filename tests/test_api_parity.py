@@ -15,7 +15,7 @@ import fp8core_torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 QUANTIZERS = ("quantize_blockwise", "dequantize_blockwise", "quantize_global", "dequantize_global",
-              "fake_quantize")
+              "fake_quantize", "quantize_nvfp4", "dequantize_nvfp4")
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)
@@ -68,6 +68,7 @@ DECLARED = {
     ("matmul_fp8_global", "bw_format"): "as matmul_fp8_mixed",
     ("matmul_fp8_global", "bias"): "as matmul_fp8_mixed",
     ("dequantize_operand", "dtype"): "default is each framework's float32 dtype object",
+    ("dequantize_nvfp4", "dtype"): "default is each framework's float32 dtype object",
     ("LinearFP8", "bias"): "nn.Linear's argument (NNX: use_bias)",
     ("LinearFP8", "device"): "nn.Linear's argument (JAX places arrays by sharding, not per module)",
     ("LinearFP8", "dtype"): "nn.Linear: parameter dtype; nnx.Linear: computation dtype (default None in both)",
@@ -77,7 +78,8 @@ DECLARED = {
     ("LinearFP8", "bias_init"): "nnx.Linear's argument",
     ("LinearFP8", "rngs"): "nnx.Linear's argument",
 }
-MIRRORED = ("quantize_operand", "dequantize_operand", "fake_quantize_operand", "matmul_fp8",
+MIRRORED = ("quantize_operand", "dequantize_operand", "fake_quantize_operand", "quantize_nvfp4",
+            "dequantize_nvfp4", "matmul_fp8",
             "matmul_fp8_mixed", "matmul_fp8_global", "convert_to_fp8", "LinearFP8")
 
 
