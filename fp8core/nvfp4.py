@@ -1,5 +1,6 @@
-"""NVFP4: ``float4_e2m1fn`` elements in blocks of 16 along an axis, one ``float8_e4m3fn``
-block scale per block and one float32 tensor scale (docs/numerics.md §13).
+"""NVFP4: ``float4_e2m1fn`` elements in blocks of 16 along an axis (or 16x16 tiles of a 2-D
+array), one ``float8_e4m3fn`` block scale per block and one float32 tensor scale
+(docs/numerics.md §13).
 
 Two named variants of the float32 scale chain (the exact sequences are in §13 and in
 :func:`fp8core.reference.quantize_nvfp4`, the executable form):
@@ -40,6 +41,8 @@ __all__ = [
     "E4M3_TINY",
     "TENSOR_SCALE_DIVISOR",
     "E4M3_NAN_BYTE",
+    "TILE",
+    "is_tiled",
     "check_quantize_args",
     "check_dequantize_args",
     "scales_shape",
@@ -47,8 +50,10 @@ __all__ = [
     "e4m3_values",
 ]
 
-#: Block sizes NVFP4 allows (torchao asserts 16; TE's 1D tiles are 1x16).
-BLOCK_SIZES: tuple[int, ...] = (16,)
+#: Block sizes NVFP4 allows: 16 (1x16 blocks along ``axis``; torchao asserts 16, TE's 1D tiles)
+#: and ``(16, 16)`` (16x16 tiles of a 2-D array, one scale per tile: TE's weight tiles).
+BLOCK_SIZES: tuple = (16, (16, 16))
+TILE = (16, 16)
 #: The scale chains implemented (module docstring).
 VARIANTS: tuple[str, ...] = ("torchao", "te")
 ELEMENT_FORMAT = "float4_e2m1fn"
@@ -63,13 +68,27 @@ TENSOR_SCALE_DIVISOR = np.float32(float(E4M3_MAX) * float(E2M1_MAX))
 E4M3_NAN_BYTE = 0x7F
 
 
+def _check_block_size(block_size: Any, shape: tuple[int, ...]) -> None:
+    if isinstance(block_size, (tuple, list)):
+        if tuple(block_size) != TILE:
+            raise ValueError(f"block_size must be one of 16, (16, 16) for NVFP4, got {block_size!r}")
+        if len(shape) != 2:
+            raise ValueError(f"block_size=(16, 16) tiles a 2-D array, got a {len(shape)}-D array")
+        return
+    _validation.check_blocksize(block_size, argname="block_size")
+    if block_size != 16:
+        raise ValueError(f"block_size must be one of 16, (16, 16) for NVFP4, got {block_size}")
+
+
+def is_tiled(block_size: Any) -> bool:
+    """``block_size=(16, 16)``: 16x16 tiles (the same tiles whatever ``axis``)."""
+    return isinstance(block_size, (tuple, list))
+
+
 def check_quantize_args(x_shape: tuple[int, ...], block_size: Any, axis: Any, per_tensor_scale: Any,
                         variant: Any) -> int:
     """Validate ``quantize_nvfp4``'s keywords; return ``axis`` normalized to ``0 … ndim − 1``."""
-    _validation.check_blocksize(block_size, argname="block_size")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))} for NVFP4, "
-                         f"got {block_size}")
+    _check_block_size(block_size, x_shape)
     if not isinstance(per_tensor_scale, bool):
         raise TypeError(f"per_tensor_scale must be a bool, got {type(per_tensor_scale).__name__}: "
                         f"{per_tensor_scale!r}")
@@ -96,10 +115,7 @@ def check_dequantize_args(codes_dtype: str, codes_shape: tuple[int, ...], scales
                           tensor_scale_shape: tuple[int, ...], block_size: Any, axis: Any) -> int:
     """Validate ``dequantize_nvfp4``'s arguments; return the normalized axis."""
     _validation.check_codes_dtype(codes_dtype)
-    _validation.check_blocksize(block_size, argname="block_size")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))} for NVFP4, "
-                         f"got {block_size}")
+    _check_block_size(block_size, codes_shape)
     ax = _check_axis(codes_shape, axis)
     if scales_dtype != "uint8":
         raise TypeError(f"block_scales must be uint8 float8_e4m3fn bytes, got dtype {scales_dtype}")
@@ -114,7 +130,10 @@ def check_dequantize_args(codes_dtype: str, codes_shape: tuple[int, ...], scales
 
 
 def scales_shape(shape: tuple[int, ...], block_size: int, axis: int) -> tuple[int, ...]:
-    """``shape`` with ``axis`` shortened to ``ceil(n / block_size)`` (as MX)."""
+    """``shape`` with ``axis`` shortened to ``ceil(n / block_size)`` (as MX); for 16x16 tiles
+    ``(ceil(rows / 16), ceil(cols / 16))`` whatever ``axis``."""
+    if is_tiled(block_size):
+        return tuple(-(-n // 16) for n in shape)
     return _mx.scales_shape(shape, block_size, axis)
 
 

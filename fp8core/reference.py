@@ -550,23 +550,43 @@ def dequantize_mx(codes: Any, scales: Any, element_format: Any, *, block_size: i
 
 
 # ---------------------------------------------------------------- NVFP4 (§13)
-def _nvfp4_blocks(x32: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, int]:
-    """``x32`` with ``axis`` moved last and split into ``(…, n_blocks, block_size)`` blocks
-    (a last partial block padded with +0, which changes no block's max)."""
+def _nvfp4_blocks(x32: np.ndarray, axis: int, block_size: Any) -> np.ndarray:
+    """``(…, n_blocks, 16)``: ``x32`` with ``axis`` moved last, split into blocks; 16x16
+    tiles: ``(row_tiles, col_tiles, 256)``, each tile's elements row-major. A partial last
+    block or tile is padded with +0 (which changes no block's max)."""
+    if _nvfp4.is_tiled(block_size):
+        r, c = x32.shape
+        rt, ct = -(-r // 16), -(-c // 16)
+        t = np.zeros((rt * 16, ct * 16), np.float32)
+        t[:r, :c] = x32
+        return t.reshape(rt, 16, ct, 16).transpose(0, 2, 1, 3).reshape(rt, ct, 256)
     t = np.moveaxis(x32, axis, -1)
     n = t.shape[-1]
     nb = -(-n // block_size)
     pad = nb * block_size - n
     if pad:
         t = np.concatenate([t, np.zeros(t.shape[:-1] + (pad,), np.float32)], axis=-1)
-    return t.reshape(t.shape[:-1] + (nb, block_size)), n
+    return t.reshape(t.shape[:-1] + (nb, block_size))
+
+
+def _nvfp4_unblock(codes: np.ndarray, shape: tuple[int, ...], axis: int, block_size: Any) -> np.ndarray:
+    """Inverse of :func:`_nvfp4_blocks` (padding dropped)."""
+    if _nvfp4.is_tiled(block_size):
+        rt, ct, _ = codes.shape
+        full = codes.reshape(rt, ct, 16, 16).transpose(0, 2, 1, 3).reshape(rt * 16, ct * 16)
+        return np.ascontiguousarray(full[:shape[0], :shape[1]])
+    n = shape[axis]
+    flat = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * codes.shape[-1],))[..., :n]
+    return np.ascontiguousarray(np.moveaxis(flat, -1, axis))
 
 
 def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_scale: bool = True,
                    variant: str = "torchao") -> tuple[np.ndarray, np.ndarray, np.float32]:
     """NVFP4 quantization (§13): ``float4_e2m1fn`` codes, one ``float8_e4m3fn`` block scale
     per ``block_size`` (16) consecutive elements along ``axis`` (the last, or 0 of a 2-D
-    array; a last partial block is allowed) and a float32 tensor scale.
+    array; a last partial block is allowed) — or per 16x16 tile of a 2-D array with
+    ``block_size=(16, 16)`` (TE's weight tiles; ``axis`` then changes nothing; ``m`` below
+    is the tile's max) — and a float32 tensor scale.
 
     Every step is one float32 operation (round half to even), in this order; ``x`` is
     first cast to float32, ``m`` is a block's ``max |x|`` and ``A`` the tensor's (both
@@ -597,7 +617,7 @@ def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_s
     x = _as_float_array(x)
     ax = _nvfp4.check_quantize_args(tuple(x.shape), block_size, axis, per_tensor_scale, variant)
     x32 = x.astype(np.float32)
-    blocks, n = _nvfp4_blocks(x32, ax, block_size)
+    blocks = _nvfp4_blocks(x32, ax, block_size)
     one, f32max = _F32(1), _F32(np.finfo(np.float32).max)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         m = np.max(np.abs(blocks), axis=-1) if blocks.size else np.zeros(blocks.shape[:-1], _F32)
@@ -631,10 +651,10 @@ def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_s
     nan_block = np.isnan(s.astype(_F32))
     sbytes[nan_block] = _nvfp4.E4M3_NAN_BYTE
     codes = np.where(nan_block[..., None] | np.isnan(scaled), np.uint8(0), codes)
-    codes = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * block_size,))[..., :n]
     t = CANONICAL_NAN_BITS.view(np.float32) if np.isnan(t) else _F32(t)
-    return (np.ascontiguousarray(np.moveaxis(codes, -1, ax)),
-            np.ascontiguousarray(np.moveaxis(sbytes, -1, ax)), t)
+    if not _nvfp4.is_tiled(block_size):
+        sbytes = np.moveaxis(sbytes, -1, ax)
+    return _nvfp4_unblock(codes, x.shape, ax, block_size), np.ascontiguousarray(sbytes), t
 
 
 def dequantize_nvfp4(codes: Any, block_scales: Any, tensor_scale: Any, *, block_size: int = 16,
@@ -655,6 +675,10 @@ def dequantize_nvfp4(codes: Any, block_scales: Any, tensor_scale: Any, *, block_
     with np.errstate(invalid="ignore", over="ignore"):
         total = ts.astype(_F32) * _nvfp4.e4m3_values()[block_scales]
         vals = codes.view(ml_dtypes.float4_e2m1fn).astype(_F32)
-        y = (vals * _mx.expand_scales(total, codes.shape, block_size, ax)).astype(_F32)
+        if _nvfp4.is_tiled(block_size):
+            total = np.repeat(np.repeat(total, 16, axis=0), 16, axis=1)[:codes.shape[0], :codes.shape[1]]
+        else:
+            total = _mx.expand_scales(total, codes.shape, block_size, ax)
+        y = (vals * total).astype(_F32)
     y = np.where(np.isnan(y), CANONICAL_NAN_BITS.view(np.float32), y)
     return y.astype(out_dtype)

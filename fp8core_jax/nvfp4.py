@@ -51,12 +51,19 @@ def _round_e2m1(s: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("block_size", "axis", "per_tensor_scale", "variant"))
 def _quantize(x, block_size, axis, per_tensor_scale, variant):
     x32 = x.astype(jnp.float32)
-    t = jnp.moveaxis(x32, axis, -1)
-    n = t.shape[-1]
-    nb = -(-n // block_size)
-    if nb * block_size != n:
-        t = jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, nb * block_size - n)])
-    blocks = t.reshape(*t.shape[:-1], nb, block_size)
+    tiled = _nv.is_tiled(block_size)
+    if tiled:                                              # (row_tiles, col_tiles, 256)
+        rows, cols = x32.shape
+        rt, ct = -(-rows // 16), -(-cols // 16)
+        t = jnp.pad(x32, [(0, rt * 16 - rows), (0, ct * 16 - cols)])
+        blocks = t.reshape(rt, 16, ct, 16).transpose(0, 2, 1, 3).reshape(rt, ct, 256)
+    else:
+        t = jnp.moveaxis(x32, axis, -1)
+        n = t.shape[-1]
+        nb = -(-n // block_size)
+        if nb * block_size != n:
+            t = jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, nb * block_size - n)])
+        blocks = t.reshape(*t.shape[:-1], nb, block_size)
     one = _F32(1)
     if blocks.size:
         # NaN-propagating maxima (XLA:CPU's max reduction may drop a NaN)
@@ -98,12 +105,15 @@ def _quantize(x, block_size, axis, per_tensor_scale, variant):
     nan_block = jnp.isnan(sv)
     sbytes = jnp.where(nan_block, jnp.uint8(_nv.E4M3_NAN_BYTE), lax.bitcast_convert_type(s8, jnp.uint8))
     codes = jnp.where(nan_block[..., None], jnp.uint8(0), codes)
-    codes = codes.reshape(*codes.shape[:-2], nb * block_size)[..., :n]
     ts_bits = lax.bitcast_convert_type(jnp.asarray(ts, jnp.float32), jnp.uint32)
     ts_bits = jnp.where(jnp.isnan(ts), jnp.uint32(0x7FC00000), ts_bits)
     if variant == "te":
         ts_bits = jnp.where(S == _F32MAX, jnp.uint32(_TE_ZERO_T.view(np.uint32)), ts_bits)
     ts = lax.bitcast_convert_type(ts_bits, jnp.float32).reshape(())
+    if tiled:
+        codes = codes.reshape(rt, ct, 16, 16).transpose(0, 2, 1, 3).reshape(rt * 16, ct * 16)
+        return codes[:rows, :cols], sbytes, ts
+    codes = codes.reshape(*codes.shape[:-2], nb * block_size)[..., :n]
     return jnp.moveaxis(codes, -1, axis), jnp.moveaxis(sbytes, -1, axis), ts
 
 
@@ -113,7 +123,8 @@ def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_s
     included, for a tensor amax of 0 or ≥ 2**-100: module docstring). Keywords static.
 
     Returns ``(codes, block_scales, tensor_scale)``: uint8 e2m1 codes shaped like ``x``,
-    uint8 e4m3 bytes of :func:`fp8core.nvfp4.scales_shape`, a 0-d float32 array. Not
+    uint8 e4m3 bytes of :func:`fp8core.nvfp4.scales_shape` (one per 1x16 block along ``axis``,
+    or per 16x16 tile with ``block_size=(16, 16)``), a 0-d float32 array. Not
     differentiable (``x`` enters through ``stop_gradient``).
 
     Raises:
@@ -121,15 +132,19 @@ def quantize_nvfp4(x: Any, *, block_size: int = 16, axis: int = -1, per_tensor_s
     """
     x = _check_x(x)
     ax = _nv.check_quantize_args(tuple(x.shape), block_size, axis, per_tensor_scale, variant)
-    return _quantize(lax.stop_gradient(x), block_size, ax, per_tensor_scale, variant)
+    bs = tuple(block_size) if _nv.is_tiled(block_size) else block_size
+    return _quantize(lax.stop_gradient(x), bs, ax, per_tensor_scale, variant)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "axis", "dtype"))
 def _dequantize(codes, block_scales, tensor_scale, block_size, axis, dtype):
     s = lax.bitcast_convert_type(block_scales, jnp.float8_e4m3fn).astype(jnp.float32)
     total = tensor_scale * s
-    total = jnp.repeat(total, block_size, axis=axis)
-    total = lax.slice_in_dim(total, 0, codes.shape[axis], axis=axis)
+    if _nv.is_tiled(block_size):
+        total = jnp.repeat(jnp.repeat(total, 16, axis=0), 16, axis=1)[:codes.shape[0], :codes.shape[1]]
+    else:
+        total = jnp.repeat(total, block_size, axis=axis)
+        total = lax.slice_in_dim(total, 0, codes.shape[axis], axis=axis)
     vals = jnp.asarray(_E2M1_VALUES)[codes.astype(jnp.int32)]
     y = vals * total
     return jnp.where(jnp.isnan(y), _CANON_NAN, y).astype(dtype)
@@ -152,4 +167,5 @@ def dequantize_nvfp4(codes: Any, block_scales: Any, tensor_scale: Any, *, block_
     name = _dtype_name(dtype)
     if not isinstance(codes, jax.core.Tracer) and codes.size and int(jnp.max(codes)) > 15:
         raise ValueError("codes must be float4_e2m1fn codes (0 … 15)")
-    return _dequantize(codes, block_scales, tensor_scale, int(block_size), ax, name)
+    bs = tuple(block_size) if _nv.is_tiled(block_size) else int(block_size)
+    return _dequantize(codes, block_scales, tensor_scale, bs, ax, name)

@@ -45,7 +45,8 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
     """NVFP4 quantization (§13), bit-identical to :func:`fp8core.quantize_nvfp4`.
 
     Returns ``(codes, block_scales, tensor_scale)``: uint8 e2m1 codes shaped like ``x``,
-    uint8 e4m3 bytes of :func:`fp8core.nvfp4.scales_shape`, a 0-d float32 tensor. The
+    uint8 e4m3 bytes of :func:`fp8core.nvfp4.scales_shape` (one per 1x16 block along ``axis``,
+    or per 16x16 tile with ``block_size=(16, 16)``), a 0-d float32 tensor. The
     numerics (variants ``"torchao"`` / ``"te"``, NaN and zero handling) are the
     reference's docstring. Not differentiable.
 
@@ -56,12 +57,19 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
     ax = _nv.check_quantize_args(tuple(x.shape), block_size, axis, per_tensor_scale, variant)
     dev = x.device
     x32 = x.detach().to(torch.float32)
-    t = x32.movedim(ax, -1)
-    n = t.shape[-1]
-    nb = -(-n // block_size)
-    if nb * block_size != n:
-        t = torch.nn.functional.pad(t, (0, nb * block_size - n))
-    blocks = t.reshape(*t.shape[:-1], nb, block_size)
+    tiled = _nv.is_tiled(block_size)
+    if tiled:                                              # (row_tiles, col_tiles, 256)
+        rows, cols = x32.shape
+        rt, ct = -(-rows // 16), -(-cols // 16)
+        t = torch.nn.functional.pad(x32, (0, ct * 16 - cols, 0, rt * 16 - rows))
+        blocks = t.reshape(rt, 16, ct, 16).permute(0, 2, 1, 3).reshape(rt, ct, 256)
+    else:
+        t = x32.movedim(ax, -1)
+        n = t.shape[-1]
+        nb = -(-n // block_size)
+        if nb * block_size != n:
+            t = torch.nn.functional.pad(t, (0, nb * block_size - n))
+        blocks = t.reshape(*t.shape[:-1], nb, block_size)
     one, f32max = _c(1, dev), _c(_F32MAX, dev)
     six, e4max, tiny = _c(_nv.E2M1_MAX, dev), _c(_nv.E4M3_MAX, dev), _c(_nv.E4M3_TINY, dev)
     if blocks.numel():
@@ -96,8 +104,11 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
     sv = s8.to(torch.float32)
     sbytes = s8.view(torch.uint8).masked_fill(torch.isnan(sv), _nv.E4M3_NAN_BYTE)
     codes = torch.where(torch.isnan(sv).unsqueeze(-1), torch.zeros_like(codes), codes)
-    codes = codes.reshape(*codes.shape[:-2], nb * block_size)[..., :n]
     ts = torch.where(torch.isnan(ts), _c(float("nan"), dev), ts).reshape(())
+    if tiled:
+        codes = codes.reshape(rt, ct, 16, 16).permute(0, 2, 1, 3).reshape(rt * 16, ct * 16)
+        return codes[:rows, :cols].contiguous(), sbytes.contiguous(), ts
+    codes = codes.reshape(*codes.shape[:-2], nb * block_size)[..., :n]
     return codes.movedim(-1, ax).contiguous(), sbytes.movedim(-1, ax).contiguous(), ts
 
 
@@ -122,7 +133,11 @@ def dequantize_nvfp4(codes: torch.Tensor, block_scales: torch.Tensor, tensor_sca
         raise ValueError("codes must be float4_e2m1fn codes (0 … 15)")
     s = block_scales.view(torch.float8_e4m3fn).to(torch.float32)
     total = tensor_scale.to(codes.device) * s
-    total = total.repeat_interleave(block_size, dim=ax).narrow(ax, 0, codes.shape[ax])
+    if _nv.is_tiled(block_size):
+        total = total.repeat_interleave(16, dim=0).repeat_interleave(16, dim=1)
+        total = total[:codes.shape[0], :codes.shape[1]]
+    else:
+        total = total.repeat_interleave(block_size, dim=ax).narrow(ax, 0, codes.shape[ax])
     vals = torch.from_numpy(_E2M1_VALUES.copy()).to(codes.device)[codes.to(torch.int64)]
     y = vals * total
     # canonical NaN after the cast (torch's float32 → bfloat16 cast makes NaN 0xFFFF)

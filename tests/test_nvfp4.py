@@ -177,14 +177,18 @@ def test_te_single_level_by_hand():
 
 
 # ------------------------------------------- TE's reference quantizer, transcribed in torch
-def _te_oracle(x32: np.ndarray):
-    """TransformerEngine ``NVFP4QuantizerRef._quantize_blockwise_reference`` (1x16, no RHT),
-    its float32 torch ops transcribed; its ``cast_to_fp4x2`` thresholds with −0 kept as code 8
-    (TE stores code 0 there: §13.2)."""
+def _te_oracle(x32: np.ndarray, tiles: bool = False):
+    """TransformerEngine ``NVFP4QuantizerRef._quantize_blockwise_reference`` (1x16 or 16x16,
+    no RHT), its float32 torch ops transcribed; its ``cast_to_fp4x2`` thresholds with −0 kept
+    as code 8 (TE stores code 0 there: §13.2)."""
     x = torch.from_numpy(x32)
     m_, n_ = x.shape
     xb = x.view(m_, n_ // 16, 16)
-    vec_max = torch.amax(torch.abs(xb), dim=-1, keepdim=True)
+    if tiles:            # TE: the 16x16 tile amax, repeated for each of the tile's 16 rows
+        tile_max = torch.amax(torch.abs(x.unfold(0, 16, 16).unfold(1, 16, 16)), dim=(-1, -2))
+        vec_max = tile_max.repeat_interleave(16, dim=0).unsqueeze(-1)
+    else:
+        vec_max = torch.amax(torch.abs(xb), dim=-1, keepdim=True)
     six, e4max = torch.tensor(6.0), torch.tensor(448.0)
     fmax = torch.tensor(torch.finfo(torch.float32).max)
     gamax = torch.max(torch.abs(x)).view(1)
@@ -217,6 +221,40 @@ def test_te_equals_its_reference_quantizer_transcribed(seed):
     assert np.array_equal(sbytes, bytes_o)
     assert (sbytes < 8).any()                        # the no-lower-clamp path is exercised
     assert np.array_equal(codes, codes_o), np.argwhere(codes != codes_o)[:5]
+
+
+def test_te_tiles_equal_its_reference_quantizer_transcribed():
+    global torch
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = _wide((48, 64), seed=7, spread=10.0)
+    codes_o, bytes_o, t_o = _te_oracle(x, tiles=True)
+    codes, sbytes, ts = fp8core.quantize_nvfp4(x, variant="te", block_size=(16, 16))
+    assert sbytes.shape == (3, 4) and _bits(ts) == _bits(t_o)
+    assert np.array_equal(np.repeat(sbytes, 16, axis=0), bytes_o)     # TE repeats a tile's scale
+    assert np.array_equal(codes, codes_o), np.argwhere(codes != codes_o)[:5]
+
+
+@pytest.mark.parametrize("variant", nv.VARIANTS)
+def test_tiles_are_blocks_when_every_row_holds_the_tile_max(variant):
+    """A tile whose 16 rows each contain the tile's max (±) quantizes as its 16 row blocks do:
+    the tile's scale is every row block's, and the codes agree; tiles are the same for x.T
+    (transposed) and for axis=0."""
+    x = _wide((40, 50), seed=8, spread=4.0)
+    for i in range(0, 40, 16):
+        for j in range(0, 50, 16):
+            tile = x[i:i + 16, j:j + 16]
+            top = np.abs(tile).max()
+            tile[:, 0] = np.where(np.arange(tile.shape[0]) % 2, -top, top)
+    c, s, t = fp8core.quantize_nvfp4(x, variant=variant, block_size=(16, 16))
+    c1, s1, t1 = fp8core.quantize_nvfp4(x, variant=variant)
+    assert s.shape == (3, 4) and np.array_equal(np.repeat(s, 16, axis=0)[:40], s1)
+    assert np.array_equal(c, c1) and _bits(t) == _bits(t1)
+    ct, st, _ = fp8core.quantize_nvfp4(x.T.copy(), variant=variant, block_size=(16, 16))
+    assert np.array_equal(ct, c.T) and np.array_equal(st, s.T)
+    c0, s0, _ = fp8core.quantize_nvfp4(x, variant=variant, block_size=(16, 16), axis=0)
+    assert np.array_equal(c0, c) and np.array_equal(s0, s)
+    d = fp8core.dequantize_nvfp4(c, s, t, block_size=(16, 16))
+    assert np.array_equal(_bits(d), _bits(fp8core.dequantize_nvfp4(c1, s1, t1)))
 
 
 # ---------------------------------------------------------------- §13.1 specials
@@ -289,6 +327,8 @@ def test_e2m1_round_table_equals_ml_dtypes_at_every_midpoint():
     (dict(variant="nvidia"), ValueError, ["variant", "'nvidia'", "'torchao'", "'te'"]),
     (dict(per_tensor_scale=1), TypeError, ["per_tensor_scale", "bool", "1"]),
     (dict(axis=1), ValueError, ["axis", "1", "-1"]),
+    (dict(block_size=(16, 32)), ValueError, ["block_size", "(16, 32)", "(16, 16)"]),
+    (dict(block_size=(16, 16)), ValueError, ["block_size=(16, 16)", "2-D", "3-D"]),
 ])
 def test_quantize_errors_name_the_argument(kw, exc, words):
     with pytest.raises(exc) as e:

@@ -2,7 +2,7 @@
 codes, block-scale bytes, tensor scale, decoded values — for both variants, with and
 without the per-tensor scale, float32 / bfloat16 / float16 inputs, special blocks (zero,
 −0, ±inf, NaN, float32 subnormals beside normals, blocks far below the amax), a partial
-last block, axis 0 and 3-D; JAX eager and under an outer ``jit``; their e2m1 rounding
+last block, axis 0 and 3-D, 16x16 tiles; JAX eager and under an outer ``jit``; their e2m1 rounding
 against ml_dtypes at every midpoint; the argument errors."""
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def _cases():
         "3d": (x.reshape(4, 6, 80), -1), "partial": (x[:, :37], -1),
         "zeros": (np.zeros((3, 32), np.float32), -1),
         "tiny": (tiny, -1), "empty": (np.zeros((0, 16), np.float32), -1),
+        "tiles": (specials[:, :75], -1, (16, 16)), "tiles_axis0": (x[:21], 0, (16, 16)),
     }
 
 
@@ -48,18 +49,20 @@ CASES = _cases()
 
 
 def _check(name, q, dq, conv, variant, per_tensor, dtype="float32"):
-    x, ax = CASES[name]
+    x, ax, bs = (CASES[name] + (16,))[:3]
     with np.errstate(over="ignore"):                       # float16: huge rows become ±inf
         x = x.astype(getattr(ml_dtypes, dtype, None) or np.dtype(dtype))
-    c, s, t = fp8core.quantize_nvfp4(x, variant=variant, per_tensor_scale=per_tensor, axis=ax)
-    c2, s2, t2 = q(conv(x), variant=variant, per_tensor_scale=per_tensor, axis=ax)
+    kw = dict(variant=variant, per_tensor_scale=per_tensor, axis=ax, block_size=bs)
+    c, s, t = fp8core.quantize_nvfp4(x, **kw)
+    c2, s2, t2 = q(conv(x), **kw)
     assert np.array_equal(c, np.asarray(c2)), np.argwhere(c != np.asarray(c2))[:5]
     assert np.array_equal(s, np.asarray(s2)), np.argwhere(s != np.asarray(s2))[:5]
     assert np.asarray(t2).dtype == np.float32 and np.asarray(t2).shape == ()
     assert np.array_equal(_bytes(np.float32(t)), _bytes(np.asarray(t2))), (t, t2)
     for out in ("float32", "bfloat16"):
-        d = fp8core.dequantize_nvfp4(c, s, t, axis=ax, dtype=getattr(ml_dtypes, out, None) or np.float32)
-        d2 = dq(c2, s2, t2, axis=ax, out=out)
+        d = fp8core.dequantize_nvfp4(c, s, t, axis=ax, block_size=bs,
+                                     dtype=getattr(ml_dtypes, out, None) or np.float32)
+        d2 = dq(c2, s2, t2, axis=ax, out=out, block_size=bs)
         assert np.array_equal(_bytes(d), _bytes(d2)), (out, np.argwhere(_bytes(d) != _bytes(d2))[:5])
 
 
@@ -79,8 +82,8 @@ def _torch_fns(ft):
             return torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    def dq(c, s, t, axis, out):
-        y = ft.dequantize_nvfp4(c, s, t, axis=axis, dtype=getattr(torch, out))
+    def dq(c, s, t, axis, out, block_size):
+        y = ft.dequantize_nvfp4(c, s, t, axis=axis, block_size=block_size, dtype=getattr(torch, out))
         return (y.view(torch.int16) if out == "bfloat16" else y).numpy()
     return conv, dq
 
@@ -116,23 +119,25 @@ def _jax_fns(fj, jit):
             return jax.jit(lambda a: fj.quantize_nvfp4(a, **kw))(x)
         return fj.quantize_nvfp4(x, **kw)
 
-    def dq(c, s, t, axis, out):
-        f = (lambda c, s, t: fj.dequantize_nvfp4(c, s, t, axis=axis, dtype=getattr(jnp, out)))
+    def dq(c, s, t, axis, out, block_size):
+        f = (lambda c, s, t: fj.dequantize_nvfp4(c, s, t, axis=axis, block_size=block_size,
+                                                 dtype=getattr(jnp, out)))
         y = jax.jit(f)(c, s, t) if jit else f(c, s, t)
         return np.asarray(y)
     return q, dq, jnp.asarray
 
 
-#: quick: every variant on the special blocks (eager) and one jitted case; the rest slow
-#: (each case is an XLA compilation, ~0.3–1 s).
-JAX_QUICK = {("specials", False), ("partial", True)}
-JAX_PARAMS = [pytest.param(name, jit, marks=() if (name, jit) in JAX_QUICK else pytest.mark.slow,
-                           id=f"{name}-{'jit' if jit else 'eager'}")
-              for name in CASES for jit in (False, True)]
+#: quick: every variant on the special blocks (eager), one jitted partial-block case and one
+#: tiled case; the rest slow (each case is an XLA compilation, ~0.3–1.5 s).
+JAX_QUICK = {("specials", False, v, p) for v, p in VARIANTS} | {
+    ("partial", True, "torchao", True), ("tiles", False, "te", True)}
+JAX_PARAMS = [pytest.param(name, jit, v, p,
+                           marks=() if (name, jit, v, p) in JAX_QUICK else pytest.mark.slow,
+                           id=f"{name}-{'jit' if jit else 'eager'}-{i}")
+              for name in CASES for jit in (False, True) for (v, p), i in zip(VARIANTS, IDS)]
 
 
-@pytest.mark.parametrize("variant,per_tensor", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("name,jit", JAX_PARAMS)
+@pytest.mark.parametrize("name,jit,variant,per_tensor", JAX_PARAMS)
 def test_jax_equals_reference(fj, name, variant, per_tensor, jit):
     q, dq, conv = _jax_fns(fj, jit)
     _check(name, q, dq, conv, variant, per_tensor)
