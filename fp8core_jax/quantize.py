@@ -885,8 +885,7 @@ def _ffi_recipes() -> bool:
 def _operand_kernel(rule, lay: _Layout, codebook: Codebook | None, *dtypes) -> bool:
     """The C kernel serves this operand (decided outside the trace; ``codebook=None``:
     decoding, which takes any codebook). Only scale rules the kernel executes
-    (``fp8core._kernel.SCALE_RULE_CODES``) go to it: the MX rules run on XLA ops until
-    the kernel's binding lists them."""
+    (``fp8core._kernel.SCALE_RULE_CODES``, the MX rules included) go to it."""
     if rule.scale not in _kernel.SCALE_RULE_CODES:
         return False
     if lay.plan.rows * lay.plan.cols == 0 or not _kernel_path(codebook, *dtypes):
