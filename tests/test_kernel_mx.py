@@ -82,7 +82,8 @@ def _cases():
     return out
 
 
-def _operand(layout: str, dtype: str) -> tuple[OperandRule | None, int, np.ndarray]:
+def _operand(layout: str, dtype: str) -> tuple[object, int, np.ndarray]:
+    """``(granularity, axis, operand)`` of a layout, in ``dtype``."""
     gran, axis, take = LAYOUTS[layout]
     x = np.ascontiguousarray(take(_blocks()))
     return gran, axis, (x.astype(BF16) if dtype == "bfloat16" else x)
@@ -103,9 +104,9 @@ def test_inputs_reach_the_edge_blocks():
     subnormals, and for rceil the 2**-127 qscale of an inf block (its huge elements keep
     non-zero codes) — what a flushing float32 path would change."""
     x = _blocks()
-    codes, _ = ref.quantize_operand(x, OperandRule("e4m3", block(32), "mx_floor"))
-    absmax = ref.quantize_operand(x, OperandRule("e4m3", block(32), "mx_floor"))[1]
-    y = ref.dequantize_operand(codes, absmax, OperandRule("e4m3", block(32), "mx_floor"))
+    floor = OperandRule("e4m3", block(32), "mx_floor")
+    codes, absmax = ref.quantize_operand(x, floor)
+    y = ref.dequantize_operand(codes, absmax, floor)
     sub = (x != 0) & (np.abs(x) < F32_TINY)
     assert sub.sum() > 60 and (codes[sub] & 0x7F).min() > 0
     assert ((y != 0) & (np.abs(y) < F32_TINY)).sum() > 32
@@ -226,9 +227,9 @@ def test_jax_custom_calls_equal_reference(fmt, mode, layout, dtype, monkeypatch)
     got = {}
     for name, fn in fns.items():
         args = (xj,) if name in ("quantize", "fake") else (want["codes"], want["absmax"])
-        hlo = jax.jit(fn).lower(*args).compile().as_text()
-        assert "fp8q_xla_" in hlo, f"{name}: no custom call in the compiled HLO"
-        out = jax.jit(fn)(*args)
+        compiled = jax.jit(fn).lower(*args).compile()
+        assert "fp8q_xla_" in compiled.as_text(), f"{name}: no custom call in the compiled HLO"
+        out = compiled(*args)
         if name == "quantize":
             got["codes"], got["absmax"] = (np.asarray(o) for o in out)
         else:
