@@ -5,8 +5,10 @@ host memory: one pass per block (the block's absmax is taken while the block is
 in cache, then it is scaled, saturated, rounded half to even and written as codes
 and/or dequantized values), two passes for global quantization, on POSIX threads
 or an OpenMP team. 2-D tiles of a row-major matrix (:func:`quantize_tiles`: rows,
-1×B blocks, B×B tiles, columns, column blocks) and every scale rule of §9.2
-(``scale="fp32" | "pow2" | "pow2_torchao"``) are supported by every entry point.
+1×B blocks, B×B tiles, columns, column blocks), every scale rule of §9.2
+(``scale="fp32" | "pow2" | "pow2_torchao"``) and the MX rules of §11
+(``"mx_floor" | "mx_ceil" | "mx_even" | "mx_rceil"``: the e8m0 byte from the absmax bits
+in :func:`fp8core.mx.binade_table`, passed to the kernel) are supported by every entry point.
 It is built at install time when a C compiler is present (``pip install``; the
 extension is optional) and is used by the torch backend on CPU tensors. Table
 codebooks, other devices, and installs without the extension use each backend's
@@ -35,16 +37,18 @@ __all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
            "dequantize_tiles", "call", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
-ABI_VERSION = 4
+ABI_VERSION = 5
 #: dtype name -> the kernel's dtype code.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 #: scale rule (fp8core.recipe.SCALE_RULES) -> ``fp8q_format.scale_rule``.
-SCALE_RULE_CODES = {"fp32": 0, "pow2": 1, "pow2_torchao": 2}
+SCALE_RULE_CODES = {"fp32": 0, "pow2": 1, "pow2_torchao": 2,
+                    "mx_floor": 3, "mx_ceil": 4, "mx_even": 5, "mx_rceil": 6}
 
 
 class _Format(ctypes.Structure):
     """``fp8q_format`` in fp8q.c: per-codebook constants and the scale rule
-    (``pow2_thresholds``: the address of ``fp8core.recipe.pow2_torchao_thresholds()``)."""
+    (``pow2_thresholds``: the address of ``fp8core.recipe.pow2_torchao_thresholds()``;
+    ``mx_table``: that of :func:`_mx_table`)."""
 
     _fields_ = [
         ("m", ctypes.c_float),
@@ -58,6 +62,7 @@ class _Format(ctypes.Structure):
         ("fill_code", ctypes.c_int32),
         ("scale_rule", ctypes.c_int32),
         ("pow2_thresholds", ctypes.c_void_p),
+        ("mx_table", ctypes.c_void_p),
     ]
 
 
@@ -143,6 +148,29 @@ def _pow2_thresholds() -> np.ndarray:
     return np.ascontiguousarray(pow2_torchao_thresholds(), dtype=np.float32)
 
 
+#: Every non-zero value of every MX element format is at least this (e5m2's smallest
+#: subnormal): fp8q.c's mx_scales relies on it to choose the float32 loops.
+_MX_SMALLEST_VALUE = 2.0 ** -16
+
+
+@functools.lru_cache(maxsize=None)
+def _mx_table(format_name: str, scale: str) -> np.ndarray:
+    """int32[1024]: :func:`fp8core.mx.binade_table` of an MX element format and rule
+    (``base``, ``step``, ``qexp``, ``dexp`` one after the other), as ``fp8q_format.mx_table``
+    (and the FFI wrapper's ``mx_table`` attribute) take it. Cached, never freed."""
+    from fp8core import mx
+    from fp8core.codebooks import resolve_codebook
+
+    cb = resolve_codebook(format_name)
+    t = np.ascontiguousarray(np.concatenate(mx.binade_table(cb.name, mx.mode_of(scale))),
+                             dtype=np.int32)
+    tiny = np.abs(cb.values[np.isfinite(cb.values) & (cb.values != 0)]).min()
+    if tiny < _MX_SMALLEST_VALUE:   # pragma: no cover - a new MX format would need fp8q.c's bounds
+        raise AssertionError(f"{format_name}: a value below 2**-16 breaks fp8q.c's mx_scales")
+    t.setflags(write=False)
+    return t
+
+
 def scale_rule_code(scale: str) -> int:
     """The kernel's code of a scale rule (raises ValueError for an unknown one)."""
     try:
@@ -166,6 +194,8 @@ def _format_scaled(format_fn, codebook: Codebook, scale: str) -> _Format:
     g = _Format.from_buffer_copy(f)
     g.scale_rule = rule
     g.pow2_thresholds = _pow2_thresholds().ctypes.data
+    if scale.startswith("mx_"):              # (ValueError for a format MX does not define)
+        g.mx_table = _mx_table(codebook.name, scale).ctypes.data
     return g
 
 

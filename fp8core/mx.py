@@ -51,6 +51,7 @@ __all__ = [
     "scale_bytes",
     "byte_scales",
     "byte_table",
+    "binade_table",
     "e8m0_values",
     "mx_rule",
     "scales_shape",
@@ -226,6 +227,44 @@ def byte_table(format_name: str, mode: str) -> tuple[np.ndarray, np.ndarray]:
     thresholds.setflags(write=False)
     values.setflags(write=False)
     return thresholds, values
+
+
+@functools.lru_cache(maxsize=None)
+def binade_table(format_name: str, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`byte_table` per float32 binade, and :func:`byte_scales` as exponents: four
+    read-only int32[256] arrays ``(base, step, qexp, dexp)``.
+
+    ``base[E]`` is the byte at the first bit pattern of the binade with exponent field
+    ``E``, ``step[E]`` the bit pattern inside it where the byte steps up by one
+    (``2**31 − 1``: none). Every rule steps at most once inside a binade (checked here), so
+    for absmax bits ``u`` (not NaN) the byte is ``base[u >> 23] + (u >= step[u >> 23])``:
+    two lookups and an integer compare. ``qexp[b]``, ``dexp[b]``: the ``k`` of
+    ``qscale = 2**k`` and ``dscale = 2**k`` of each byte (0 for the NaN byte, unused).
+    Backends that cannot search (the C kernel, XLA) execute the rules from these.
+    """
+    thresholds, values = byte_table(format_name, mode)
+    t = thresholds.astype(np.int64)
+    starts = np.arange(256, dtype=np.int64) << 23
+    base = values[np.searchsorted(t, starts, side="right") - 1].astype(np.int32)
+    step = np.full(256, 0x7FFFFFFF, np.int32)
+    for e, lo in enumerate(starts):
+        inner = t[(t > lo) & (t < lo + (1 << 23))]
+        if inner.size > 1 or (inner.size and values[t == inner[0]][0] != base[e] + 1):
+            raise AssertionError(f"{format_name}/{mode}: more than one byte step in binade {e}")
+        if inner.size:
+            step[e] = inner[0]
+    finite, qscale, dscale = byte_scales(np.arange(256), mode)
+
+    def log2(v: np.ndarray) -> np.ndarray:
+        frac, exp = np.frexp(np.where(finite, v, 1).astype(np.float64))
+        if not np.all(frac == 0.5):
+            raise AssertionError("MX scales are powers of two")
+        return (exp - 1).astype(np.int32)
+
+    out = (base, step, log2(qscale), log2(dscale))
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 # ---------------------------------------------------------------- quantize_mx's arguments

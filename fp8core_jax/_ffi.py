@@ -2,7 +2,7 @@
 
 Four calls: flat blocks / global (:func:`quantize`, :func:`dequantize`) and 2-D
 tiles of a row-major matrix (:func:`quantize_tiles`, :func:`dequantize_tiles`),
-each with a scale rule (``scale="fp32" | "pow2" | "pow2_torchao"``). The handlers
+each with a scale rule (``scale="fp32" | "pow2" | "pow2_torchao"`` or an MX rule). The handlers
 (``fp8core/csrc/fp8q_xla.cc``) only unpack XLA buffers and call the C kernel the
 torch backend uses (``fp8core._fp8q``), so every platform still runs the
 contract's operation sequence and the results are the bits of
@@ -234,18 +234,22 @@ def _nthreads() -> int:
 
 
 _NO_THRESHOLDS = np.zeros(0, np.float32)
+_NO_MX_TABLE = np.zeros(0, np.int32)
 
 
 def _scale_attrs(codebook: Codebook, scale: str = "fp32") -> dict:
     """The scale constants, the scale rule and its threshold table as attributes
-    (read at trace time from ``_kernel._format``, as the ctypes binding does)."""
+    (read at trace time from ``_kernel._format``, as the ctypes binding does); an MX
+    rule's byte table (``_kernel._mx_table``)."""
     f = _kernel._format(codebook)
     rule = _kernel.scale_rule_code(scale)
     thresholds = _kernel._pow2_thresholds() if rule == _kernel.SCALE_RULE_CODES["pow2_torchao"] \
         else _NO_THRESHOLDS
     return dict(m=np.float32(f.m), inv_m=np.float32(f.inv_m), floor=np.float32(f.floor_),
                 ceiling=np.float32(f.ceiling), nthreads=np.int32(_nthreads()),
-                scale_rule=np.int32(rule), pow2_thresholds=thresholds)
+                scale_rule=np.int32(rule), pow2_thresholds=thresholds,
+                mx_table=(_kernel._mx_table(codebook.name, scale) if scale.startswith("mx_")
+                          else _NO_MX_TABLE))
 
 
 def _round_attrs(codebook: Codebook) -> dict:

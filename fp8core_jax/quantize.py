@@ -307,41 +307,10 @@ def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
     return finite, qscale, dscale
 
 
-@functools.lru_cache(maxsize=None)
 def _mx_tables(format_name: str, mode: str) -> tuple[np.ndarray, ...]:
-    """Host tables of one MX element format and mode, int32[256] each:
-
-    ``base[E]``, ``step[E]``: :func:`fp8core.mx.byte_table` per float32 binade (exponent
-    field ``E``) — the byte at the binade's first bit pattern, and the bit pattern inside
-    the binade where it steps up by one (``2**31 - 1``: none). Every rule steps at most
-    once inside a binade (checked here), so the search of ``byte_table`` is two gathers
-    and a compare. ``qexp[b]``, ``dexp[b]``: the exponents ``k`` of
-    :func:`fp8core.mx.byte_scales`' ``qscale = 2**k`` and ``dscale = 2**k`` of each byte
-    (0 for the NaN byte, unused).
-    """
-    thresholds, values = fp8core.mx.byte_table(format_name, mode)
-    t = thresholds.astype(np.int64)
-    starts = np.arange(256, dtype=np.int64) << 23
-    base = values[np.searchsorted(t, starts, side="right") - 1].astype(np.int32)
-    step = np.full(256, 0x7FFFFFFF, np.int32)
-    for e, lo in enumerate(starts):
-        inner = t[(t > lo) & (t < lo + (1 << 23))]
-        if inner.size > 1 or (inner.size and values[t == inner[0]][0] != base[e] + 1):
-            raise AssertionError(f"{format_name}/{mode}: more than one byte step in binade {e}")
-        if inner.size:
-            step[e] = inner[0]
-    finite, qscale, dscale = fp8core.mx.byte_scales(np.arange(256), mode)
-
-    def log2(v: np.ndarray) -> np.ndarray:
-        frac, exp = np.frexp(np.where(finite, v, 1).astype(np.float64))
-        if not np.all(frac == 0.5):
-            raise AssertionError("MX scales are powers of two")
-        return (exp - 1).astype(np.int32)
-
-    out = (base, step, log2(qscale), log2(dscale))
-    for a in out:
-        a.setflags(write=False)
-    return out
+    """Host tables of one MX element format and mode: :func:`fp8core.mx.binade_table`
+    (``base``, ``step``, ``qexp``, ``dexp``, int32[256] each)."""
+    return fp8core.mx.binade_table(format_name, mode)
 
 
 def _mx_bytes(absmax: jax.Array, c: _Constants, scale: str) -> jax.Array:
@@ -916,8 +885,7 @@ def _ffi_recipes() -> bool:
 def _operand_kernel(rule, lay: _Layout, codebook: Codebook | None, *dtypes) -> bool:
     """The C kernel serves this operand (decided outside the trace; ``codebook=None``:
     decoding, which takes any codebook). Only scale rules the kernel executes
-    (``fp8core._kernel.SCALE_RULE_CODES``) go to it: the MX rules run on XLA ops until
-    the kernel's binding lists them."""
+    (``fp8core._kernel.SCALE_RULE_CODES``, the MX rules included) go to it."""
     if rule.scale not in _kernel.SCALE_RULE_CODES:
         return False
     if lay.plan.rows * lay.plan.cols == 0 or not _kernel_path(codebook, *dtypes):

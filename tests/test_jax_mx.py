@@ -7,8 +7,8 @@ XLA:CPU flushes float32 subnormals; MX meets them when decoding with small scale
 when scaling float32-subnormal inputs by up to 2**126, and in rceil's 2**-127 scale of an
 inf block. The inputs reach all three (checked on the reference first, so that a
 flushing implementation fails). Both CPU paths run through ``jax_path``: the kernel param
-takes the XLA body for MX rules until the kernel lists them
-(``fp8core._kernel.SCALE_RULE_CODES``). The quick set takes each format and each mode
+takes the C kernel's custom calls for MX rules (listed in
+``fp8core._kernel.SCALE_RULE_CODES``; tests/test_kernel_mx.py checks the HLO). The quick set takes each format and each mode
 once (a diagonal); the full crosses are marked slow.
 """
 
@@ -220,17 +220,17 @@ def test_operand_engine_mx_rules_equal_reference(fmt, mode, gran, axis, dtype, p
 
 @pytest.mark.skipif(not _ffi.available(), reason="fp8core's C kernel is not available to JAX")
 def test_kernel_gate_is_scale_rule_codes(monkeypatch):
-    """MX rules take the XLA path because the kernel's binding does not list them, and
-    only because of that: listed, the operand dispatch picks the kernel."""
+    """MX rules take the kernel path because the kernel's binding lists them, and only
+    because of that: unlisted, the operand dispatch picks the XLA body."""
     monkeypatch.setattr(_kernel, "ENABLED", True)
     rule = R.OperandRule("e4m3", R.block(32), "mx_rceil")
     lay = jq._layout((4, 64), rule.granularity, -1)
-    assert "mx_rceil" not in _kernel.SCALE_RULE_CODES
-    assert not jq._operand_kernel(rule, lay, rule.format, "float32")
-    assert not jq._operand_kernel(rule, lay, None, "float32")
-    monkeypatch.setitem(_kernel.SCALE_RULE_CODES, "mx_rceil", 99)
+    assert "mx_rceil" in _kernel.SCALE_RULE_CODES
     assert jq._operand_kernel(rule, lay, rule.format, "float32")
     assert jq._operand_kernel(rule, lay, None, "float32")
+    monkeypatch.delitem(_kernel.SCALE_RULE_CODES, "mx_rceil")
+    assert not jq._operand_kernel(rule, lay, rule.format, "float32")
+    assert not jq._operand_kernel(rule, lay, None, "float32")
 
 
 # ---------------------------------------------------------------- matmul_fp8

@@ -23,7 +23,10 @@
  * Scale rules (fp8q_format.scale_rule, docs/numerics.md §3.3 / §9.2): fp32
  * (qscale = fl(M / a)), pow2 (the power of two given by q0 = fl(M / a)'s
  * exponent bits) and pow2_torchao (the same exponent, plus one where q0 >= the
- * caller's threshold table entry for it); every entry point honours it.
+ * caller's threshold table entry for it); and the four MX rules (docs/numerics.md
+ * §11: an e8m0 byte per block, looked up from the absmax bits in the caller's
+ * fp8core.mx.binade_table, powers of two as scales; see mx_scales). Every entry
+ * point honours it.
  *
  * Numerics are the contract's float32 operation sequence, IEEE binary32 with
  * round-to-nearest-even. This file must be compiled WITHOUT -ffast-math and
@@ -40,10 +43,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#define FP8Q_ABI_VERSION 4
+#define FP8Q_ABI_VERSION 5
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
-enum { SCALE_FP32 = 0, SCALE_POW2 = 1, SCALE_POW2_TORCHAO = 2 };
+enum { SCALE_FP32 = 0, SCALE_POW2 = 1, SCALE_POW2_TORCHAO = 2,
+       SCALE_MX_FLOOR = 3, SCALE_MX_CEIL = 4, SCALE_MX_EVEN = 5, SCALE_MX_RCEIL = 6 };
 
 /* Per-codebook constants, filled in by fp8core/_kernel.py from fp8core.Codebook. */
 typedef struct {
@@ -60,6 +64,9 @@ typedef struct {
     const float *pow2_thresholds;  /* float32[256], indexed by q0's biased exponent
                                       (fp8core.recipe.pow2_torchao_thresholds();
                                       SCALE_POW2_TORCHAO only, else may be NULL) */
+    const int32_t *mx_table;       /* int32[1024]: fp8core.mx.binade_table(format, mode)'s
+                                      base, step, qexp, dexp (SCALE_MX_* only, else may
+                                      be NULL) */
 } fp8q_format;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FP8Q_NO_CLONES)
@@ -69,6 +76,8 @@ typedef struct {
 #define HOT
 #endif
 #define INLINE static inline __attribute__((always_inline))
+
+INLINE int is_mx(const fp8q_format *f) { return f->scale_rule >= SCALE_MX_FLOOR; }
 
 INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -215,7 +224,9 @@ static float finish_absmax(uint32_t a) {
     return u2f(a);
 }
 
-typedef struct { int finite; float qscale, dscale; } scales_t;
+/* A group's scales. `edge` (MX rules only, see mx_scales): scale and decode with
+ * qexp / dexp by integer exponent arithmetic (mx_edge_run), not qscale / dscale. */
+typedef struct { int finite; float qscale, dscale; int edge; int32_t qexp, dexp; } scales_t;
 
 /* §3.3 / §9.2 (and §4.1): a = clip(absmax, FLOOR, CEIL), q0 = fl(M / a).
  * fp32: qscale = q0, dscale = fl(a * INV_M).
@@ -224,7 +235,7 @@ typedef struct { int finite; float qscale, dscale; } scales_t;
  * pow2_torchao: E += (q0 >= T[E]) first (torchao's float32 exp2(floor(log2(q0)))).
  * Non-finite absmax: dscale = NaN (qscale unused: such groups store the fill code). */
 static scales_t group_scales(float absmax, const fp8q_format *f) {
-    scales_t s;
+    scales_t s = {0, 0.0f, 0.0f, 0, 0, 0};
     s.finite = isfinite(absmax);
     float a = s.finite ? absmax : 1.0f;
     a = a < f->floor_ ? f->floor_ : a;
@@ -243,11 +254,71 @@ static scales_t group_scales(float absmax, const fp8q_format *f) {
     return s;
 }
 
+/* §11 (MX rules): the block's e8m0 byte b from its §3.2 absmax bits u, as
+ * fp8core.mx.binade_table lists it: b = base[E] + (u >= step[E]) with E = u >> 23
+ * (integer compares: no float32 arithmetic that a flush-to-zero mode could change);
+ * a NaN absmax is byte 255, a non-finite group (fill code, NaN values). Scales are
+ * the powers of two qscale = 2**qexp[b], dscale = 2**dexp[b] (fp8core.mx.byte_scales).
+ *
+ * The ordinary float32 loops give the reference's bits for a block whether or not
+ * the calling thread flushes subnormals (XLA:CPU's threads do) when -126 <= qexp <=
+ * 109 and dexp >= -110: every non-zero MX element value is >= 2**-16 (e5m2's smallest
+ * subnormal; the other formats' are larger), so every dequantized value is a normal,
+ * and a float32-subnormal x scaled by qscale stays below 2**-17, half of that, and
+ * rounds to a signed zero as the flushed x does. Other blocks (absmax below ~2**-100,
+ * where qscale reaches 2**126 and dscale 2**-127, or rceil's 2**-127 qscale of an inf
+ * block) are `edge` blocks: scaled and decoded by integer exponent arithmetic
+ * (mul_pow2, mx_edge_run). */
+static scales_t mx_scales(float absmax, const fp8q_format *f) {
+    const int32_t *t = f->mx_table;
+    const uint32_t u = f2u(absmax) & 0x7FFFFFFFu, e = u >> 23;
+    scales_t s = {0, 0.0f, u2f(0x7FC00000u), 0, 0, 0};
+    s.finite = u <= 0x7F800000u;
+    if (!s.finite) return s;
+    const int32_t b = t[e] + (u >= (uint32_t)t[256 + e]);
+    s.qexp = t[512 + b];
+    s.dexp = t[768 + b];
+    s.edge = s.qexp > 109 || s.qexp < -126 || s.dexp < -110;
+    if (!s.edge) {
+        s.qscale = u2f((uint32_t)(s.qexp + 127) << 23);
+        s.dscale = u2f((uint32_t)(s.dexp + 127) << 23);
+    }
+    return s;
+}
+
+static scales_t block_scales(float absmax, const fp8q_format *f) {
+    return is_mx(f) ? mx_scales(absmax, f) : group_scales(absmax, f);
+}
+
+/* x * 2**k for k in [-127, 126] on the float32 bits, as fp8core_jax's _mul_pow2: a
+ * normal or subnormal x (a subnormal's integer significand converts to float32
+ * exactly) gets its exponent moved by k; a normal result is exact, one above the
+ * float32 range is +-inf (the rounded product's overflow), a subnormal one is the
+ * significand shifted into the subnormal field -- exact whenever the product is a
+ * float32 (MX decoding: element values have <= 4 significant bits and are >= 2**-16),
+ * truncated otherwise (MX scaling: then the product is far below half the smallest
+ * element subnormal and rounds to +-0 either way). +-0, +-inf and NaN are returned
+ * as they are; the sign is kept. */
+INLINE float mul_pow2(float x, int32_t k) {
+    const uint32_t b = f2u(x), sign = b & 0x80000000u, a = b & 0x7FFFFFFFu;
+    const int32_t e = (int32_t)(a >> 23);
+    if (a == 0 || e == 255) return x;
+    const uint32_t an = e ? a : f2u((float)(int32_t)a);           /* exact: a < 2**23 */
+    const int32_t en = (int32_t)(an >> 23) - (e ? 0 : 149) + k;
+    const uint32_t frac = an & 0x7FFFFFu;
+    uint32_t r;
+    if (en >= 255) r = 0x7F800000u;
+    else if (en >= 1) r = ((uint32_t)en << 23) | frac;
+    else r = 1 - en > 24 ? 0u : (frac | 0x800000u) >> (1 - en);
+    return u2f(r | sign);
+}
+
 /* The format fields every entry point relies on; `rounding`: quantizers (they
  * round to the format, so it must be a native format of at most 8 bits). */
 static int bad_format(const fp8q_format *f, int rounding) {
-    if (f->scale_rule < SCALE_FP32 || f->scale_rule > SCALE_POW2_TORCHAO) return 1;
+    if (f->scale_rule < SCALE_FP32 || f->scale_rule > SCALE_MX_RCEIL) return 1;
     if (f->scale_rule == SCALE_POW2_TORCHAO && f->pow2_thresholds == 0) return 1;
+    if (is_mx(f) && f->mx_table == 0) return 1;
     if (rounding && (f->mant < 1 || f->mant > 22 || f->bits < 2 || f->bits > 8)) return 1;
     return 0;
 }
@@ -396,6 +467,32 @@ static void qdq_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows,
     else qdqc_in_DT_BF16(c, start, len, nrows, stride, qs, ds, ok);
 }
 
+/* An MX edge block's elements [start, start + len) (see mx_scales): §3.4-§4.3 with
+ * the scaling and the decoding done by mul_pow2 -- s = clip(x * 2**qexp, -M, M),
+ * rounded as in every block, values 2**dexp * the rounded value. Scalar, rare. */
+static void mx_edge_run(const call_t *c, int64_t start, int64_t len, scales_t sc) {
+    const rk_t k = round_consts(c->f);
+    const int negzero = c->f->negzero;
+    for (int64_t i = start; i < start + len; i++) {
+        uint32_t rb = round_bits(mul_pow2(load(c->x, c->in_dt, i), sc.qexp), k, negzero);
+        if (c->codes) c->codes[i] = (uint8_t)code_of(rb, k);
+        if (c->vals) store(c->vals, c->out_dt, i, mul_pow2(u2f(rb), sc.dexp));
+    }
+}
+
+/* the decoding of an MX edge block's codes [start, start + len) */
+static void mx_edge_deq(const uint8_t *codes, const float *table, void *vals, int out_dt,
+                        int64_t start, int64_t len, int32_t dexp) {
+    for (int64_t i = start; i < start + len; i++)
+        store(vals, out_dt, i, mul_pow2(table[codes[i]], dexp));
+}
+
+/* one group's run of elements with its scales */
+static void qdq_group(const call_t *c, int64_t start, int64_t len, scales_t sc) {
+    if (sc.edge) mx_edge_run(c, start, len, sc);
+    else qdq_range(c, start, len, sc);
+}
+
 /* ------------------------------------------------------------------- threading */
 typedef struct {
     const call_t *c;
@@ -415,12 +512,12 @@ static void *run_job(void *arg) {
             int64_t start = b * j->group, len = j->n - start < j->group ? j->n - start : j->group;
             float a = finish_absmax(absmax_bits(c->x, c->in_dt, start, len));
             j->absmax[b] = a;
-            qdq_range(c, start, len, group_scales(a, c->f));
+            qdq_group(c, start, len, block_scales(a, c->f));
         }
     } else if (j->phase == 1) {
         j->partial = absmax_bits(c->x, c->in_dt, j->lo, j->hi - j->lo);
     } else {
-        qdq_range(c, j->lo, j->hi - j->lo, j->sc);
+        qdq_group(c, j->lo, j->hi - j->lo, j->sc);
     }
     return 0;
 }
@@ -594,7 +691,7 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
     for (int t = 0; t < nt; t++) m = jobs[t].partial > m ? jobs[t].partial : m;
     float a = finish_absmax(m);
     absmax[0] = a;
-    scales_t sc = group_scales(a, f);
+    scales_t sc = block_scales(a, f);
     for (int t = 0; t < nt; t++) { jobs[t].phase = 2; jobs[t].sc = sc; }
     run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
     return 0;
@@ -612,7 +709,7 @@ int fp8q_quantize_given(const void *x, int in_dt, int64_t n, const fp8q_format *
     if (n == 0) return 0;
     call_t c = {x, in_dt, out_dt, codes, vals, f};
     job_t jobs[MAX_THREADS];
-    scales_t sc = group_scales(absmax_in[0], f);
+    scales_t sc = block_scales(absmax_in[0], f);
     int nt = clamp_threads(nthreads, n);
     for (int t = 0; t < nt; t++) {
         job_t j = {&c, n, n, n * t / nt, n * (t + 1) / nt, NULL, sc, 0, 2};
@@ -647,8 +744,35 @@ DEQ_OUT(DT_F32)
 DEQ_OUT(DT_F16)
 DEQ_OUT(DT_BF16)
 
+/* DEQ_OUT under an MX rule (its own loop: the other rules' stays as it is) */
+#define DEQ_MX_OUT(DT)                                                                    \
+    HOT static void deqmx_##DT(const djob_t *j) {                                         \
+        int64_t i = j->lo;                                                                \
+        while (i < j->hi) {                                                               \
+            int64_t b = i / j->group, end = (b + 1) * j->group;                           \
+            if (end > j->hi) end = j->hi;                                                 \
+            scales_t s = mx_scales(j->absmax[b], j->f);                                   \
+            if (s.edge) {                                                                 \
+                mx_edge_deq(j->codes, j->table, j->vals, DT, i, end - i, s.dexp);         \
+                i = end;                                                                  \
+                continue;                                                                 \
+            }                                                                             \
+            const float d = s.dscale;                                                     \
+            for (; i < end; i++) store(j->vals, DT, i, j->table[j->codes[i]] * d);        \
+        }                                                                                 \
+    }
+DEQ_MX_OUT(DT_F32)
+DEQ_MX_OUT(DT_F16)
+DEQ_MX_OUT(DT_BF16)
+
 static void *run_djob(void *arg) {
     djob_t *j = (djob_t *)arg;
+    if (is_mx(j->f)) {
+        if (j->out_dt == DT_F32) deqmx_DT_F32(j);
+        else if (j->out_dt == DT_F16) deqmx_DT_F16(j);
+        else deqmx_DT_BF16(j);
+        return 0;
+    }
     if (j->out_dt == DT_F32) deq_DT_F32(j);
     else if (j->out_dt == DT_F16) deq_DT_F16(j);
     else deq_DT_BF16(j);
@@ -726,6 +850,8 @@ HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, u
     const int64_t b = item / j->nck, k = item % j->nck;
     const int64_t r0 = b * j->th, nr = j->rows - r0 < j->th ? j->rows - r0 : j->th;
     const int64_t c0 = k * j->w, cw = C - c0 < j->w ? C - c0 : j->w;
+    const int mx = is_mx(j->f);
+    int edges = 0;
     if (c) max_cols(c->x, c->in_dt, r0 * C + c0, cw, nr, C, cm);        /* sweep 1 */
     for (int64_t g0 = 0; g0 < cw; g0 += tw) {                           /* the chunk's groups */
         const int64_t glen = cw - g0 < tw ? cw - g0 : tw;
@@ -739,7 +865,14 @@ HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, u
         } else {
             a = *am;
         }
-        scales_t sc = group_scales(a, j->f);
+        scales_t sc;
+        if (mx) {          /* an edge group: fill / NaN in the sweep, redone below */
+            sc = mx_scales(a, j->f);
+            edges |= sc.edge;
+            if (sc.edge) sc.finite = 0;
+        } else {
+            sc = group_scales(a, j->f);
+        }
         for (int64_t i = g0; i < g0 + glen; i++) {
             qs[i] = sc.finite ? sc.qscale : 0.0f;
             ds[i] = sc.dscale;
@@ -753,6 +886,17 @@ HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, u
         if (j->out_dt == DT_F32) deqt_DT_F32(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
         else if (j->out_dt == DT_F16) deqt_DT_F16(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
         else deqt_DT_BF16(j->codes, j->table, v, r0 * C + c0, cw, nr, C, ds);
+    }
+    if (!edges) return;
+    for (int64_t g0 = 0; g0 < cw; g0 += tw) {                           /* MX edge groups */
+        const int64_t glen = cw - g0 < tw ? cw - g0 : tw;
+        const scales_t sc = mx_scales(j->absmax[b * j->gc + (c0 + g0) / tw], j->f);
+        if (!sc.edge) continue;
+        for (int64_t r = 0; r < nr; r++) {
+            const int64_t s0 = (r0 + r) * C + c0 + g0;
+            if (c) mx_edge_run(c, s0, glen, sc);
+            else mx_edge_deq(j->codes, j->table, j->vals, j->out_dt, s0, glen, sc.dexp);
+        }
     }
 }
 

@@ -6,7 +6,8 @@
 // at load time (the addresses of the functions in the installed fp8core._fp8q
 // extension), so there is one compiled copy of the quantizer. The codebook's
 // constants and the scale rule arrive as attributes (the pow2_torchao threshold
-// table as a float32[256] array attribute, empty for the other rules). Built at
+// table as a float32[256] array attribute, empty for the other rules; an MX rule's
+// fp8core.mx.binade_table as an int32[1024] one, empty for the others). Built at
 // install time (setup.py) or by `python -m fp8core_jax.build` against
 // jax.ffi.include_dir() (header-only XLA FFI API); see fp8core_jax/_ffi.py.
 //
@@ -19,8 +20,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#define FP8Q_XLA_ABI_VERSION 1
-#define FP8Q_XLA_KERNEL_ABI 4
+#define FP8Q_XLA_ABI_VERSION 2
+#define FP8Q_XLA_KERNEL_ABI 5
 
 namespace ffi = xla::ffi;
 
@@ -30,6 +31,7 @@ typedef struct {
   int32_t mant, emin, bits, negzero, fill_code;
   int32_t scale_rule;
   const float *pow2_thresholds;
+  const int32_t *mx_table;
 } fp8q_format;  // as in fp8q.c
 
 typedef int (*quantize_fn)(const void *, int, int64_t, int64_t, const fp8q_format *, uint8_t *,
@@ -85,14 +87,17 @@ struct Scales {
   float m, inv_m, floor_, ceiling;
   int32_t scale_rule;
   ffi::Span<const float> pow2_thresholds;
+  ffi::Span<const int32_t> mx_table;
 };
 
 fp8q_format Format(const Scales &s, int32_t mant = 0, int32_t emin = 0, int32_t bits = 0,
                    int32_t negzero = 0, int32_t fill_code = 0) {
   // a table of the wrong size is passed as NULL, which the kernel rejects for pow2_torchao
+  // (and an MX table of the wrong size likewise for the MX rules)
   const float *t = s.pow2_thresholds.size() == 256 ? s.pow2_thresholds.begin() : nullptr;
+  const int32_t *mx = s.mx_table.size() == 1024 ? s.mx_table.begin() : nullptr;
   return fp8q_format{s.m, s.inv_m, s.floor_, s.ceiling, mant, emin, bits, negzero, fill_code,
-                     s.scale_rule, t};
+                     s.scale_rule, t, mx};
 }
 
 ffi::Error Rejected(const char *what) {
@@ -107,13 +112,14 @@ ffi::Error Quantize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
                     ffi::Result<ffi::Buffer<ffi::U8>> codes, ffi::Result<ffi::Buffer<ffi::F32>> absmax,
                     int64_t group, float m, float inv_m, float floor_, float ceiling, int32_t mant,
                     int32_t emin, int32_t bits, int32_t negzero, int32_t fill_code, int32_t nthreads,
-                    int32_t scale_rule, ffi::Span<const float> pow2_thresholds) {
+                    int32_t scale_rule, ffi::Span<const float> pow2_thresholds,
+                    ffi::Span<const int32_t> mx_table) {
   const int64_t n = static_cast<int64_t>(x.element_count());
   if (g_quantize == nullptr) return Unbound();
   if (n == 0) return ffi::Error::Success();
   const bool want_vals = vals->element_count() == static_cast<size_t>(n);
   const bool want_codes = codes->element_count() == static_cast<size_t>(n);
-  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds}, mant, emin,
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table}, mant, emin,
                                bits, negzero, fill_code);
   const int rc = g_quantize(x.untyped_data(), DtypeCode(x.element_type()), n, group > 0 ? group : n, &f,
                             want_codes ? codes->typed_data() : nullptr,
@@ -128,11 +134,12 @@ ffi::Error Quantize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
 ffi::Error Dequantize(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> absmax, ffi::Buffer<ffi::F32> table,
                       ffi::Result<ffi::AnyBuffer> vals, int64_t group, float m, float inv_m, float floor_,
                       float ceiling, int32_t nthreads, int32_t scale_rule,
-                      ffi::Span<const float> pow2_thresholds) {
+                      ffi::Span<const float> pow2_thresholds,
+                      ffi::Span<const int32_t> mx_table) {
   const int64_t n = static_cast<int64_t>(codes.element_count());
   if (g_dequantize == nullptr) return Unbound();
   if (n == 0) return ffi::Error::Success();
-  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds});
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table});
   const int rc = g_dequantize(codes.typed_data(), n, group > 0 ? group : n, absmax.typed_data(),
                               table.typed_data(), &f, vals->untyped_data(),
                               DtypeCode(vals->element_type()), nthreads, /*openmp=*/0);
@@ -147,7 +154,8 @@ ffi::Error QuantizeTiles(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
                          ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t tile_rows,
                          int64_t tile_cols, float m, float inv_m, float floor_, float ceiling,
                          int32_t mant, int32_t emin, int32_t bits, int32_t negzero, int32_t fill_code,
-                         int32_t nthreads, int32_t scale_rule, ffi::Span<const float> pow2_thresholds) {
+                         int32_t nthreads, int32_t scale_rule, ffi::Span<const float> pow2_thresholds,
+                         ffi::Span<const int32_t> mx_table) {
   if (g_quantize_tiles == nullptr) return Unbound();
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_xla_quantize_tiles: x must be 2-D");
@@ -155,7 +163,7 @@ ffi::Error QuantizeTiles(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> vals,
   if (n == 0) return ffi::Error::Success();
   const bool want_vals = vals->element_count() == static_cast<size_t>(n);
   const bool want_codes = codes->element_count() == static_cast<size_t>(n);
-  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds}, mant, emin,
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table}, mant, emin,
                                bits, negzero, fill_code);
   const int rc = g_quantize_tiles(x.untyped_data(), DtypeCode(x.element_type()), rows, cols, tile_rows,
                                   tile_cols, &f, want_codes ? codes->typed_data() : nullptr,
@@ -171,13 +179,14 @@ ffi::Error DequantizeTiles(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> abs
                            ffi::Buffer<ffi::F32> table, ffi::Result<ffi::AnyBuffer> vals,
                            int64_t tile_rows, int64_t tile_cols, float m, float inv_m, float floor_,
                            float ceiling, int32_t nthreads, int32_t scale_rule,
-                           ffi::Span<const float> pow2_thresholds) {
+                           ffi::Span<const float> pow2_thresholds,
+                           ffi::Span<const int32_t> mx_table) {
   if (g_dequantize_tiles == nullptr) return Unbound();
   const auto dims = codes.dimensions();
   if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_xla_dequantize_tiles: codes must be 2-D");
   const int64_t rows = dims[0], cols = dims[1];
   if (rows * cols == 0) return ffi::Error::Success();
-  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds});
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table});
   const int rc = g_dequantize_tiles(codes.typed_data(), rows, cols, tile_rows, tile_cols,
                                     absmax.typed_data(), table.typed_data(), &f, vals->untyped_data(),
                                     DtypeCode(vals->element_type()), nthreads, /*openmp=*/0);
@@ -205,7 +214,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize, Quantize,
                                   .Attr<int32_t>("fill_code")
                                   .Attr<int32_t>("nthreads")
                                   .Attr<int32_t>("scale_rule")
-                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize, Dequantize,
                               ffi::Ffi::Bind()
@@ -220,7 +230,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize, Dequantize,
                                   .Attr<float>("ceiling")
                                   .Attr<int32_t>("nthreads")
                                   .Attr<int32_t>("scale_rule")
-                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize_tiles, QuantizeTiles,
                               ffi::Ffi::Bind()
@@ -241,7 +252,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize_tiles, QuantizeTiles,
                                   .Attr<int32_t>("fill_code")
                                   .Attr<int32_t>("nthreads")
                                   .Attr<int32_t>("scale_rule")
-                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize_tiles, DequantizeTiles,
                               ffi::Ffi::Bind()
@@ -257,4 +269,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_dequantize_tiles, DequantizeTiles,
                                   .Attr<float>("ceiling")
                                   .Attr<int32_t>("nthreads")
                                   .Attr<int32_t>("scale_rule")
-                                  .Attr<ffi::Span<const float>>("pow2_thresholds"));
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
