@@ -181,6 +181,8 @@ OPERAND_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "bnb_e4m3"
 #: the scale rules every granularity takes (the MX rules have their own cases)
 NON_MX_SCALE_RULES = tuple(s for s in R.SCALE_RULES if not s.startswith("mx_"))
 OPERAND_GRANULARITIES = (R.tensor(), R.axiswise(), R.block(128), R.tile(128), R.flat())
+#: the MX rules' cases: every MX element format × scale mode on 1×32 blocks and 32×32 tiles
+MX_GRANULARITIES = (R.block(32), R.tile(32))
 #: (shape, contraction axis): full 128-blocks and tiles, partial ones, 3-D (axis -1 only)
 OPERAND_SHAPES = (((256, 256), -1), ((256, 256), 0), ((130, 200), -1), ((130, 200), 0),
                   ((3, 50, 72), -1))
@@ -218,6 +220,12 @@ def operand_rules() -> tuple[R.OperandRule, ...]:
                 rule = R.OperandRule(fmt, gran, scale)
                 if rule not in out:
                     out.append(rule)
+    for fmt in fp8core.mx.MX_ELEMENT_FORMATS:
+        for gran in MX_GRANULARITIES:
+            for scale in fp8core.mx.MX_SCALE_RULES:
+                rule = R.OperandRule(fmt, gran, scale)
+                if rule not in out:
+                    out.append(rule)
     return tuple(out)
 
 
@@ -247,10 +255,12 @@ def _operand_cases(seed: int, quick: bool) -> list[Case]:
     * the presets' rules: every (shape, axis) in float32, plus bfloat16 and float16 on a
       rotating (shape, axis) each; both ops; ``normal`` and four of the special
       distributions per combination, rotating (each rule sees every distribution);
-    * every other rule: one (shape, axis, dtype) combination, rotating (the 42 rules cover
+    * every other rule (formats × granularities × scale rules, then the MX formats × modes
+      on block(32) / tile(32)): one (shape, axis, dtype) combination, rotating (they cover
       all 15), quantize_operand only, ``normal`` and three rotating special distributions.
 
-    ``quick``: one preset rule per granularity, one rotating (shape, axis, dtype) each.
+    ``quick``: one preset rule per granularity (and one MX block rule), one rotating
+    (shape, axis, dtype) each.
     """
     combos = [(shape, axis, dtype) for shape, axis in OPERAND_SHAPES for dtype in DTYPES]
     specials = [d for d in DISTRIBUTIONS if d not in ("normal", "fp16_max")]
@@ -258,7 +268,8 @@ def _operand_cases(seed: int, quick: bool) -> list[Case]:
     plan = []  # (rule, (shape, axis, dtype), distributions, ops)
     for i, rule in enumerate(operand_rules()):
         if quick:
-            if rule in presets and rule.granularity.kind not in {p[0].granularity.kind for p in plan}:
+            kind = (rule.granularity.kind, rule.is_mx)
+            if rule in presets and kind not in {(p[0].granularity.kind, p[0].is_mx) for p in plan}:
                 plan.append((rule, combos[(4 * i) % len(combos)],
                              ("normal", "midpoints", "nan_block", "zero_blocks"), OPERAND_OPS))
             continue
