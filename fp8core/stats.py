@@ -25,6 +25,16 @@ first, ``Q(x)`` is :func:`fp8core.fake_quantize` in float32; sums are float64):
 * **scale range**: min and max of the per-group absmax (the ``absmax`` the
   quantizer returns; groups with NaN/inf absmax excluded). Global quantization has
   one group, so min == max.
+* **scale clamped** (``n_scale_clamped``): groups with a finite, non-zero absmax whose
+  scale hit a limit of its scale rule — for the fp32 / pow2 rules an absmax outside
+  ``[codebook.scale_floor, codebook.scale_ceiling]`` (§3.3 clips it), for the MX rules
+  an e8m0 byte at either end of its range (0 or 254, §11): the group's scale could not
+  follow its values, so it under- or over-flows as a whole.
+
+Recipe layers (:class:`fp8core.recipe.LinearRecipe`) are measured slot by slot with
+:func:`operand_stats` / :func:`recipe_layer_stats`: each slot's operand in the
+orientation its GEMM quantizes it (docs/numerics.md §9.1); a slot that reuses another
+slot's quantized value, or stays in high precision, has no record.
 
 Elements of groups whose absmax is NaN or inf (they dequantize to NaN, §3.6) are
 counted in ``n_nonfinite`` and excluded from the other counts.
@@ -39,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from fp8core import mx as _mx
+from fp8core import recipe as _recipe
 from fp8core import reference as _ref
 from fp8core.blocks import plan_blocks, select_block_size
 from fp8core.codebooks import Codebook, resolve_codebook
@@ -53,6 +65,9 @@ __all__ = [
     "specs_of_layer",
     "layer_stats",
     "merge_stats",
+    "operand_stats",
+    "recipe_layer_stats",
+    "slot_operand",
     "summary_rows",
     "summary_table",
 ]
@@ -79,6 +94,8 @@ class QuantStats:
       n_groups: quantization groups (1 for global quantization).
       absmax_min: smallest finite group absmax (NaN if none).
       absmax_max: largest finite group absmax (NaN if none).
+      n_scale_clamped: finite groups with a non-zero absmax whose scale hit its rule's
+        limit (module docstring).
     """
 
     numel: int
@@ -91,6 +108,7 @@ class QuantStats:
     n_groups: int
     absmax_min: float
     absmax_max: float
+    n_scale_clamped: int = 0
 
     @property
     def sqnr_db(self) -> float:
@@ -107,6 +125,11 @@ class QuantStats:
     def underflow_frac(self) -> float:
         """``n_underflow / n_nonzero`` (0 when there is no non-zero element)."""
         return self.n_underflow / self.n_nonzero if self.n_nonzero else 0.0
+
+    @property
+    def scale_clamped_frac(self) -> float:
+        """``n_scale_clamped / n_groups`` (0 when there is no group)."""
+        return self.n_scale_clamped / self.n_groups if self.n_groups else 0.0
 
     @property
     def saturated_frac(self) -> float:
@@ -160,7 +183,125 @@ def quantization_stats(x: Any, codebook: Any, blocksize: int | None = None) -> Q
         n_groups=int(absmax.size),
         absmax_min=float(finite_absmax.min()) if finite_absmax.size else math.nan,
         absmax_max=float(finite_absmax.max()) if finite_absmax.size else math.nan,
+        n_scale_clamped=_n_scale_clamped(absmax, cb, "fp32"),
     )
+
+
+def _n_scale_clamped(absmax: np.ndarray, cb: Codebook, scale: str) -> int:
+    a = np.asarray(absmax, np.float32).reshape(-1)
+    live = np.isfinite(a) & (a > 0)
+    if scale in _mx.MX_SCALE_RULES:
+        b = _mx.scale_bytes(a, cb, _mx.mode_of(scale))
+        hit = (b == 0) | (b == 254)
+    else:
+        hit = (a < cb.scale_floor) | (a > cb.scale_ceiling)
+    return int(np.count_nonzero(live & hit))
+
+
+def operand_stats(x: Any, rule: Any, *, axis: int = -1) -> QuantStats:
+    """Statistics of ``fake_quantize_operand(x, rule, axis=axis)`` (module docstring).
+
+    Args:
+      x: float array; ``axis`` is its contraction axis (as
+        :func:`fp8core.quantize_operand`).
+      rule: an :class:`fp8core.recipe.OperandRule`.
+
+    Elements that dequantize to a non-finite value are exactly those of groups whose
+    absmax is NaN or inf (§3.6, §11); they are counted in ``n_nonfinite``.
+    """
+    rule = _recipe.check_rule(rule)
+    x = np.asarray(x)
+    codes, absmax = _ref.quantize_operand(x, rule, axis=axis)
+    y = _ref.dequantize_operand(codes, absmax, rule, axis=axis).reshape(-1)
+    cb = rule.format
+    x32 = x.astype(np.float32).reshape(-1)
+    ok = np.isfinite(y)
+    xs, ys = x32[ok].astype(np.float64), y[ok].astype(np.float64)
+    nonzero = xs != 0
+    at_max = np.abs(cb.values256[codes.reshape(-1)[ok]]) == cb.max
+    absmax = absmax.reshape(-1)
+    fin = absmax[np.isfinite(absmax)]
+    return QuantStats(
+        numel=int(x.size),
+        n_nonfinite=int(x.size - np.count_nonzero(ok)),
+        n_nonzero=int(np.count_nonzero(nonzero)),
+        n_underflow=int(np.count_nonzero(nonzero & (ys == 0))),
+        n_saturated=int(np.count_nonzero(at_max)),
+        signal_energy=float(np.sum(xs * xs)),
+        noise_energy=float(np.sum((xs - ys) ** 2)),
+        n_groups=int(absmax.size),
+        absmax_min=float(fin.min()) if fin.size else math.nan,
+        absmax_max=float(fin.max()) if fin.size else math.nan,
+        n_scale_clamped=_n_scale_clamped(absmax, cb, rule.scale),
+    )
+
+
+def slot_operand(recipe: Any, slot: str, X: Any, B: Any, dY: Any = None
+                 ) -> tuple[np.ndarray, int] | None:
+    """The high-precision operand slot ``slot`` of ``recipe`` quantizes and its
+    contraction axis (docs/numerics.md §9.1), or None when the slot quantizes nothing of
+    its own (high precision, or :data:`~fp8core.recipe.REUSE` of another slot's value).
+
+    ``X (..., K)`` is the layer input, ``B (K, N)`` the weight as the GEMM's right
+    operand (``Wᵀ``), ``dY (..., N)`` the output gradient (None: forward slots only).
+    With ``recipe.wgrad_transform`` the wgrad operands are the rotated ones
+    (:func:`fp8core.reference.wgrad_rotated`).
+    """
+    recipe = _recipe.get_recipe(recipe)
+    if slot not in _recipe.SLOTS:
+        raise ValueError(f"slot must be one of {', '.join(_recipe.SLOTS)}, got {slot!r}")
+    if recipe.rule(slot) is None or (slot in _recipe.REUSE_SOURCE
+                                     and recipe.source(slot) == "reuse"):
+        return None
+    X, B = np.asarray(X), np.asarray(B)
+    x2 = X.reshape(-1, X.shape[-1])
+    if slot == "input":
+        return x2, -1
+    if slot == "weight":
+        return B, 0
+    if slot == "weight_for_grad_input":
+        return B, -1
+    if dY is None:
+        return None
+    g2 = np.asarray(dY).reshape(-1, B.shape[1])
+    if slot == "grad_output":
+        return g2, -1
+    t = x2 if slot == "input_for_grad_weight" else g2
+    if recipe.wgrad_transform is not None:
+        t = _ref.wgrad_rotated(t, t.dtype)
+    return t, 0
+
+
+def recipe_layer_stats(layer: str, recipe: Any, X: Any, B: Any, dY: Any = None, *,
+                       step: int = 0) -> list[StatsRecord]:
+    """Records of the slots of one recipe layer that quantize an operand of their own,
+    in :data:`fp8core.recipe.SLOTS` order (``operand`` = the slot name).
+
+    Args:
+      layer: layer name.
+      recipe: the layer's :class:`~fp8core.recipe.LinearRecipe` (or a preset name).
+      X: the layer input ``(..., K)``; B: the weight ``(K, N)`` (``Wᵀ``, JAX's kernel);
+        dY: the output gradient ``(..., N)`` or None (forward slots only). Numpy arrays.
+      step: stored in each record.
+    """
+    recipe = _recipe.get_recipe(recipe)
+    out = []
+    for slot in _recipe.SLOTS:
+        got = slot_operand(recipe, slot, X, B, dY)
+        if got is None:
+            continue
+        t, axis = got
+        rule = recipe.rule(slot)
+        out.append(StatsRecord(layer, slot, rule.format.name, _block_label(rule), int(step),
+                               operand_stats(t, rule, axis=axis)))
+    return out
+
+
+def _block_label(rule: Any) -> Any:
+    g = rule.granularity
+    if g.kind == "tensor":
+        return None
+    return str(g) if rule.scale == "fp32" else f"{g} {rule.scale}"
 
 
 def merge_stats(stats: Iterable[QuantStats]) -> QuantStats:
@@ -181,6 +322,7 @@ def merge_stats(stats: Iterable[QuantStats]) -> QuantStats:
         n_groups=sum(s.n_groups for s in stats),
         absmax_min=min(lows) if lows else math.nan,
         absmax_max=max(highs) if highs else math.nan,
+        n_scale_clamped=sum(s.n_scale_clamped for s in stats),
     )
 
 
@@ -202,7 +344,8 @@ class StatsRecord:
       operand: ``"activation"`` (A), ``"weight"`` (B, laid out ``(in, out)``) or
         ``"gradient"`` (g = dL/d output).
       codebook: the codebook's name (e.g. ``"float8_e4m3fn"``).
-      blocksize: block size, ``None`` for global quantization.
+      blocksize: block size, ``None`` for global quantization (recipe slots: the
+        granularity and scale rule as text, e.g. ``"block(32) mx_rceil"``).
       step: training step (or any caller-chosen index).
       stats: the :class:`QuantStats`.
     """
@@ -210,7 +353,7 @@ class StatsRecord:
     layer: str
     operand: str
     codebook: str
-    blocksize: int | None
+    blocksize: int | str | None
     step: int
     stats: QuantStats
 
@@ -278,6 +421,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("layer", "layer"), ("operand", "operand"), ("codebook", "format"), ("blocksize", "block"),
     ("n_records", "records"), ("sqnr_db", "SQNR dB"), ("underflow_pct", "underflow %"),
     ("saturated_pct", "saturated %"), ("absmax_min", "absmax min"), ("absmax_max", "absmax max"),
+    ("scale_clamped_pct", "clamped %"),
 )
 
 
@@ -285,7 +429,7 @@ def summary_rows(records: Sequence[StatsRecord]) -> list[dict[str, Any]]:
     """One row per (layer, operand), pooled exactly over steps, in first-seen order.
 
     Row keys: ``layer, operand, codebook, blocksize ("global" if None), n_records,
-    sqnr_db, underflow_pct, saturated_pct, absmax_min, absmax_max``.
+    sqnr_db, underflow_pct, saturated_pct, absmax_min, absmax_max, scale_clamped_pct``.
     """
     groups: dict[tuple[str, str], list[StatsRecord]] = {}
     for r in records:
@@ -304,6 +448,7 @@ def summary_rows(records: Sequence[StatsRecord]) -> list[dict[str, Any]]:
             "saturated_pct": 100.0 * st.saturated_frac,
             "absmax_min": st.absmax_min,
             "absmax_max": st.absmax_max,
+            "scale_clamped_pct": 100.0 * st.scale_clamped_frac,
         })
     return rows
 

@@ -96,9 +96,9 @@ def train(spec: RunSpec, cfg: TrainConfig, data: DigitsData, init: dict[str, np.
           batches: np.ndarray) -> RunResult:
     """As :func:`fp8core_experiments.torch_runner.train`, jitted, same op sequence
     (``p − lr·grad``). Statistics are recomputed eagerly from the module and the batch
-    by :func:`fp8core_experiments.jax_stats.collect_stats` on statistics steps, before
+    by :func:`fp8core_jax.stats.collect_stats` on statistics steps, before
     the update (the same parameters the torch hooks see)."""
-    from fp8core_experiments.jax_stats import collect_stats
+    from fp8core_jax.stats import collect_stats
 
     start = time.perf_counter()
     with pinned_jax_numerics():

@@ -86,7 +86,7 @@ def train(spec: RunSpec, cfg: TrainConfig, data: DigitsData, init: dict[str, np.
 
 def _train(spec: RunSpec, cfg: TrainConfig, data: DigitsData, init: dict[str, np.ndarray],
            batches: np.ndarray, start: float) -> RunResult:
-    from fp8core_experiments.torch_stats import collect_stats
+    from fp8core_torch.stats import collect_stats
 
     with pinned_torch_numerics():
         model = build_model(spec, init, data.n_features, cfg.hidden, data.n_classes)

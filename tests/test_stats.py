@@ -184,7 +184,7 @@ def check_records(records, mode):
 def torch_records(mode):
     torch = pytest.importorskip("torch", reason="torch is not installed")
     fp8core_torch = pytest.importorskip("fp8core_torch", reason="fp8core_torch is not importable")
-    from fp8core_experiments.torch_stats import collect_stats
+    from fp8core_torch.stats import collect_stats
 
     cls = fp8core_torch.LinearFP8Mixed if mode == "mixed" else fp8core_torch.LinearFP8Global
     model = torch.nn.Sequential()
@@ -205,7 +205,7 @@ def jax_records(mode):
     import jax.numpy as jnp
     from flax import nnx
 
-    from fp8core_experiments.jax_stats import collect_stats
+    from fp8core_jax.stats import collect_stats
     from fp8core_jax import nn as fp8nn
 
     cls = fp8nn.LinearFP8Mixed if mode == "mixed" else fp8nn.LinearFP8Global
