@@ -26,6 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
 
 
+def reexec_on_host_devices(script: str, devices: int = 4) -> None:
+    """Unless this process is already the child: run ``script`` with this process's
+    arguments in a child process whose jax sees ``devices`` host devices (``XLA_FLAGS``
+    must be set before jax starts), the repository root first on the path, and exit with
+    its return code."""
+    if os.environ.get("_FP8CORE_SHARDING_CHILD") == "1":
+        return
+    env = dict(os.environ, _FP8CORE_SHARDING_CHILD="1", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={devices}").strip()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    sys.exit(subprocess.run([sys.executable, script, *sys.argv[1:]], env=env).returncode)
+
+
 def _count(compiled_text: str) -> dict[str, int]:
     # "%name = <shape or (tuple of shapes)> all-gather(" ; "-start" for the async forms
     return {k: len(re.findall(rf"= [^=\n]*?\s{k}(?:-start)?\(", compiled_text)) for k in COLLECTIVES}
@@ -91,12 +105,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--recipes", default=",".join(fp8core.recipe.PRESETS))
     args = ap.parse_args()
-    if os.environ.get("_FP8CORE_SHARDING_CHILD") != "1":
-        env = dict(os.environ, _FP8CORE_SHARDING_CHILD="1", JAX_PLATFORMS="cpu")
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                            + " --xla_force_host_platform_device_count=4").strip()
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
+    reexec_on_host_devices(__file__)
     _run(args.tokens, [r for r in args.recipes.split(",") if r])
 
 

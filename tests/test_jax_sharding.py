@@ -208,3 +208,23 @@ def test_presets_add_no_all_gather():
     gradients keep the parameters' sharding and equal the unsharded step's (float32
     summation order)."""
     _run_4_devices(STEP_SCRIPT, ROOT / "benchmarks")
+
+
+@pytest.mark.slow
+def test_bench_sharded_counts_flat_blocks_spanning_rows():
+    """docs/numerics.md §10.3's width limit, through benchmarks/bench_sharded.py --quick:
+    in the data-parallel transformer step BNB_MIXED's flat(1024) blocks of qkv's 768-feature
+    dY span rows, so the kernel path gathers once (one block) and the XLA path does not;
+    the parameters keep their sharding."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sharded.py"), "--quick",
+                           "--recipes", "BNB_MIXED", "--layouts", "dp", "--repeats", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()
+            if line.startswith("  ") and "BNB_MIXED" in line and "AG" in line
+            and line.split()[0] in ("kernel", "xla")}
+    assert set(rows) == {"kernel", "xla"}, proc.stdout
+    assert " +1  " in rows["kernel"], rows["kernel"]
+    assert " +0  " in rows["xla"], rows["xla"]
+    assert "LOST" not in proc.stdout, proc.stdout
