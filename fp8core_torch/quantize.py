@@ -1031,7 +1031,8 @@ def _quantize_operand_sr(x: torch.Tensor, rule, axis: int, absmax: torch.Tensor 
                          seed: Any, stream: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """§13 on torch ops (never the C kernel): the nearest rule's absmax and scales, each
     element scaled and saturated (§3.4) and rounded with the random bits of its
-    row-major index in ``x``."""
+    row-major index in ``x``. Not differentiable: ``x`` is detached."""
+    x = x.detach()
     rand = random_bits(tuple(x.shape), seed, stream, rule.sr_bits, device=x.device)
     nearest = fp8core.recipe.nearest_rule(rule)
     m, transposed = _logical(x, axis)
