@@ -119,7 +119,8 @@ def info() -> dict[str, object]:
     switch: raw and parsed value, what it does) and ``paths``: per framework the
     path for CPU tensors — torch ``"kernel"`` or ``"torch-ops"``, JAX ``"ffi"`` (with
     the FFI ``library`` and its ``origin``: installed / cache) or ``"xla"`` — with
-    the ``reason``. Importing torch or jax is never needed; JAX's FFI wrapper is
+    the ``reason``; ``stochastic_rounding``: the path of ``rounding="stochastic"``
+    operands per framework (the framework ops, never the kernel). Importing torch or jax is never needed; JAX's FFI wrapper is
     loaded if usable but never compiled here.
     """
     from fp8core import __version__
@@ -133,7 +134,15 @@ def info() -> dict[str, object]:
         "kernel": kernel,
         "env": _env.describe(),
         "paths": {"torch": _torch_path(kernel), "jax": _jax_path()},
+        "stochastic_rounding": dict(_STOCHASTIC_PATHS),
     }
+
+
+#: Where ``rounding="stochastic"`` (docs/numerics.md §14) runs: always the framework ops,
+#: whatever ``paths`` says, until the C kernel computes the generator.
+_STOCHASTIC_PATHS = {"torch": "torch-ops", "jax": "xla",
+                     "reason": "the C kernel and the FFI wrapper do not round stochastically "
+                               "yet; the framework ops compute the same bits"}
 
 
 def format_info(d: dict[str, object]) -> str:
@@ -163,4 +172,7 @@ def format_info(d: dict[str, object]) -> str:
         if p.get("reason"):
             line += f" — {p['reason']}"
         lines.append(line)
+    sr = d.get("stochastic_rounding")
+    if sr:
+        lines.append(f"rounding='stochastic': torch: {sr['torch']}, jax: {sr['jax']} — {sr['reason']}")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ import numpy as np
 from fp8core import _validation
 from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
+from fp8core import random as _random
 from fp8core.codebooks import Codebook, resolve_codebook
 
 __all__ = [
@@ -46,8 +47,11 @@ __all__ = [
     "tile",
     "flat",
     "SCALE_RULES",
+    "ROUNDING_MODES",
     "OperandRule",
     "check_rule",
+    "with_rounding",
+    "nearest_rule",
     "REUSE",
     "LinearRecipe",
     "SLOTS",
@@ -154,6 +158,9 @@ def flat(size: int | None = None) -> Granularity:
 #: element formats and block / tile granularity only.
 SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES)
 
+#: Element rounding modes (§3.5 nearest, §14 stochastic).
+ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic")
+
 
 @dataclasses.dataclass(frozen=True)
 class OperandRule:
@@ -164,6 +171,12 @@ class OperandRule:
         ``"e4m3"``, ``"e5m2"``, ``"bnb_e4m3"``, … — or a :class:`Codebook`); stored resolved.
       granularity: a :class:`Granularity` (default one scale per tensor).
       scale: one of :data:`SCALE_RULES` (default ``"fp32"``).
+      rounding: ``"nearest"`` (default: §3.5, ties to even / to the lower table entry) or
+        ``"stochastic"`` (§14: up with probability the distance to the lower neighbour in
+        quanta, from ``sr_bits`` random bits of :mod:`fp8core.random`; native formats
+        only; the quantizers then need a ``seed``).
+      sr_bits: random bits per element for stochastic rounding, 1..23 (default 8, as
+        Blackwell's ``cvt.rs``); ignored by ``"nearest"``.
     """
 
     __hash__ = _validation.cached_hash
@@ -172,6 +185,8 @@ class OperandRule:
     format: Any
     granularity: Granularity = dataclasses.field(default_factory=tensor)
     scale: str = "fp32"
+    rounding: str = "nearest"
+    sr_bits: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.format, (OperandRule, LinearRecipe)):
@@ -198,6 +213,20 @@ class OperandRule:
             )
         if self.scale in _mx.MX_SCALE_RULES:
             _check_mx(cb, self.granularity, self.scale)
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"OperandRule.rounding must be one of {', '.join(ROUNDING_MODES)}, "
+                             f"got {self.rounding!r}")
+        object.__setattr__(self, "sr_bits", _random.check_sr_bits(self.sr_bits,
+                                                                  "OperandRule.sr_bits"))
+        if self.rounding == "stochastic" and not cb.is_native:
+            raise ValueError(
+                f"OperandRule.rounding='stochastic' needs a native format (its neighbours are "
+                f"a quantum apart), got the table codebook {cb.name}")
+
+    @property
+    def is_stochastic(self) -> bool:
+        """Whether elements are rounded stochastically (§14)."""
+        return self.rounding == "stochastic"
 
     @property
     def is_mx(self) -> bool:
@@ -210,6 +239,8 @@ class OperandRule:
 
     def __str__(self) -> str:
         scale = "" if self.scale == "fp32" else f", {self.scale}"
+        if self.rounding == "stochastic":
+            scale += f", stochastic/{self.sr_bits}b"
         return f"{self.format.name}/{self.granularity}{scale}"
 
 
@@ -228,6 +259,23 @@ def _check_mx(cb: Codebook, granularity: Granularity, scale: str) -> None:
             f"OperandRule.granularity={granularity}: an MX block of {cb.name} must hold a "
             f"positive multiple of {unit} elements (they pack {unit} to a whole number of "
             f"bytes), got {granularity.size}")
+
+
+def with_rounding(rule: OperandRule, rounding: Any, sr_bits: Any = 8) -> OperandRule:
+    """``rule`` with a quantizer's ``rounding=`` / ``sr_bits=`` keywords (§14), errors
+    naming the keyword."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDING_MODES)}, got {rounding!r}")
+    sr_bits = _random.check_sr_bits(sr_bits)
+    if rounding == "nearest":
+        return rule
+    return dataclasses.replace(rule, rounding=rounding, sr_bits=sr_bits)
+
+
+def nearest_rule(rule: OperandRule) -> OperandRule:
+    """``rule`` with round-to-nearest (the absmax and scales of a stochastic rule are
+    those of its nearest twin: rounding only moves codes)."""
+    return rule if rule.rounding == "nearest" else dataclasses.replace(rule, rounding="nearest")
 
 
 def check_rule(rule: Any, *, argname: str = "rule") -> OperandRule:

@@ -16,6 +16,7 @@ from fp8core import _validation
 from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
 from fp8core import nvfp4 as _nvfp4
+from fp8core import random as _random
 from fp8core import recipe as _recipe
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core.codebooks import (
@@ -45,6 +46,7 @@ __all__ = [
     "dequantize_mx",
     "quantize_nvfp4",
     "dequantize_nvfp4",
+    "stochastic_round_to_codes",
 ]
 
 _F32 = np.float32
@@ -202,13 +204,17 @@ def _dequantize_blocks(codes: np.ndarray, absmax: np.ndarray, blocksize: int, co
     return y.reshape(-1)[: codes.size]
 
 
-def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blockwise(x: Any, codebook: Any, blocksize: int, *, rounding: str = "nearest",
+                       seed: Any = None, stream: Any = 0, sr_bits: int = 8
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize with one absmax per block of the row-major flattening of ``x``.
 
     Args:
       x: float16 / bfloat16 / float32 / float64 array, any shape.
       codebook: format name or alias, legacy name, :class:`Codebook` or 256 values.
       blocksize: elements per block (the last block may be partial).
+      rounding: ``"nearest"`` or ``"stochastic"`` (§14: native formats; ``seed``
+        required, ``stream`` and ``sr_bits`` as :class:`fp8core.recipe.OperandRule`).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``, float32 absmax of shape
@@ -222,6 +228,14 @@ def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[np.ndarra
     x = _as_float_array(x)
     codebook = resolve_codebook(codebook)
     _validation.check_blocksize(blocksize)
+    if rounding != "nearest" or sr_bits != 8:
+        rule = _recipe.with_rounding(_recipe.OperandRule(codebook, _recipe.flat(blocksize)),
+                                     rounding, sr_bits)
+        if rule.is_stochastic:
+            codes, absmax = quantize_operand(x.reshape(-1), rule, seed=seed, stream=stream)
+            return codes.reshape(x.shape), absmax
+    _random.check_seed(seed, required=False)
+    _random.check_stream(stream)
     x32 = x.astype(np.float32)                                        # §3.1
     codes, absmax = _quantize_blocks(x32.reshape(-1), blocksize, codebook)
     return codes.reshape(x.shape), absmax
@@ -366,16 +380,19 @@ def reduce_absmax(absmaxes: Any) -> np.ndarray:
     return np.max(a.view(np.int32), axis=0).view(np.float32)
 
 
-def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None,
+                     seed: Any = None, stream: Any = 0) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a GEMM operand under an :class:`~fp8core.recipe.OperandRule` (§9).
 
     Args:
       x: float array; ``axis`` is its contraction axis (the last, or 0 of a 2-D array).
-      rule: format, granularity and scale rule.
+      rule: format, granularity, scale rule and rounding.
       absmax: for a ``tensor()`` rule only, the amax to form the scale from instead of
         ``x``'s own (§10.2: the :func:`reduce_absmax` of every rank's absmax, which a
         recipe's ``amax_reduction`` computes), 0-d or ``(1, 1)``; returned as given.
+      seed, stream: ints in ``[0, 2**32)`` keying the random bits of a
+        ``rounding="stochastic"`` rule (§14; ``seed`` required there, ignored by a
+        nearest rule after validation).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax shaped
@@ -384,6 +401,10 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
     """
     x = _as_float_array(x)
     rule = _recipe.check_rule(rule)
+    if rule.is_stochastic:
+        return _quantize_operand_sr(x, rule, axis, absmax, seed, stream)
+    _random.check_seed(seed, required=False)
+    _random.check_stream(stream)
     rows, cols, transposed = operand_matrix(x.shape, axis)
     plan = plan_operand(rows, cols, rule.granularity)
     m = x.T if transposed else x.reshape(rows, cols)
@@ -432,11 +453,96 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     return np.ascontiguousarray(y.T if transposed else y.reshape(codes.shape))
 
 
-def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> np.ndarray:
+def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1, seed: Any = None,
+                          stream: Any = 0) -> np.ndarray:
     """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype."""
     x = _as_float_array(x)
-    codes, absmax = quantize_operand(x, rule, axis=axis)
+    codes, absmax = quantize_operand(x, rule, axis=axis, seed=seed, stream=stream)
     return dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype)
+
+
+# ------------------------------------------------------ §14: stochastic rounding
+#: Float32 inputs below this magnitude (subnormals) round toward zero under stochastic
+#: rounding: XLA:CPU reads them as ±0, so they may never round away (§14).
+_F32_TINY = F32_SMALLEST_NORMAL
+
+
+def stochastic_round_to_codes(scaled: np.ndarray, rand: np.ndarray, codebook: Codebook,
+                              sr_bits: int, toward_zero: np.ndarray | None = None) -> np.ndarray:
+    """§14: codes of float32 ``scaled`` (finite, clamped to [−M, M]) rounded
+    stochastically with the random ints ``rand`` (``0 ≤ rand < 2**sr_bits``, like
+    ``scaled``) — gfloat's ``RoundMode.Stochastic`` (``srbits=rand``,
+    ``srnumbits=sr_bits``).
+
+    With ``q`` the quantum of ``|s|``'s binade (``2**(max(e, emin) − mbits)``, ``e`` the
+    float32 exponent of ``|s|``; subnormals of the format by their own quantum),
+    ``n = floor(|s| / q)`` (the lower neighbour ``lo = n·q``), ``δ = |s|/q − n`` and
+    ``D = rint(δ · 2**sr_bits)`` (half to even; exact float32 throughout):
+    round away from zero (to ``(n + 1)·q``) iff ``D + rand ≥ 2**sr_bits`` — probability
+    ``D / 2**sr_bits``. The sign is ``s``'s (the −0 code where the format has one; a
+    ``fnuz`` zero is +0). ``toward_zero`` (bool, like ``scaled``): elements that never
+    round away. The code is built from ``n`` and the binade: no second rounding.
+    """
+    fmt = codebook.format
+    mbits = int(fmt.mantissa_bits)
+    emin = int(np.log2(fmt.smallest_normal))
+    b = np.ascontiguousarray(scaled, np.float32).view(np.uint32)
+    mag = (b & np.uint32(0x7FFFFFFF)).view(np.float32)
+    e = ((b >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int32) - 127
+    e_eff = np.maximum(e, emin)
+    inv_q = ((mbits - e_eff + 127).astype(np.uint32) << np.uint32(23)).view(np.float32)
+    frac = (mag * inv_q).astype(np.float32)                     # exact: a power of two
+    n = np.floor(frac)
+    d = ((frac - n) * np.float32(2.0 ** sr_bits)).astype(np.float32)   # exact
+    up = (np.rint(d) + np.asarray(rand).astype(np.float32)) >= np.float32(2.0 ** sr_bits)
+    if toward_zero is not None:
+        up &= ~toward_zero
+    magcode = ((e_eff - emin) << mbits) + n.astype(np.int32) + up.astype(np.int32)
+    negative = (b >> np.uint32(31)).astype(bool)
+    if not fmt.has_negative_zero:
+        negative &= magcode != 0
+    codes = magcode | np.where(negative, 1 << (fmt.total_bits - 1), 0)
+    return codes.astype(np.uint8)
+
+
+def expand_to_elements(per_group: np.ndarray, plan) -> np.ndarray:
+    """A per-group array (``plan.scale_shape``) broadcast to the operand's
+    ``(rows, cols)`` elements."""
+    rows, cols = plan.rows, plan.cols
+    if plan.kind == "flat":
+        b = plan.flat.blocksize
+        return np.repeat(per_group.reshape(-1), b)[: rows * cols].reshape(rows, cols)
+    t = plan.tiles
+    g = per_group.reshape(t.grid)
+    return np.repeat(np.repeat(g, t.tile_rows, axis=0), t.tile_cols, axis=1)[:rows, :cols]
+
+
+def _quantize_operand_sr(x: np.ndarray, rule, axis: int, absmax: Any, seed: Any, stream: Any
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """§14: :func:`quantize_operand` of a stochastic rule. The absmax and scales are the
+    nearest rule's (§3.2, §3.3); each element is scaled and saturated as §3.4, then
+    rounded by :func:`stochastic_round_to_codes` with the random bits of its row-major
+    index in ``x`` (:func:`fp8core.random.random_bits`)."""
+    seed = _random.check_seed(seed)
+    stream = _random.check_stream(stream)
+    _random.check_elements(x.size)
+    codes_n, absmax = quantize_operand(x, _recipe.nearest_rule(rule), axis=axis, absmax=absmax)
+    if x.size == 0:
+        return codes_n, absmax
+    rows, cols, transposed = operand_matrix(x.shape, axis)
+    plan = plan_operand(rows, cols, rule.granularity)
+    rand = _random.random_bits(x.shape, seed, stream, rule.sr_bits)
+    m, rm = (x.T, rand.T) if transposed else (x.reshape(rows, cols), rand.reshape(rows, cols))
+    cb = rule.format
+    finite, qscale, _ = group_scales(expand_to_elements(absmax, plan).reshape(-1), cb, rule.scale)
+    x32 = np.ascontiguousarray(m, dtype=np.float32).reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.clip(x32 * qscale, -cb.max, cb.max)                # §3.4
+    scaled = np.where(finite, scaled, _F32(0)).astype(np.float32)
+    tiny = ~(np.abs(x32) >= _F32_TINY)                                   # subnormal (or NaN)
+    codes = stochastic_round_to_codes(scaled, rm.reshape(-1), cb, rule.sr_bits, tiny)
+    codes = np.where(finite, codes, np.uint8(cb.fill_code)).reshape(rows, cols)
+    return np.ascontiguousarray(codes.T if transposed else codes.reshape(x.shape)), absmax
 
 
 def operand_scales(absmax: Any, rule: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -511,7 +617,8 @@ def wgrad_rotated(m: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int = -1,
-                scale_mode: str = "floor") -> tuple[np.ndarray, np.ndarray]:
+                scale_mode: str = "floor", rounding: str = "nearest", seed: Any = None,
+                stream: Any = 0, sr_bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """OCP MX quantization (§11): blocks of ``block_size`` consecutive elements along
     ``axis`` (the last, or 0 of a 2-D array; a last partial block is allowed), one e8m0
     scale byte per block under ``scale_mode`` (torchao 0.18's ``floor``, ``ceil``,
@@ -523,11 +630,12 @@ def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int 
       ``axis`` shortened to ``ceil(n / block_size)``. Equal to torchao's ``to_mx`` (codes
       unpacked) on its inputs, except the element codes of a block containing NaN (scale
       byte 255: the block decodes to NaN either way; here every code is the format's fill
-      code).
+      code). ``rounding="stochastic"``: elements rounded as §14 (``seed`` required).
     """
     x = _as_float_array(x)
-    rule = _mx.mx_rule(element_format, block_size, scale_mode)
-    codes, absmax = quantize_operand(x, rule, axis=axis)
+    rule = _recipe.with_rounding(_mx.mx_rule(element_format, block_size, scale_mode),
+                                 rounding, sr_bits)
+    codes, absmax = quantize_operand(x, rule, axis=axis, seed=seed, stream=stream)
     scales = _mx.scale_bytes(absmax, rule.format, _mx.mode_of(rule.scale))
     return codes, _mx.scales_layout(scales, x.shape, axis)
 

@@ -55,6 +55,7 @@ from jax import lax
 
 import fp8core
 import fp8core.mx
+import fp8core.random
 import fp8core.recipe
 from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
@@ -647,7 +648,9 @@ def _fake_quantize(x, codebook: Codebook, blocksize: int | None):
 
 
 # ------------------------------------------------------------- public API
-def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[jax.Array, jax.Array]:
+def quantize_blockwise(x: Any, codebook: Any, blocksize: int, *, rounding: str = "nearest",
+                       seed: Any = None, stream: Any = 0, sr_bits: int = 8
+                       ) -> tuple[jax.Array, jax.Array]:
     """Quantize with one absmax per block of the row-major flattening of ``x``.
 
     Args:
@@ -657,6 +660,8 @@ def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[jax.Array
         (resolve tables to a Codebook before jitting).
       blocksize: elements per block, a positive int (static); the last block
         may be partial and is padded with zeros.
+      rounding, seed, stream, sr_bits: ``rounding="stochastic"`` rounds as §14 (native
+        formats; ``seed`` required; ``seed`` / ``stream`` may be traced integer scalars).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x`` and float32 absmax of
@@ -677,6 +682,13 @@ def quantize_blockwise(x: Any, codebook: Any, blocksize: int) -> tuple[jax.Array
     x = _check_x(x)
     codebook = _resolve(codebook)
     _validation.check_blocksize(blocksize)
+    if rounding != "nearest" or sr_bits != 8:
+        rule = fp8core.recipe.with_rounding(
+            fp8core.recipe.OperandRule(codebook, fp8core.recipe.flat(blocksize)), rounding, sr_bits)
+        if rule.is_stochastic:
+            codes, absmax = quantize_operand(x.reshape(-1), rule, seed=seed, stream=stream)
+            return codes.reshape(x.shape), absmax
+    _check_nearest_keys(seed, stream)
     return _quantize_blockwise(x, codebook, blocksize)
 
 
@@ -1021,7 +1033,11 @@ def _reduced_absmax(x, axes) -> jax.Array:
 def _operand(x, rule, axis: int, out_dtype: str | None, want_codes: bool,
              absmax: jax.Array | None = None):
     """Internal entry of the matmuls (arguments already checked). ``absmax``: a given
-    0-d amax for a ``tensor()`` rule (§10.2), computed on XLA ops."""
+    0-d amax for a ``tensor()`` rule (§10.2), computed on XLA ops. A stochastic rule is
+    rejected: it needs a seed (:func:`quantize_operand`)."""
+    if rule.is_stochastic:
+        raise ValueError(f"rule {rule} rounds stochastically: quantize it with "
+                         f"quantize_operand(x, rule, seed=...) (the layers do not take a seed yet)")
     if absmax is not None:
         return _operand_given_jit(x, absmax, rule, out_dtype, want_codes)
     lay = _layout(tuple(x.shape), rule.granularity, axis)
@@ -1042,13 +1058,133 @@ def _fake_operand(x, rule, axis: int, reduce=None):
     return _operand(x, rule, axis, np.dtype(x.dtype).name, False, absmax)[0]
 
 
+# ------------------------------------------------------ §14: stochastic rounding
+def _mix32(v: jax.Array) -> jax.Array:
+    """:func:`fp8core.random.mix32` on uint32 (wrapping multiplies, logical shifts)."""
+    v = v ^ (v >> 16)
+    v = v * jnp.uint32(fp8core.random.MIX_MUL1)
+    v = v ^ (v >> 15)
+    v = v * jnp.uint32(fp8core.random.MIX_MUL2)
+    return v ^ (v >> 16)
+
+
+def _random_bits(shape: tuple[int, ...], seed: jax.Array, stream: jax.Array, r: int) -> jax.Array:
+    """:func:`fp8core.random.random_bits` on XLA ops (``seed``, ``stream``: uint32 scalars,
+    traced)."""
+    k1 = _mix32(seed ^ jnp.uint32(fp8core.random.SEED_SALT))
+    k2 = _mix32(k1 ^ stream ^ jnp.uint32(fp8core.random.STREAM_SALT))
+    n = int(np.prod(shape, dtype=np.int64))
+    i = lax.iota(jnp.uint32, n)
+    return (_mix32(_mix32(i ^ k1) ^ k2) >> jnp.uint32(32 - r)).reshape(shape)
+
+
+def _key_array(value: Any, name: str) -> jax.Array:
+    """A validated seed / stream as a uint32 scalar (an int, or a 0-d integer array —
+    traced under jit, so a training step does not recompile when it changes)."""
+    if hasattr(value, "dtype") and not isinstance(value, (int, np.integer)):
+        fp8core.random.check_key_array(np.dtype(value.dtype).name, tuple(np.shape(value)), name)
+        return jnp.asarray(value).astype(jnp.uint32)
+    value = fp8core.random.check_seed(value) if name == "seed" else fp8core.random.check_stream(value)
+    return jnp.uint32(value)
+
+
+def random_bits(shape: tuple[int, ...], seed: Any, stream: Any = 0, r: int = 8) -> jax.Array:
+    """:func:`fp8core.random.random_bits` computed with XLA ops (uint32 values in
+    ``[0, 2**r)``); ``seed`` / ``stream`` ints or 0-d integer arrays (traceable)."""
+    r = fp8core.random.check_sr_bits(r, "r")
+    shape = tuple(int(d) for d in shape)
+    fp8core.random.check_elements(int(np.prod(shape, dtype=np.int64)))
+    return _random_bits_jit(_key_array(seed, "seed"), _key_array(stream, "stream"), shape, r)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _random_bits_jit(seed, stream, shape, r):
+    return _random_bits(shape, seed, stream, r)
+
+
+def _expand_to_elements(per_group: jax.Array, plan) -> jax.Array:
+    """fp8core.reference.expand_to_elements: a per-group array over (rows, cols)."""
+    rows, cols = plan.rows, plan.cols
+    if plan.kind == "flat":
+        b = plan.flat.blocksize
+        g = per_group.reshape(-1)
+        return jnp.repeat(g, b, total_repeat_length=g.shape[0] * b)[: rows * cols].reshape(rows, cols)
+    t = plan.tiles
+    gr, gc = t.grid
+    g = per_group.reshape(t.grid)
+    g = jnp.repeat(g, t.tile_rows, axis=0, total_repeat_length=gr * t.tile_rows)
+    return jnp.repeat(g, t.tile_cols, axis=1, total_repeat_length=gc * t.tile_cols)[:rows, :cols]
+
+
+def _stochastic_codes(s: jax.Array, rand: jax.Array, codebook: Codebook, sr_bits: int,
+                      toward_zero: jax.Array) -> jax.Array:
+    """fp8core.reference.stochastic_round_to_codes on XLA ops. The bits of ``s`` are read
+    by a bitcast (never flushed); a float32-subnormal ``|s|`` may be flushed by the
+    multiply below, which changes nothing: its ``n`` is 0 and ``rint(δ·2**r)`` 0 either way."""
+    fmt = codebook.format
+    mbits = int(fmt.mantissa_bits)
+    emin = int(np.log2(fmt.smallest_normal))
+    b = lax.bitcast_convert_type(s, jnp.int32)
+    magbits = b & jnp.int32(0x7FFFFFFF)
+    e_eff = jnp.maximum((magbits >> 23) - 127, jnp.int32(emin))
+    inv_q = lax.bitcast_convert_type((jnp.int32(mbits + 127) - e_eff) << 23, jnp.float32)
+    frac = lax.bitcast_convert_type(magbits, jnp.float32) * inv_q
+    n = jnp.floor(frac)
+    d = (frac - n) * jnp.float32(2.0 ** sr_bits)
+    up = (jnp.round(d) + rand.astype(jnp.float32)) >= jnp.float32(2.0 ** sr_bits)
+    up = up & ~toward_zero
+    magcode = ((e_eff - emin) << mbits) + n.astype(jnp.int32) + up.astype(jnp.int32)
+    negative = b < 0
+    if not fmt.has_negative_zero:
+        negative = negative & (magcode != 0)
+    codes = jnp.where(negative, magcode | jnp.int32(1 << (fmt.total_bits - 1)), magcode)
+    return codes.astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _operand_sr_jit(x, seed, stream, absmax, rule, axis: int):
+    """§14 on XLA ops (never the custom call): the nearest rule's absmax and scales, each
+    element scaled and saturated (§3.4) and rounded with the random bits of its
+    row-major index in ``x``. ``absmax``: None or a given 0-d amax (§10.2)."""
+    lay = _layout(tuple(x.shape), rule.granularity, axis)
+    plan = lay.plan
+    nearest = fp8core.recipe.nearest_rule(rule)
+    if absmax is not None:
+        _, _, a = _operand_given_jit(x, absmax, nearest, None, True)
+    else:
+        _, _, a = _operand_jit(x, nearest, axis, None, True, False)
+    a = a.reshape(plan.scale_shape)
+    if x.size == 0:
+        return jnp.zeros(x.shape, jnp.uint8), a
+    c = _constants(rule.format)
+    rand = _random_bits(tuple(x.shape), seed, stream, rule.sr_bits)
+    m, rm = ((x.T, rand.T) if lay.transposed
+             else (x.reshape(plan.rows, plan.cols), rand.reshape(plan.rows, plan.cols)))
+    finite, qscale, _ = _group_scales(_expand_to_elements(a, plan).reshape(-1), c, rule.scale)
+    x32 = m.astype(jnp.float32).reshape(-1, 1)
+    s = _scale_and_saturate(x32, qscale, c, rule.scale).reshape(-1)          # §3.4
+    s = jnp.where(finite, s, jnp.float32(0))
+    # float32 subnormal inputs never round away (XLA:CPU reads them as ±0): by the bits
+    tiny = (lax.bitcast_convert_type(x32.reshape(-1), jnp.int32) & jnp.int32(0x7FFFFFFF)) \
+        < jnp.int32(0x00800000)
+    codes = _stochastic_codes(s, rm.reshape(-1), rule.format, rule.sr_bits, tiny)
+    codes = jnp.where(finite, codes, jnp.uint8(c.fill_code)).reshape(plan.rows, plan.cols)
+    return (codes.T if lay.transposed else codes.reshape(x.shape)), a
+
+
+def _check_nearest_keys(seed: Any, stream: Any) -> None:
+    if seed is not None:
+        _key_array(seed, "seed")
+    _key_array(stream, "stream")
+
+
 def _check_axis(shape: tuple[int, ...], rule, axis: Any) -> int:
     _layout(tuple(shape), rule.granularity, axis)  # raises for a bad axis
     return int(axis)
 
 
-def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
-                     ) -> tuple[jax.Array, jax.Array]:
+def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None,
+                     seed: Any = None, stream: Any = 0) -> tuple[jax.Array, jax.Array]:
     """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
 
     Args:
@@ -1060,6 +1196,10 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
       absmax: for a ``tensor()`` rule, a float32 amax (0-d or ``(1, 1)``) to scale by
         instead of ``x``'s own (§10.2: e.g. the all-reduced max of every device's absmax);
         returned as given.
+      seed, stream: ints in ``[0, 2**32)`` or 0-d integer arrays (traced under jit: no
+        recompilation per step) keying the random bits of a ``rounding="stochastic"``
+        rule (§14, ``seed`` required there). Stochastic rounding runs on XLA ops, never
+        the custom call.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -1085,6 +1225,13 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None
         absmax = jnp.asarray(absmax) if not hasattr(absmax, "dtype") else absmax
         _validation.check_given_absmax(rule, np.dtype(absmax.dtype).name, tuple(absmax.shape))
         absmax = lax.stop_gradient(absmax)
+    if rule.is_stochastic:
+        if seed is None:
+            fp8core.random.check_seed(None)
+        fp8core.random.check_elements(int(np.prod(x.shape, dtype=np.int64)))
+        return _operand_sr_jit(x, _key_array(seed, "seed"), _key_array(stream, "stream"),
+                               absmax, rule, axis)
+    _check_nearest_keys(seed, stream)
     _, codes, absmax = _operand(x, rule, axis, None, True, absmax)
     return codes, absmax.reshape(_layout(tuple(x.shape), rule.granularity, axis).plan.scale_shape)
 
@@ -1110,16 +1257,23 @@ def dequantize_operand(codes: Any, absmax: Any, rule: Any, *, axis: int = -1,
     return _dequantize_operand(codes, lax.stop_gradient(absmax), rule, axis, _dtype_name(dtype))
 
 
-def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1) -> jax.Array:
+def fake_quantize_operand(x: Any, rule: Any, *, axis: int = -1, seed: Any = None,
+                          stream: Any = 0) -> jax.Array:
     """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype, fused (no codes
-    materialised); bit-identical to :func:`fp8core.reference.fake_quantize_operand`.
+    materialised; a stochastic rule materialises them); bit-identical to
+    :func:`fp8core.reference.fake_quantize_operand`.
 
-    Derivative: zero almost everywhere, as :func:`fake_quantize` (``custom_jvp``).
-    Arguments and errors as :func:`quantize_operand`.
+    Derivative: zero almost everywhere, as :func:`fake_quantize` (``custom_jvp``; a
+    stochastic rule: ``stop_gradient``). Arguments and errors as :func:`quantize_operand`.
     """
     x = _check_x(x)
     rule = fp8core.recipe.check_rule(rule)
     axis = _check_axis(tuple(x.shape), rule, axis)
+    if rule.is_stochastic:
+        codes, absmax = quantize_operand(lax.stop_gradient(x), rule, axis=axis, seed=seed,
+                                         stream=stream)
+        return dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype)
+    _check_nearest_keys(seed, stream)
     return _fake_operand_zero_grad(x, rule, axis)
 
 
@@ -1175,7 +1329,8 @@ def _dequantize_mx_jit(codes, scales, codebook: Codebook, block_size: int, ax: i
 
 
 def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int = -1,
-                scale_mode: str = "floor") -> tuple[jax.Array, jax.Array]:
+                scale_mode: str = "floor", rounding: str = "nearest", seed: Any = None,
+                stream: Any = 0, sr_bits: int = 8) -> tuple[jax.Array, jax.Array]:
     """OCP MX quantization (§11): one e8m0 scale byte per block of ``block_size``
     consecutive elements along ``axis``; bit-identical to :func:`fp8core.quantize_mx`.
 
@@ -1187,6 +1342,8 @@ def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int 
       block_size: elements per block, a positive multiple of the format's packing unit.
       scale_mode: torchao 0.18's ``ScaleCalculationMode``: ``"floor"`` (OCP MX v1.0),
         ``"ceil"``, ``"even"`` or ``"rceil"`` (:mod:`fp8core.mx`).
+      rounding, seed, stream, sr_bits: ``rounding="stochastic"`` rounds the elements as
+        §14 (``seed`` required; ``seed`` / ``stream`` may be traced integer scalars).
 
     Returns:
       ``(codes, scales)``: uint8 element codes shaped like ``x`` (a sub-byte format's bit
@@ -1205,9 +1362,15 @@ def quantize_mx(x: Any, element_format: Any, *, block_size: int = 32, axis: int 
       ``element_format``, ``block_size``, ``scale_mode`` or ``axis``).
     """
     x = _check_x(x)
-    rule = fp8core.mx.mx_rule(element_format, block_size, scale_mode)
+    rule = fp8core.recipe.with_rounding(fp8core.mx.mx_rule(element_format, block_size, scale_mode),
+                                        rounding, sr_bits)
     axis = _check_axis(tuple(x.shape), rule, axis)
-    _, codes, absmax = _operand(lax.stop_gradient(x), rule, axis, None, True)
+    if rule.is_stochastic:
+        codes, absmax = quantize_operand(lax.stop_gradient(x), rule, axis=axis, seed=seed,
+                                         stream=stream)
+    else:
+        _check_nearest_keys(seed, stream)
+        _, codes, absmax = _operand(lax.stop_gradient(x), rule, axis, None, True)
     plan = _layout(tuple(x.shape), rule.granularity, axis).plan
     scales = _mx_scale_bytes_jit(absmax.reshape(plan.scale_shape), rule.format, rule.scale,
                                  tuple(x.shape), axis)

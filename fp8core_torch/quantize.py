@@ -38,6 +38,7 @@ import torch
 
 import fp8core
 import fp8core.mx
+import fp8core.random
 import fp8core.recipe
 from fp8core import _kernel as _fp8q
 from fp8core import _validation
@@ -804,8 +805,8 @@ class QuantizedOperand(NamedTuple):
 
 
 def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | None, *,
-             out_dtype: torch.dtype | None, want_codes: bool, absmax: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
+             out_dtype: torch.dtype | None, want_codes: bool, absmax: torch.Tensor | None = None,
+             kernel: bool = True) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
     """Quantize the GEMM operand ``m`` (2-D, contraction axis last) under ``rule``.
 
     Returns (dequantized values shaped like ``m`` in ``out_dtype`` or None, the
@@ -814,7 +815,12 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     memory layout with transposed tiles: no transposed copy of the data. Flat blocks
     follow the logical row-major order (bitsandbytes), so they need ``m`` contiguous.
     ``absmax``: a 0-d float32 amax for a ``tensor()`` rule instead of ``m``'s own (§10.2,
-    the recipe's ``amax_reduction``)."""
+    the recipe's ``amax_reduction``). ``kernel=False``: the torch ops even where the C
+    kernel could run (stochastic rounding, §14). A stochastic rule is rejected here: it
+    needs a seed (:func:`quantize_operand`)."""
+    if rule.is_stochastic:
+        raise ValueError(f"rule {rule} rounds stochastically: quantize it with "
+                         f"quantize_operand(x, rule, seed=...) (the layers do not take a seed yet)")
     rows, cols = m.shape
     plan = plan_operand(rows, cols, rule.granularity)
     x = _upcast(m)
@@ -828,7 +834,7 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
         else:
             th, tw = plan.tiles.tile_rows, plan.tiles.tile_cols
             how = ("tiles", tw, th) if transposed else ("tiles", th, tw)
-    if (phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
+    if (kernel and phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
             and not torch.compiler.is_compiling() and rule.scale in _fp8q.SCALE_RULE_CODES
             and _kernel_ok(phys, spec)):
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
@@ -935,8 +941,131 @@ def _logical(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
     return (x.t() if transposed else x.reshape(rows, cols)), transposed
 
 
+# ------------------------------------------------------ §14: stochastic rounding
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(v: torch.Tensor, c: int) -> torch.Tensor:
+    """``v * c mod 2**32`` for int64 ``v`` holding uint32 values: two 16-bit halves of
+    ``c``, so no product leaves int64's range."""
+    lo = v * (c & 0xFFFF)
+    hi = torch.bitwise_and(v * (c >> 16), 0xFFFF)
+    return torch.bitwise_and(lo + torch.bitwise_left_shift(hi, 16), _MASK32)
+
+
+def _mix32(v: torch.Tensor) -> torch.Tensor:
+    """:func:`fp8core.random.mix32` on int64 tensors holding uint32 values (the shifts of
+    non-negative values are logical)."""
+    v = v ^ (v >> 16)
+    v = _mul32(v, fp8core.random.MIX_MUL1)
+    v = v ^ (v >> 15)
+    v = _mul32(v, fp8core.random.MIX_MUL2)
+    return v ^ (v >> 16)
+
+
+def _key_tensor(value: Any, name: str, device: torch.device) -> torch.Tensor:
+    """A validated seed / stream as a 0-d int64 tensor holding its uint32 value."""
+    if isinstance(value, torch.Tensor):
+        fp8core.random.check_key_array(str(value.dtype).replace("torch.", ""),
+                                       tuple(value.shape), name)
+        return torch.bitwise_and(value.to(device=device, dtype=torch.int64), _MASK32)
+    if name == "seed":
+        value = fp8core.random.check_seed(value)
+    else:
+        value = fp8core.random.check_stream(value)
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def random_bits(shape: tuple[int, ...], seed: Any, stream: Any = 0, r: int = 8, *,
+                device: Any = "cpu") -> torch.Tensor:
+    """:func:`fp8core.random.random_bits` computed with torch ops (int64 tensor of values
+    in ``[0, 2**r)``); ``seed`` / ``stream`` ints or 0-d integer tensors."""
+    r = fp8core.random.check_sr_bits(r, "r")
+    device = torch.device(device)
+    seed_t, stream_t = _key_tensor(seed, "seed", device), _key_tensor(stream, "stream", device)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    fp8core.random.check_elements(n)
+    k1 = _mix32(seed_t ^ fp8core.random.SEED_SALT)
+    k2 = _mix32(k1 ^ stream_t ^ fp8core.random.STREAM_SALT)
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return (_mix32(_mix32(i ^ k1) ^ k2) >> (32 - r)).reshape(shape)
+
+
+def _expand_to_elements(per_group: torch.Tensor, plan) -> torch.Tensor:
+    """fp8core.reference.expand_to_elements: a per-group tensor over (rows, cols)."""
+    rows, cols = plan.rows, plan.cols
+    if plan.kind == "flat":
+        b = plan.flat.blocksize
+        return per_group.reshape(-1).repeat_interleave(b)[: rows * cols].reshape(rows, cols)
+    t = plan.tiles
+    g = per_group.reshape(t.grid)
+    return g.repeat_interleave(t.tile_rows, 0).repeat_interleave(t.tile_cols, 1)[:rows, :cols]
+
+
+def _stochastic_codes(s: torch.Tensor, rand: torch.Tensor, spec: QuantSpec, sr_bits: int,
+                      toward_zero: torch.Tensor) -> torch.Tensor:
+    """fp8core.reference.stochastic_round_to_codes with int32 views of the float32 bits."""
+    fmt = spec.codebook.format
+    mbits = int(fmt.mantissa_bits)
+    emin = int(np.log2(fmt.smallest_normal))
+    b = s.contiguous().view(torch.int32)
+    magbits = torch.bitwise_and(b, 0x7FFFFFFF)
+    e_eff = (torch.bitwise_right_shift(magbits, 23) - 127).clamp(min=emin)
+    inv_q = torch.bitwise_left_shift(mbits - e_eff + 127, 23).view(torch.float32)
+    frac = magbits.view(torch.float32) * inv_q
+    n = torch.floor(frac)
+    d = (frac - n) * float(2 ** sr_bits)
+    up = (torch.round(d) + rand.to(torch.float32)) >= float(2 ** sr_bits)
+    up = up & ~toward_zero
+    magcode = torch.bitwise_left_shift(e_eff - emin, mbits) + n.to(torch.int32) + up.to(torch.int32)
+    negative = b < 0
+    if not fmt.has_negative_zero:
+        negative = negative & (magcode != 0)
+    codes = torch.where(negative, magcode | (1 << (fmt.total_bits - 1)), magcode)
+    return codes.to(torch.uint8)
+
+
+def _quantize_operand_sr(x: torch.Tensor, rule, axis: int, absmax: torch.Tensor | None,
+                         seed: Any, stream: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """§14 on torch ops (never the C kernel): the nearest rule's absmax and scales, each
+    element scaled and saturated (§3.4) and rounded with the random bits of its
+    row-major index in ``x``. Not differentiable: ``x`` is detached."""
+    x = x.detach()
+    rand = random_bits(tuple(x.shape), seed, stream, rule.sr_bits, device=x.device)
+    nearest = fp8core.recipe.nearest_rule(rule)
+    m, transposed = _logical(x, axis)
+    spec = resolve_spec(rule.format)
+    _, q = _operand(m, nearest, spec, _tables(spec, x.device), out_dtype=None, want_codes=True,
+                    absmax=absmax, kernel=False)
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
+    absmax = q.absmax.t() if (q.transposed and q.how[0] == "tiles") else q.absmax
+    absmax = absmax.reshape(plan.scale_shape).contiguous()
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.uint8, device=x.device), absmax
+    rm = rand.t() if transposed else rand.reshape(m.shape)
+    finite, qscale, _ = _scales(_expand_to_elements(absmax, plan).reshape(-1), spec, rule.scale)
+    x32 = m.to(torch.float32).reshape(-1)
+    s = torch.mul(x32, qscale).clamp_(-spec.max, spec.max)                # §3.4
+    s = torch.where(finite, s, 0.0)
+    tiny = ~(x32.abs() >= _F32_SMALLEST_NORMAL)
+    codes = _stochastic_codes(s, rm.reshape(-1), spec, rule.sr_bits, tiny)
+    codes = codes.masked_fill_(~finite, spec.fill_code).reshape(m.shape)
+    codes = codes.t() if transposed else codes.reshape(x.shape)
+    return codes.contiguous(), absmax
+
+
+def _check_nearest_keys(seed: Any, stream: Any) -> None:
+    if not isinstance(seed, torch.Tensor):
+        fp8core.random.check_seed(seed, required=False)
+    if not isinstance(stream, torch.Tensor):
+        fp8core.random.check_stream(stream)
+
+
 def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1,
-                     absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     absmax: torch.Tensor | None = None, seed: Any = None, stream: Any = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a GEMM operand under an :class:`fp8core.recipe.OperandRule` (§9).
 
     Args:
@@ -945,6 +1074,9 @@ def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1,
       absmax: for a ``tensor()`` rule, a float32 amax tensor (0-d or ``(1, 1)``) to scale by
         instead of ``x``'s own (§10.2: e.g. the all-reduced max of every rank's absmax);
         returned as given.
+      seed, stream: ints in ``[0, 2**32)`` (or 0-d integer tensors) keying the random
+        bits of a ``rounding="stochastic"`` rule (§14, ``seed`` required there). Stochastic
+        rounding runs on torch ops, never the C kernel.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -961,6 +1093,9 @@ def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1,
         if not isinstance(absmax, torch.Tensor):
             raise TypeError(f"absmax must be a float32 tensor, got {type(absmax).__name__}")
         _validation.check_given_absmax(rule, dtype_name(absmax.dtype), tuple(absmax.shape))
+    if rule.is_stochastic:
+        return _quantize_operand_sr(x, rule, axis, absmax, seed, stream)
+    _check_nearest_keys(seed, stream)
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
     _, q = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=None, want_codes=True,
@@ -995,11 +1130,17 @@ def dequantize_operand(codes: torch.Tensor, absmax: torch.Tensor, rule: Any, *, 
     return (y.t() if transposed else y.reshape(codes.shape)).contiguous()
 
 
-def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1) -> torch.Tensor:
+def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1, seed: Any = None,
+                          stream: Any = 0) -> torch.Tensor:
     """``dequantize_operand(quantize_operand(x))`` in ``x``'s dtype, fused (codes are not
-    materialized). Not differentiable (detached), like :func:`fake_quantize`."""
+    materialized; a stochastic rule materializes them). Not differentiable (detached),
+    like :func:`fake_quantize`."""
     check_float_tensor(x, "x")
     rule = fp8core.recipe.check_rule(rule)
+    if rule.is_stochastic:
+        codes, absmax = quantize_operand(x.detach(), rule, axis=axis, seed=seed, stream=stream)
+        return dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype)
+    _check_nearest_keys(seed, stream)
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
     v, _ = _operand(m, rule, spec, _tables(spec, x.device), out_dtype=x.dtype, want_codes=False)
@@ -1007,14 +1148,17 @@ def fake_quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1) -> torc
 
 
 def quantize_mx(x: torch.Tensor, element_format: Any, *, block_size: int = 32, axis: int = -1,
-                scale_mode: str = "floor") -> tuple[torch.Tensor, torch.Tensor]:
+                scale_mode: str = "floor", rounding: str = "nearest", seed: Any = None,
+                stream: Any = 0, sr_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """OCP MX quantization (docs/numerics.md §11) as :func:`fp8core.quantize_mx`: uint8
     element codes shaped like ``x`` and uint8 e8m0 scale bytes, one per ``block_size``
     elements along ``axis`` (the last, or 0 of a 2-D tensor). Bit-identical to the
-    reference (and so to torchao's ``to_mx``, codes unpacked). Not differentiable."""
+    reference (and so to torchao's ``to_mx``, codes unpacked). Not differentiable.
+    ``rounding="stochastic"``: elements rounded as §14 (``seed`` required)."""
     check_float_tensor(x, "x")
-    rule = fp8core.mx.mx_rule(element_format, block_size, scale_mode)
-    codes, absmax = quantize_operand(x, rule, axis=axis)
+    rule = fp8core.recipe.with_rounding(fp8core.mx.mx_rule(element_format, block_size, scale_mode),
+                                        rounding, sr_bits)
+    codes, absmax = quantize_operand(x, rule, axis=axis, seed=seed, stream=stream)
     spec = resolve_spec(rule.format)
     b = _mx_bytes(absmax, spec, fp8core.mx.mode_of(rule.scale))
     if x.dim() == 2 and axis in (0, -2):
@@ -1067,8 +1211,9 @@ def _check_absmax_tensor(absmax: Any, expected: tuple[int, ...]) -> None:
 
 
 # ------------------------------------------------------------------ public API
-def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int, *,
+                       rounding: str = "nearest", seed: Any = None, stream: Any = 0,
+                       sr_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize with one absmax per ``blocksize`` run of the row-major flattening.
 
     Args:
@@ -1076,6 +1221,8 @@ def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int
       codebook: format name or alias (``"e4m3"``), legacy name (``"bnb_e4m3"``),
         :class:`fp8core.Codebook`, or 256 code values (tensor or array).
       blocksize: elements per block; the last block may be partial.
+      rounding, seed, stream, sr_bits: ``rounding="stochastic"`` rounds as §14 (native
+        formats; ``seed`` required), on torch ops.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -1089,6 +1236,14 @@ def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int
     check_float_tensor(x, "x")
     spec = resolve_spec(codebook)
     _validation.check_blocksize(blocksize)
+    if rounding != "nearest" or sr_bits != 8:
+        rule = fp8core.recipe.with_rounding(
+            fp8core.recipe.OperandRule(spec.codebook, fp8core.recipe.flat(blocksize)),
+            rounding, sr_bits)
+        if rule.is_stochastic:
+            codes, absmax = quantize_operand(x.reshape(-1), rule, seed=seed, stream=stream)
+            return codes.view(x.shape), absmax
+    _check_nearest_keys(seed, stream)
     _, codes, absmax = _qdq(_upcast(x), spec, _tables(spec, x.device), blocksize,
                             out_dtype=None, want_codes=True)
     return codes.view(x.shape), absmax
