@@ -29,7 +29,8 @@ import numpy as np
 
 __all__ = ["MIX_MUL1", "MIX_MUL2", "SEED_SALT", "STREAM_SALT", "MAX_ELEMENTS",
            "mix32", "keys", "random_uint32", "random_bits", "check_seed", "check_stream",
-           "check_sr_bits", "check_elements", "check_key_array"]
+           "check_sr_bits", "check_elements", "check_key_array", "SLOT_STREAMS", "slot_stream",
+           "layer_seed"]
 
 MIX_MUL1 = 0x7FEB352D
 MIX_MUL2 = 0x846CA68B
@@ -122,3 +123,24 @@ def random_uint32(shape: tuple[int, ...], seed: int, stream: int = 0) -> np.ndar
 def random_bits(shape: tuple[int, ...], seed: int, stream: int = 0, r: int = 8) -> np.ndarray:
     """The top ``r`` bits of :func:`random_uint32` (uint32 values in ``[0, 2**r)``)."""
     return random_uint32(shape, seed, stream) >> _U32(32 - r)
+
+
+#: Streams per matmul call: slot ``j`` of :data:`fp8core.recipe.SLOTS` of a call with
+#: stream ``t`` draws from stream ``t·8 + j`` (mod 2**32), so consecutive steps and the six
+#: slots never share random bits.
+SLOT_STREAMS = 8
+
+
+def slot_stream(stream: int, slot_index: int) -> int:
+    """The stream slot ``slot_index`` (0..5, :data:`fp8core.recipe.SLOTS` order) of a
+    matmul called with ``stream`` draws from: ``(stream·8 + slot_index) mod 2**32``."""
+    return (int(stream) * SLOT_STREAMS + int(slot_index)) % 2**32
+
+
+def layer_seed(seed: Any, name: str) -> int:
+    """The seed :func:`convert_to_fp8` (both backends) gives the layer named ``name`` (its
+    PyTorch module path — ``fp8core_jax.transfer``'s name for an NNX layer — so the two
+    frameworks agree): ``mix32(seed ^ crc32(name))``."""
+    import zlib
+    seed = check_seed(seed)
+    return int(mix32(np.array((seed ^ zlib.crc32(name.encode())) & 0xFFFFFFFF, _U32)))

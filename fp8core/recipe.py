@@ -401,6 +401,25 @@ class LinearRecipe:
         return self
 
     @property
+    def stochastic_slots(self) -> tuple[str, ...]:
+        """The slots that round stochastically (§14; a :data:`REUSE` slot takes its
+        source's value and draws nothing)."""
+        return tuple(s for s in SLOTS if isinstance(getattr(self, s), OperandRule)
+                     and getattr(self, s).is_stochastic)
+
+    def check_seed(self, seed: Any, stream: Any = 0, *, where: str = "matmul_fp8") -> None:
+        """§14.4: a recipe with a stochastic slot needs ``seed`` (ValueError naming it);
+        ints are validated here, framework integer scalars by the backend."""
+        if self.stochastic_slots and seed is None:
+            raise ValueError(
+                f"{where}: recipe {self.name} rounds {', '.join(self.stochastic_slots)} "
+                f"stochastically, so seed is required (an int in [0, 2**32)); got None")
+        if seed is not None and isinstance(seed, (int, np.integer, bool, float, str)):
+            _random.check_seed(seed)
+        if isinstance(stream, (int, np.integer, bool, float, str)):
+            _random.check_stream(stream)
+
+    @property
     def reduced_slots(self) -> tuple[str, ...]:
         """The slots whose amax ``amax_reduction`` all-reduces: those quantizing with one
         scale per tensor (a :data:`REUSE` slot takes its source's reduced value)."""

@@ -553,7 +553,8 @@ def operand_scales(absmax: Any, rule: Any) -> tuple[np.ndarray, np.ndarray]:
     return qscale, dscale
 
 
-def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray | None]:
+def linear_operands(A: Any, B: Any, g: Any, recipe: Any, *, seed: Any = None,
+                    stream: Any = 0) -> dict[str, np.ndarray | None]:
     """The quantized operand of every slot of a recipe, as the GEMMs use them (§9.1).
 
     ``A (..., K)``, ``B (K, N)``, ``g (..., N)`` (the output gradient; None: forward
@@ -566,8 +567,13 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
     dtype, exactly as the backends do; high-precision slots are the inputs themselves.
     With ``recipe.wgrad_transform`` the two wgrad operands are :func:`wgrad_rotated`
     (``(M', K)`` and ``(M', N)``, ``M'`` the tokens padded to a multiple of 16).
+    A stochastic slot (§14.4) rounds with ``seed`` and stream
+    ``fp8core.random.slot_stream(stream, j)`` (``j`` its index in ``SLOTS``), each element
+    indexed row-major in the tensor as passed here: ``A2 (M, K)``, ``B (K, N)``,
+    ``g2 (M, N)`` (or the rotated ``(M', ·)`` wgrad operands).
     """
     recipe = _recipe.get_recipe(recipe)
+    recipe.check_seed(seed, stream, where="linear_operands")
     A = _as_float_array(A, "A")
     B = _as_float_array(B, "B")
     a_dtype = A.dtype if A.dtype != np.float64 else np.dtype(np.float32)
@@ -578,7 +584,10 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any) -> dict[str, np.ndarray
         rule = recipe.rule(slot)
         if rule is None:
             return t.astype(dtype).astype(np.float32)
-        return fake_quantize_operand(t, rule, axis=axis).astype(dtype).astype(np.float32)
+        keys = {}
+        if rule.is_stochastic:
+            keys = dict(seed=seed, stream=_random.slot_stream(stream, _recipe.SLOTS.index(slot)))
+        return fake_quantize_operand(t, rule, axis=axis, **keys).astype(dtype).astype(np.float32)
 
     out["input"] = q(A2, "input", -1, a_dtype)
     out["weight"] = q(B, "weight", 0, a_dtype)

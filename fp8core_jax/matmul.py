@@ -54,13 +54,27 @@ def _reduce(recipe: LinearRecipe, rule):
     return recipe.amax_reduction
 
 
-def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None, reduce=None):
+def _stochastic(t: jax.Array, rule, axis: int, dtype: str, key, slot: int, reduce=None):
+    """§14.4: a stochastic slot's value in ``dtype`` — ``t`` in linear_operands' layout,
+    seed ``key[0]``, stream ``slot_stream(key[1], slot)`` (uint32 wrapping), XLA ops."""
+    absmax = None if reduce is None else _q._reduced_absmax(t, reduce)
+    stream = key[1] * jnp.uint32(fp8core.random.SLOT_STREAMS) + jnp.uint32(slot)
+    codes, a = _q._operand_sr_jit(t, key[0], stream, absmax, rule, axis)
+    return _q._dequantize_operand(codes, a, rule, axis, dtype)
+
+
+def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None, reduce=None,
+               key=None, slot: int = 0):
     """``(value in dtype, residual)`` of one forward operand: the value the GEMM uses
     (``t`` itself for a high-precision slot) and what backward keeps of ``t`` —
-    ``"codes"``: its uint8 codes + absmax (backward decodes the same value), ``"hp"``:
-    ``t``, ``None``: nothing. ``reduce``: as :func:`_q._fake_operand`."""
+    ``"codes"``: its uint8 codes + absmax (backward decodes the same value; a stochastic
+    slot keeps the value itself, as ``(value, None)``), ``"hp"``: ``t``, ``None``:
+    nothing. ``reduce``: as :func:`_q._fake_operand`."""
     if rule is None:
         return t.astype(dtype), (t if keep == "hp" else None)
+    if rule.is_stochastic:
+        vals = _stochastic(t, rule, axis, dtype, key, slot, reduce)
+        return vals, ((vals, None) if keep == "codes" else t if keep == "hp" else None)
     if keep == "codes":
         absmax = None if reduce is None else _q._reduced_absmax(t, reduce)
         vals, codes, absmax = _q._operand(t, rule, axis, dtype, True, absmax)
@@ -69,7 +83,7 @@ def _quantized(t: jax.Array, rule, axis: int, dtype: str, keep: str | None, redu
 
 
 def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype: str,
-                      reused=None):
+                      reused=None, key=None):
     """A backward slot's operand in ``dtype`` (the slot's tensor's own dtype): the
     source slot's value (``reused``, or decoded from the residual codes), the tensor
     ``hp`` in high precision, or ``hp`` quantized by the slot's own rule along ``axis``."""
@@ -78,22 +92,30 @@ def _backward_operand(recipe: LinearRecipe, slot: str, res, hp, axis: int, dtype
         if reused is not None:
             return reused
         codes, absmax = res
+        if absmax is None:                                  # a stochastic slot's value
+            return codes.astype(dtype)
         rule = recipe.rule(fp8core.recipe.REUSE_SOURCE[slot])
         src_axis = -1 if slot == "input_for_grad_weight" else 0
         return _q._dequantize_operand(codes, absmax, rule, src_axis, dtype)
     if src == "hp":
         return hp.astype(dtype)
     rule = recipe.rule(slot)
+    if rule.is_stochastic:
+        return _stochastic(hp.astype(dtype), rule, axis, dtype, key,
+                           fp8core.recipe.SLOTS.index(slot), _reduce(recipe, rule))
     return _q._fake_operand(hp.astype(dtype), rule, axis, _reduce(recipe, rule))
 
 
-def _rotated_operand(recipe: LinearRecipe, slot: str, hp, dtype: str):
+def _rotated_operand(recipe: LinearRecipe, slot: str, hp, dtype: str, key=None):
     """A wgrad operand under ``wgrad_transform``: ``hp (M, C)`` rotated along the tokens
     (float32, ``M'`` padded to 16), then high precision or quantized along M by the slot."""
     t = _hadamard.wgrad_rotated(hp, dtype)
     rule = recipe.rule(slot)
     if rule is None:
         return t.astype(dtype)
+    if rule.is_stochastic:
+        return _stochastic(t, rule, 0, dtype, key, fp8core.recipe.SLOTS.index(slot),
+                           _reduce(recipe, rule))
     return _q._fake_operand(t, rule, 0, _reduce(recipe, rule)).astype(dtype)
 
 
@@ -113,45 +135,52 @@ def _first_order_only_jvp(primals, tangents):
     raise RuntimeError(_validation.DOUBLE_BACKWARD)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _f(A, B, recipe: LinearRecipe, b_dtype: str):
-    return _f_fwd(A, B, recipe, b_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _f(A, B, key, recipe: LinearRecipe, b_dtype: str):
+    return _f_fwd(A, B, key, recipe, b_dtype)[0]
 
 
-def _f_fwd(A, B, recipe, b_dtype):
+def _f_fwd(A, B, key, recipe, b_dtype):
     A, B = _first_order_only(A), _first_order_only(B)
     a_dtype = np.dtype(A.dtype).name
     saved = recipe.saved(True, True)
     a_q, x_res = _quantized(A, recipe.input, -1, a_dtype, saved["X"],      # Q_input(A along K)
-                            _reduce(recipe, recipe.input))
+                            _reduce(recipe, recipe.input), key, 0)
     b_q, w_res = _quantized(B, recipe.weight, 0, b_dtype, saved["W"],      # Q_weight(B along K)
-                            _reduce(recipe, recipe.weight))
+                            _reduce(recipe, recipe.weight), key, 1)
     out = _dot(a_q, b_q.astype(a_dtype), a_dtype)
-    return out, (x_res, w_res)
+    return out, (x_res, w_res, key)
 
 
 def _f_bwd(recipe, b_dtype, res, g):
-    res, g = jax.tree_util.tree_map(_first_order_only, (res, g))
+    key = res[2]
+    res, g = jax.tree_util.tree_map(_first_order_only, (res[:2], g))
     x_res, w_res = res
     dtype = np.dtype(g.dtype).name                                         # A's dtype
     # dgrad: grad_A = Q_grad_output(g along N) @ Q_weight_for_grad_input(B along N)ᵀ
     rule_g = recipe.grad_output
-    g_q = g if rule_g is None else _q._fake_operand(g, rule_g, -1, _reduce(recipe, rule_g))
-    w = _backward_operand(recipe, "weight_for_grad_input", w_res, w_res, 1, b_dtype)
+    if rule_g is None:
+        g_q = g
+    elif rule_g.is_stochastic:
+        g_q = _stochastic(g, rule_g, -1, dtype, key, 2, _reduce(recipe, rule_g))
+    else:
+        g_q = _q._fake_operand(g, rule_g, -1, _reduce(recipe, rule_g))
+    w = _backward_operand(recipe, "weight_for_grad_input", w_res, w_res, 1, b_dtype, key=key)
     grad_A = _dot(g_q, w.astype(dtype).T, dtype)
     # wgrad: grad_B = Q_input_for_grad_weight(A2 along M)ᵀ @ Q_grad_output_for_grad_weight(g along M)
     k = grad_A.shape[-1]
     x_hp = None if x_res is None or isinstance(x_res, tuple) else _flat2d(x_res)
     g2 = _flat2d(g)
     if recipe.wgrad_transform is not None:                        # §12: rotated along M
-        x = _rotated_operand(recipe, "input_for_grad_weight", x_hp, dtype)
-        gw = _rotated_operand(recipe, "grad_output_for_grad_weight", g2, dtype)
+        x = _rotated_operand(recipe, "input_for_grad_weight", x_hp, dtype, key)
+        gw = _rotated_operand(recipe, "grad_output_for_grad_weight", g2, dtype, key)
     else:
-        x = _backward_operand(recipe, "input_for_grad_weight", x_res, x_hp, 0, dtype)
+        x = _backward_operand(recipe, "input_for_grad_weight", x_res, x_hp, 0, dtype, key=key)
         gw = _backward_operand(recipe, "grad_output_for_grad_weight", None, g2, 0, dtype,
-                               reused=_flat2d(g_q))
+                               reused=_flat2d(g_q), key=key)
     grad_B = _dot(x.reshape(-1, k).T, gw, dtype).astype(b_dtype)
-    return grad_A, grad_B
+    key_ct = None if key is None else np.zeros(key.shape, jax.dtypes.float0)
+    return grad_A, grad_B, key_ct
 
 
 _f.defvjp(_f_fwd, _f_bwd)
@@ -214,7 +243,7 @@ def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
     return (y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))).astype(y.dtype)
 
 
-def _apply(A, B, bias, recipe: LinearRecipe, argname: str = "A") -> jax.Array:
+def _apply(A, B, bias, recipe: LinearRecipe, argname: str = "A", key=None) -> jax.Array:
     """Checked inputs → the recipe's custom VJP (+ bias); an empty product is zeros."""
     recipe.check_input(A.ndim, argname=argname)
     _check_reduction(recipe)
@@ -222,11 +251,21 @@ def _apply(A, B, bias, recipe: LinearRecipe, argname: str = "A") -> jax.Array:
         y = _dot(A * 0, (B * 0).astype(A.dtype), A.dtype)
     else:
         A, B = _vary_alike(A, B)
-        y = _f(A, B, recipe, np.dtype(B.dtype).name)
+        y = _f(A, B, key, recipe, np.dtype(B.dtype).name)
     return _add_bias(y, bias)
 
 
-def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None) -> jax.Array:
+def _sr_key(recipe: LinearRecipe, seed: Any, stream: Any, where: str = "matmul_fp8"):
+    """uint32 ``[seed, stream]`` for a recipe with stochastic slots, else None (fp8core's
+    checks and messages; traced integer scalars allowed)."""
+    recipe.check_seed(seed, stream, where=where)
+    if not recipe.stochastic_slots:
+        return None
+    return jnp.stack([_q._key_array(seed, "seed"), _q._key_array(stream, "stream")])
+
+
+def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None, seed: Any = None,
+               stream: Any = 0) -> jax.Array:
     """FP8-simulated ``A @ B`` (+ ``bias``) whose three GEMMs follow ``recipe`` (§9.1).
 
     With ``A2 = A.reshape(-1, K)`` and ``g = dL/dout``:
@@ -248,6 +287,9 @@ def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None) -> jax.Array:
         (``fp8core.recipe.PRESETS``: ``"TENSORWISE"``, ``"ROWWISE"``, …). Static.
       bias: optional ``(N,)`` float array, added after the product's cast in the
         promoted dtype of output and bias, and cast back to the output's dtype.
+      seed, stream: the random bits of a recipe's stochastic slots (§14.4: required when
+        it has one; ints in ``[0, 2**32)`` or 0-d integer arrays, traced under jit); slot
+        ``j`` draws from stream ``fp8core.random.slot_stream(stream, j)``.
 
     Returns:
       ``(..., N)`` array of A's dtype.
@@ -265,7 +307,7 @@ def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None) -> jax.Array:
     """
     recipe = fp8core.recipe.get_recipe(recipe)
     A, B, bias = _check_inputs(A, B, bias)
-    return _apply(A, B, bias, recipe)
+    return _apply(A, B, bias, recipe, key=_sr_key(recipe, seed, stream))
 
 
 @functools.lru_cache(maxsize=256)

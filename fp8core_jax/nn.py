@@ -57,6 +57,12 @@ class _Once:
         self.done = False
 
 
+class SRStream(nnx.Variable):
+    """A stochastic-rounding layer's stream (§14.4): a uint32 counter, not a parameter
+    (optimizers over ``nnx.Param`` leave it alone; ``nnx.jit`` / ``nnx.grad`` carry its
+    update). Advanced by one per call, as the torch layer's ``sr_stream`` buffer."""
+
+
 class LinearFP8(nnx.Module):
     """``nnx.Linear`` whose fprop, dgrad and wgrad GEMMs are quantized by ``recipe``
     (:func:`fp8core_jax.matmul_fp8`). Example::
@@ -71,6 +77,9 @@ class LinearFP8(nnx.Module):
         ``"TENSORWISE"``, torchao's default recipe); stored resolved as ``recipe``.
       use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as ``nnx.Linear``
         (see the module docstring for ``dtype=None``).
+      seed: for a recipe with stochastic slots (§14.4, required there): an int in
+        ``[0, 2**32)``; the stream is the :class:`SRStream` variable ``sr_stream``, advanced
+        by one per call — the torch layer's bits for the same seed and step.
 
     A recipe with ``flat()`` blocks for the input or output gradient warns once per
     layer (at trace time) when a block spans rows of a 2-D+ input: tokens then share a
@@ -93,6 +102,7 @@ class LinearFP8(nnx.Module):
         kernel_init: tp.Callable = default_kernel_init,
         bias_init: tp.Callable = default_bias_init,
         rngs: nnx.Rngs,
+        seed: int | None = None,
     ):
         in_features = _validation.check_features(in_features, "in_features")
         out_features = _validation.check_features(out_features, "out_features")
@@ -100,6 +110,7 @@ class LinearFP8(nnx.Module):
             _validation.check_float_dtype(np.dtype(dtype).name, argname="dtype")
         _validation.check_float_dtype(np.dtype(param_dtype).name, argname="param_dtype")
         recipe = fp8core.recipe.get_recipe(recipe)
+        recipe.check_seed(seed, where=type(self).__name__)
         shape = (in_features, out_features)
         key = rngs.params()
         # an empty kernel has no values to draw (lecun_normal divides by fan_in = 0)
@@ -116,6 +127,9 @@ class LinearFP8(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.recipe = recipe          # static (frozen, hashable)
+        self.seed = None if seed is None else int(seed)
+        if recipe.stochastic_slots:   # §14.4: the stream, advanced by one per call
+            self.sr_stream = SRStream(jnp.zeros((), jnp.uint32))
         self._rows_warned = _Once()
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -142,7 +156,15 @@ class LinearFP8(nnx.Module):
             inputs, kernel, bias = _nnx_dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         self._warn_rows(inputs)
         inputs, kernel, bias = _check_inputs(inputs, kernel, bias, argname="inputs")
-        return _apply(inputs, kernel, bias, self.recipe, argname="inputs")
+        return _apply(inputs, kernel, bias, self.recipe, argname="inputs", key=self._key())
+
+    def _key(self):
+        """uint32 ``[seed, stream]`` of a stochastic recipe (the stream then advances), else None."""
+        if not self.recipe.stochastic_slots:
+            return None
+        stream = self.sr_stream[...]
+        self.sr_stream[...] = stream + jnp.uint32(1)
+        return jnp.stack([jnp.uint32(self.seed), stream])
 
     def _warn_rows(self, inputs: jax.Array) -> None:
         if self._rows_warned.done or inputs.ndim < 2 or self.in_features * self.out_features == 0:
@@ -257,6 +279,7 @@ def convert_to_fp8(
     bsz: int | None = None,
     bsz2: int | None = None,
     include_subclasses: bool = False,
+    seed: int | None = None,
 ) -> nnx.Module:
     """Replace the matmul layers of ``model`` by FP8 layers, in place, and report it.
 
@@ -309,6 +332,18 @@ def convert_to_fp8(
                               -1 if kwargs["bsz2"] is None else kwargs["bsz2"])
     else:
         general_recipe = kwargs["recipe"]
+    stochastic = kind == "recipe" and kwargs["recipe"].stochastic_slots
+    if stochastic:
+        kwargs["recipe"].check_seed(seed, where="convert_to_fp8")
+
+    def seeded(fqn: str) -> dict:
+        """§14.4: the layer's seed from ``seed`` and its PyTorch module path."""
+        if not stochastic:
+            return {}
+        from fp8core_jax.transfer import _torch_prefix
+        path = tuple(int(p) if p.isdigit() else p for p in fqn.split(".")) if fqn else ()
+        return {"seed": fp8core.random.layer_seed(seed, _torch_prefix(model, path))}
+
     converted: list[LayerRecord] = []
     already: list[LayerRecord] = []
     skipped: list[LayerRecord] = []
@@ -325,7 +360,7 @@ def convert_to_fp8(
             if module_filter_fn is not None and not module_filter_fn(mod, fqn):
                 skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
                 return None, False
-            new = _from_linear(mod, cls, **kwargs)
+            new = _from_linear(mod, cls, **kwargs, **seeded(fqn))
             converted.append(_record(fqn, mod, recipe=new.recipe.name))
             return new, False
         if isinstance(mod, nnx.LinearGeneral):
@@ -340,6 +375,11 @@ def convert_to_fp8(
             if module_filter_fn is not None and not module_filter_fn(mod, fqn):
                 skipped.append(_record(fqn, mod, reason=REASONS["filtered"]))
                 return None, False
+            if stochastic:
+                raise ValueError(
+                    f"convert_to_fp8: recipe {general_recipe.name} rounds stochastically; "
+                    f"LinearGeneralFP8 ({fqn}) takes no seed yet — keep LinearGeneral layers "
+                    f"out (module_filter_fn) or use a recipe with nearest rounding")
             new = LinearGeneralFP8.from_linear_general(mod, recipe=general_recipe)
             converted.append(_record(fqn, mod, recipe=new.recipe.name))
             return new, False

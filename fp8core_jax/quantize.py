@@ -1037,7 +1037,7 @@ def _operand(x, rule, axis: int, out_dtype: str | None, want_codes: bool,
     rejected: it needs a seed (:func:`quantize_operand`)."""
     if rule.is_stochastic:
         raise ValueError(f"rule {rule} rounds stochastically: quantize it with "
-                         f"quantize_operand(x, rule, seed=...) (the layers do not take a seed yet)")
+                         f"quantize_operand(x, rule, seed=...) (or matmul_fp8(..., seed=))")
     if absmax is not None:
         return _operand_given_jit(x, absmax, rule, out_dtype, want_codes)
     lay = _layout(tuple(x.shape), rule.granularity, axis)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from torch import nn
 
 import fp8core.conversion as _conv
+import fp8core.random
 import fp8core.recipe
 from fp8core.conversion import REASONS, LayerRecord
 from fp8core_torch.conv1d import Conv1DFP8
@@ -50,7 +51,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    fw_format: Any = None, bw_format: Any = None,
                    bsz: int | None = None, bsz2: int | None = None,
-                   include_subclasses: bool = False) -> nn.Module:
+                   include_subclasses: bool = False, seed: int | None = None) -> nn.Module:
     """Replace the matmul layers of ``model`` by FP8 layers, in place, and report it.
 
     Converted: every ``nn.Linear`` (exact type) and, when transformers is imported,
@@ -80,6 +81,10 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     logger, and a ``UserWarning`` names the modules when nothing was converted or a
     module that ``module_filter_fn`` did not exclude stays high precision.
 
+    ``seed`` (required for a recipe that rounds stochastically, §14.4): each converted
+    layer gets ``fp8core.random.layer_seed(seed, fqn)`` — from its module path, so
+    fp8core_jax's convert_to_fp8 gives the same seeds to a twin model.
+
     Raises:
       ValueError: unknown ``mode`` or preset; ``recipe`` together with ``mode`` or the
         bitsandbytes options. TypeError: ``model`` is not an nn.Module, ``recipe`` not a
@@ -93,6 +98,14 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     conv1d_recipe = kw["recipe"] if kind == "recipe" else fp8core.recipe.bnb_recipe(
         kind, kw["fw_format"], kw["bw_format"], kw["bsz"], kw["bsz2"])
     Conv1D = _hf_conv1d()
+    stochastic = kind == "recipe" and kw["recipe"].stochastic_slots
+    if stochastic:
+        kw["recipe"].check_seed(seed, where="convert_to_fp8")
+
+    def seeded(fqn: str) -> dict:
+        """§14.4: each layer's seed from ``seed`` and its module path (as fp8core_jax's)."""
+        return {"seed": fp8core.random.layer_seed(seed, fqn)} if stochastic else {}
+
     converted: list[LayerRecord] = []
     already: list[LayerRecord] = []
     skipped: list[LayerRecord] = []
@@ -120,7 +133,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
                                        _weights(mod), reason=REASONS["torch_mha"]))
             return None, False
         if isinstance(mod, nn.Linear):
-            return swap(mod, fqn, nn.Linear, lambda m: cls.from_linear(m, **kw))
+            return swap(mod, fqn, nn.Linear, lambda m: cls.from_linear(m, **kw, **seeded(fqn)))
         if Conv1D is not None and isinstance(mod, Conv1D):
             return swap(mod, fqn, Conv1D, lambda m: Conv1DFP8.from_conv1d(m, recipe=conv1d_recipe))
         if isinstance(mod, nn.TransformerEncoderLayer):

@@ -47,6 +47,18 @@ def _warn_rows_once(layer: nn.Module, input: torch.Tensor, k: int, n: int) -> No
             layer._rows_warned = True
 
 
+def _layer_key(layer: nn.Module) -> torch.Tensor | None:
+    """``[seed, stream]`` of a layer whose recipe rounds stochastically (its stream then
+    advances by one: every call, as fp8core_jax's layer), else None."""
+    if not layer.recipe.stochastic_slots:
+        return None
+    stream = layer.sr_stream
+    key = torch.stack([torch.full_like(stream, layer.seed), stream.clone()])
+    with torch.no_grad():
+        stream.add_(1)
+    return key
+
+
 class LinearFP8(nn.Linear):
     """``nn.Linear`` whose fprop, dgrad and wgrad GEMMs are quantized by ``recipe``.
 
@@ -59,6 +71,10 @@ class LinearFP8(nn.Linear):
       in_features, out_features, bias, device, dtype: as ``nn.Linear``.
       recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name (default
         ``"TENSORWISE"``, torchao's default recipe).
+      seed: for a recipe with stochastic slots (§14.4, required there): an int in
+        ``[0, 2**32)``. The layer's stream is the buffer ``sr_stream`` (int64, not in the
+        state_dict: the keys stay nn.Linear's), advanced by one per call, so a run is
+        reproducible and equals fp8core_jax's layer.
 
     Raises:
       TypeError / ValueError: bad features, or a recipe that is not one (the message lists
@@ -66,16 +82,22 @@ class LinearFP8(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
-                 dtype: Any = None, *, recipe: Any = "TENSORWISE"):
+                 dtype: Any = None, *, recipe: Any = "TENSORWISE", seed: int | None = None):
         in_features = _validation.check_features(in_features, "in_features")
         out_features = _validation.check_features(out_features, "out_features")
         recipe = fp8core.recipe.get_recipe(recipe)
+        recipe.check_seed(seed, where=type(self).__name__)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._set_recipe(recipe)
+        self._set_recipe(recipe, seed)
 
-    def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe) -> None:
+    def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe, seed: int | None = None) -> None:
         _check_reduction(recipe)
         self.recipe = recipe
+        self.seed = None if seed is None else int(seed)
+        if recipe.stochastic_slots:
+            self.register_buffer("sr_stream", torch.zeros((), dtype=torch.int64,
+                                                          device=self.weight.device),
+                                 persistent=False)
         self._specs = _recipe_specs(recipe)
         self._may_span_rows = any(
             r is not None and r.granularity.kind == "flat"
@@ -91,10 +113,12 @@ class LinearFP8(nn.Linear):
             # and zero gradients (bit-identical to nn.Linear, autocast included)
             return F.linear(input, self.weight, self.bias)
         _warn_rows_once(self, input, self.in_features, self.out_features)
-        return _apply_module(input, self.weight.t(), self.bias, self.recipe, self._specs)
+        return _apply_module(input, self.weight.t(), self.bias, self.recipe, self._specs,
+                             _layer_key(self))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+        seed = "" if self.seed is None else f", seed={self.seed}"
+        return f"{super().extra_repr()}, recipe={self.recipe.name}{seed}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "LinearFP8":
@@ -108,6 +132,8 @@ class LinearFP8(nn.Linear):
                       **kwargs)
         new.weight = linear.weight
         new.bias = linear.bias
+        if hasattr(new, "sr_stream"):
+            new.sr_stream = torch.zeros((), dtype=torch.int64, device=linear.weight.device)
         new.train(linear.training)
         return new
 

@@ -51,8 +51,11 @@ from fp8core_torch.quantize import (
     _F32_SMALLEST_NORMAL,
     QuantizedOperand,
     _decode_operand,
+    _key_tensor,
     _operand,
+    _quantize_operand_sr,
     _upcast,
+    dequantize_operand,
 )
 
 __all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
@@ -116,12 +119,12 @@ class _MatMulFP8(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, B, bias, recipe, specs, tabs):
+    def forward(ctx, A, B, bias, recipe, specs, tabs, key=None):
         need_a, need_b = ctx.needs_input_grad[:2]
         save_x, save_w, _, _, _ = prog = _program(recipe, need_a, need_b)
         A2 = A.reshape(-1, A.shape[-1])
-        qa, qx = _side(A2, recipe, 0, specs, tabs, A.dtype, save_x == "codes")
-        qw, qwc = _side(B.t(), recipe, 1, specs, tabs, B.dtype, save_w == "codes")
+        qa, qx = _side(A2, recipe, 0, specs, tabs, A.dtype, save_x == "codes", key)
+        qw, qwc = _side(B.t(), recipe, 1, specs, tabs, B.dtype, save_w == "codes", key)
         qw_t = qw.t()
         out = _mm(qa.view(A.shape), qw_t if qw_t.dtype == A.dtype else qw_t.to(A.dtype), bias)
         tensors = [A if save_x == "hp" else None, B if save_w == "hp" else None]
@@ -131,6 +134,7 @@ class _MatMulFP8(torch.autograd.Function):
         ctx.layouts = tuple(None if q is None else (q.how, q.transposed) for q in (qx, qwc))
         ctx.meta = (recipe, specs, tabs, prog, A.dtype, B.dtype,
                     None if bias is None else bias.dtype, A.shape, _is_transposed(B))
+        ctx.key = key
         return out
 
     @staticmethod
@@ -139,6 +143,7 @@ class _MatMulFP8(torch.autograd.Function):
             raise RuntimeError(_validation.DOUBLE_BACKWARD)  # grad mode: create_graph=True
         A, B, x_codes, x_absmax, w_codes, w_absmax = ctx.saved_tensors
         recipe, specs, tabs, prog, a_dtype, b_dtype, bias_dtype, a_shape, b_t = ctx.meta
+        key = ctx.key
         _, _, src_wi, src_xw, src_gw = prog
         need_a, need_b, need_bias = ctx.needs_input_grad[:3]
         g2 = _grad_out_2d(grad_out, a_dtype)
@@ -148,7 +153,7 @@ class _MatMulFP8(torch.autograd.Function):
                 else contextlib.nullcontext():
             qg = None
             if need_a or (need_b and src_gw == "reuse"):
-                qg, _ = _side(g2, recipe, 2, specs, tabs, a_dtype, False)
+                qg, _ = _side(g2, recipe, 2, specs, tabs, a_dtype, False, key)
             if need_a:
                 if src_wi == "reuse":
                     w = _decode(recipe, 1, specs, tabs,
@@ -156,13 +161,14 @@ class _MatMulFP8(torch.autograd.Function):
                 elif src_wi == "hp":
                     w = B.t()                           # (N, K)
                 else:                                   # W along N: the (K, N) matrix B
-                    w, _ = _side(B, recipe, 3, specs, tabs, b_dtype, False)
+                    w, _ = _side(B, recipe, 3, specs, tabs, b_dtype, False, key)
                     w = w.t()
                 grad_a = (qg @ (w if w.dtype == a_dtype else w.to(a_dtype))).view(a_shape)
             if need_b and recipe.wgrad_transform is not None:    # §12: rotated along M
                 x, _ = _side(wgrad_rotated(A.reshape(-1, A.shape[-1]), a_dtype), recipe, 4,
-                             specs, tabs, a_dtype, False)
-                gw, _ = _side(wgrad_rotated(g2, a_dtype), recipe, 5, specs, tabs, a_dtype, False)
+                             specs, tabs, a_dtype, False, key)
+                gw, _ = _side(wgrad_rotated(g2, a_dtype), recipe, 5, specs, tabs, a_dtype, False,
+                              key)
                 grad_b = _grad_b(x.t(), gw.t(), b_t)
                 grad_b = grad_b if grad_b.dtype == b_dtype else grad_b.to(b_dtype)
             elif need_b:
@@ -173,20 +179,20 @@ class _MatMulFP8(torch.autograd.Function):
                     x = A.reshape(-1, A.shape[-1])
                 else:                                   # X along M: the (K, M) matrix A2ᵀ
                     x, _ = _side(A.reshape(-1, A.shape[-1]).t(), recipe, 4, specs, tabs,
-                                 a_dtype, False)
+                                 a_dtype, False, key)
                     x = x.t()
                 if src_gw == "reuse":
                     gw = qg
                 elif src_gw == "hp":
                     gw = g2
                 else:                                   # dY along M: the (N, M) matrix gᵀ
-                    gw, _ = _side(g2.t(), recipe, 5, specs, tabs, a_dtype, False)
+                    gw, _ = _side(g2.t(), recipe, 5, specs, tabs, a_dtype, False, key)
                     gw = gw.t()
                 grad_b = _grad_b(x, gw, b_t)
                 grad_b = grad_b if grad_b.dtype == b_dtype else grad_b.to(b_dtype)
             if need_bias:
                 grad_bias = _sum_rows(g2).to(bias_dtype)
-        return grad_a, grad_b, grad_bias, None, None, None
+        return grad_a, grad_b, grad_bias, None, None, None, None
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,17 +205,40 @@ def _program(recipe, need_a: bool, need_b: bool) -> tuple:
             recipe.source("input_for_grad_weight"), recipe.source("grad_output_for_grad_weight"))
 
 
-def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want_codes: bool):
+#: The slots whose GEMM operand ``m`` is the transpose of the tensor as
+#: fp8core.reference.linear_operands passes it (W = Bᵀ in fprop, Xᵀ and dYᵀ in wgrad):
+#: stochastic rounding indexes elements in that tensor (§14.4).
+_TRANSPOSED_SLOTS = (1, 4, 5)
+
+
+def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want_codes: bool,
+          key: torch.Tensor | None = None):
     """One GEMM operand (2-D, contraction axis last) as slot ``SLOTS[i]`` says: ``(values in
-    dtype, QuantizedOperand or None)``; a high-precision slot is ``m`` itself."""
+    dtype, QuantizedOperand or None)``; a high-precision slot is ``m`` itself. ``key``:
+    int64 ``[seed, stream]`` of a recipe with stochastic slots."""
     rule = recipe.rule(_SLOTS[i])
     if rule is None:
         return (m if m.dtype == dtype else m.to(dtype)), None
     absmax = None
     if recipe.amax_reduction is not None and rule.granularity.kind == "tensor":
         absmax = _reduced_absmax(m, recipe.amax_reduction)
+    if rule.is_stochastic:
+        return _side_stochastic(m, rule, i, dtype, want_codes, key, absmax)
     return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes,
                     absmax=absmax)
+
+
+def _side_stochastic(m, rule, i: int, dtype, want_codes: bool, key, absmax):
+    """§14.4: a stochastic slot, quantized as the reference does — the tensor in
+    linear_operands' layout, stream ``slot_stream(stream, i)`` — on torch ops. What the
+    backward reuses of it is its values (``how = ("values",)``), not codes."""
+    t, axis = (m.t(), 0) if i in _TRANSPOSED_SLOTS else (m, -1)
+    stream = torch.bitwise_and(key[1] * fp8core.random.SLOT_STREAMS + i, 0xFFFFFFFF)
+    codes, am = _quantize_operand_sr(t, rule, axis, absmax, key[0], stream)
+    vals = dequantize_operand(codes, am, rule, axis=axis, dtype=dtype)
+    vals = vals.t() if i in _TRANSPOSED_SLOTS else vals
+    q = QuantizedOperand(vals, vals.new_empty(0, dtype=torch.float32), ("values",), False)
+    return vals, (q if want_codes else None)
 
 
 def _reduced_absmax(m: torch.Tensor, group) -> torch.Tensor:
@@ -296,7 +325,7 @@ def _autocast_inputs(A, B, bias):
     return A, B, bias
 
 
-def _apply_module(A, B, bias, recipe, specs):
+def _apply_module(A, B, bias, recipe, specs, key=None):
     """The layers' entry (input already checked): autocast, empty inputs, the Function."""
     if A.device.type == "meta":  # shape-only, as nn.Linear on meta (no values; no autocast)
         return _mm(A, B.to(A.dtype), bias)
@@ -308,10 +337,10 @@ def _apply_module(A, B, bias, recipe, specs):
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         if A.numel() == 0:
             return _mm(A * 0, B.to(A.dtype) * 0, bias)
-        return _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device))
+        return _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device), key)
 
 
-def _apply(A, B, bias, recipe, out=None):
+def _apply(A, B, bias, recipe, out=None, key=None):
     if A.device.type == "meta":  # shape-only, as torch.matmul on meta (no values; no autocast)
         res = _mm(A, B.to(A.dtype), bias)
         return res if out is None else out.copy_(res)
@@ -340,7 +369,8 @@ def _apply(A, B, bias, recipe, out=None):
             # empty product: zeros (K == 0) or an empty result; zero gradients.
             res = _mm(A * 0, B.to(A.dtype) * 0, bias)
         else:
-            res = _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device))
+            res = _MatMulFP8.apply(A, B, bias, recipe, specs, _recipe_tables(specs, A.device),
+                                   key)
     if out is not None:
         out.copy_(res)
         return out
@@ -395,7 +425,8 @@ def _bnb(mode, A, B, fw_code, bw_code, out, bsz, bsz2, bias):
 
 
 def matmul_fp8(A: torch.Tensor, B: torch.Tensor, *, recipe: Any,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, seed: Any = None, stream: Any = 0
+               ) -> torch.Tensor:
     """FP8-simulated ``A @ B`` (+ bias) whose three GEMMs follow ``recipe`` (§9.1).
 
     Args:
@@ -404,6 +435,10 @@ def matmul_fp8(A: torch.Tensor, B: torch.Tensor, *, recipe: Any,
       recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name
         (``fp8core.recipe.PRESETS``).
       bias: optional (N,) bias added in the GEMM.
+      seed, stream: the random bits of a recipe's stochastic slots (§14.4: required when
+        it has one; ints in ``[0, 2**32)`` or 0-d integer tensors — a tensor stream does
+        not recompile under ``torch.compile``); slot ``j`` draws from stream
+        ``fp8core.random.slot_stream(stream, j)``.
 
     Returns:
       (..., N) tensor in A's dtype. Gradients (straight-through):
@@ -415,4 +450,14 @@ def matmul_fp8(A: torch.Tensor, B: torch.Tensor, *, recipe: Any,
       ValueError: shapes; unknown preset; a tile granularity on a 1-D A.
     """
     _check_matmul_inputs(A, B, bias)
-    return _apply(A, B, bias, fp8core.recipe.get_recipe(recipe))
+    recipe = fp8core.recipe.get_recipe(recipe)
+    return _apply(A, B, bias, recipe, key=_sr_key(recipe, seed, stream, A.device))
+
+
+def _sr_key(recipe, seed: Any, stream: Any, device: torch.device, where: str = "matmul_fp8"):
+    """int64 ``[seed, stream]`` on ``device`` for a recipe with stochastic slots, else None
+    (validated: fp8core's messages)."""
+    recipe.check_seed(seed, stream, where=where)
+    if not recipe.stochastic_slots:
+        return None
+    return torch.stack([_key_tensor(seed, "seed", device), _key_tensor(stream, "stream", device)])

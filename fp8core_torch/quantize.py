@@ -820,7 +820,7 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     needs a seed (:func:`quantize_operand`)."""
     if rule.is_stochastic:
         raise ValueError(f"rule {rule} rounds stochastically: quantize it with "
-                         f"quantize_operand(x, rule, seed=...) (the layers do not take a seed yet)")
+                         f"quantize_operand(x, rule, seed=...) (or matmul_fp8(..., seed=))")
     rows, cols = m.shape
     plan = plan_operand(rows, cols, rule.granularity)
     x = _upcast(m)
@@ -919,7 +919,10 @@ def _kernel_dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook, how:
 
 def _decode_operand(q: QuantizedOperand, rule, spec: QuantSpec, tabs: CodebookTensors | None,
                     dtype: torch.dtype) -> torch.Tensor:
-    """The logical dequantized operand of :func:`_operand`'s codes (same bits as its values)."""
+    """The logical dequantized operand of :func:`_operand`'s codes (same bits as its values);
+    ``how = ("values",)``: a stochastic slot's saved values (matmul's _side_stochastic)."""
+    if q.how[0] == "values":
+        return q.codes if q.codes.dtype == dtype else q.codes.to(dtype)
     if (dtype in _DT_CODES and q.codes.numel() and not torch.compiler.is_compiling()
             and q.codes.is_contiguous() and q.absmax.dtype == torch.float32
             and q.absmax.is_contiguous() and q.absmax.device.type == "cpu"

@@ -145,10 +145,10 @@ def test_transforms_agree(mode):
 def test_residuals_are_small():
     """Global keeps uint8 codes + one scale each (never A or B); Mixed keeps A + B's codes."""
     A, B, _ = _operands((8, 64), 32, "float32", "float32")
-    _, res = jm._f_fwd(A, B, fp8core.recipe.BNB_GLOBAL, "float32")
+    _, res = jm._f_fwd(A, B, None, fp8core.recipe.BNB_GLOBAL, "float32")
     assert [(r.dtype, r.shape) for r in jax.tree.leaves(res)] == [
         (np.uint8, A.shape), (np.float32, (1, 1)), (np.uint8, B.shape), (np.float32, (1, 1))]
-    _, res = jm._f_fwd(A, B, fp8core.recipe.bnb_recipe("mixed", bsz=64, bsz2=64), "float32")
+    _, res = jm._f_fwd(A, B, None, fp8core.recipe.bnb_recipe("mixed", bsz=64, bsz2=64), "float32")
     assert [(r.dtype, r.shape) for r in jax.tree.leaves(res)] == [
         (np.float32, A.shape), (np.uint8, B.shape), (np.float32, (1, 1))]
 

@@ -219,7 +219,7 @@ def test_residuals_follow_recipe_saved(preset):
     recipe = R.PRESETS[preset]
     A = _input(np.random.default_rng(0), (8, 64), "float32")
     B = np.ones((64, 32), np.float32)
-    _, (x_res, w_res) = jm._f_fwd(A, B, recipe, "float32")
+    _, (x_res, w_res, _) = jm._f_fwd(A, B, None, recipe, "float32")
     saved = recipe.saved(True, True)
     for res, form, t in ((x_res, saved["X"], A), (w_res, saved["W"], B)):
         if form == "codes":
