@@ -15,6 +15,22 @@ from pathlib import Path
 #: missed target is printed as missed.
 TARGETS = {"layer float32": 1.10, "layer bfloat16": 1.25, "small 32x64->128": 1.5,
            "small 512x256->256": 1.15, "model": 1.15}
+#: the microscaling / FP4 issue's targets at the layers shape (4096 x 1024 -> 4096), by
+#: preset name prefix: MXFP8 (and the other MX presets) and NVFP4 (SR + Hadamard)
+FAMILY_TARGETS = {"MX": {"float32": 1.15, "bfloat16": 1.30},
+                  "NVFP4": {"float32": 1.30, "bfloat16": 1.50}}
+
+
+def layer_target(preset: str, dtype_name: str) -> float:
+    """The layers-section target of ``preset`` in ``dtype_name`` (never lowered)."""
+    for prefix, targets in FAMILY_TARGETS.items():
+        if preset.startswith(prefix):
+            return targets[dtype_name]
+    return TARGETS[f"layer {dtype_name}"]
+
+
+#: our MX presets that torchao 0.18 emulates (moe_training.mxfp8_linear, EMULATED kernels)
+TORCHAO_MX_RECIPES = {"MXFP8": "rceil", "MXFP8_FLOOR": "floor"}
 #: (tokens, in_features, out_features) of the small layers
 SMALL_SHAPES = ((32, 64, 128), (512, 256, 256))
 #: the small transformer of the model step

@@ -11,8 +11,9 @@ Sections (each prints its targets and whether they are met):
   forward + backward at ``tokens`` × 1024 → 4096 with bias, vs ``nn.Linear`` in the same
   mode; float32 and bfloat16, eager and ``torch.compile`` (``--no-compile`` skips the
   compiled rows). torchao's ``Float8Linear(emulate=True)`` for the three recipes it shares
-  with us, when importable (``pip install --no-deps torchao``). Targets: ≤ 1.10× (float32),
-  ≤ 1.25× (bfloat16).
+  with us, when importable (``pip install --no-deps torchao``), and its emulated MXFP8
+  training matmul beside MXFP8 / MXFP8_FLOOR. Targets: ≤ 1.10× (float32), ≤ 1.25×
+  (bfloat16); the MX presets ≤ 1.15× / ≤ 1.30×, NVFP4 ≤ 1.30× / ≤ 1.50× (issue 13).
 * ``small``: the same step at 32 × 64 → 128 (target ≤ 1.5×) and 512 × 256 → 256 (≤ 1.15×),
   float32 eager; each timing is a loop of calls long enough to time.
 * ``model``: one training step (forward, cross-entropy, backward, AdamW) of a small
@@ -48,7 +49,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fp8core_torch as T  # noqa: E402
-from _common import (BF16_REASON, MODEL, SMALL_SHAPES, TARGETS, TORCHAO_RECIPES,  # noqa: E402
+from _common import (BF16_REASON, MODEL, SMALL_SHAPES, TARGETS, TORCHAO_MX_RECIPES,  # noqa: E402
+                     TORCHAO_RECIPES, layer_target,
                      cpu_flags, failed, flags_line, header, native_bf16, paired, print_rows,
                      print_work, stamp)
 from fp8core import _kernel  # noqa: E402
@@ -96,6 +98,32 @@ def torchao_layer(ref: nn.Linear, recipe_name: str) -> nn.Module | None:
     return None if wrapper is None else wrapper[0]
 
 
+class TorchaoMX(nn.Module):
+    """torchao 0.18's MXFP8 training matmul (moe_training.mxfp8_linear, EMULATED kernels:
+    torch ops, so it runs on CPU) around ``linear``'s parameters — the peer of our MX
+    presets (forward, dgrad and wgrad all MXFP8 along each GEMM's contraction axis)."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode
+        from torchao.prototype.moe_training.mxfp8_linear import _to_mxfp8_then_scaled_mm
+        from torchao.quantization.quantize_.common.kernel_preference import KernelPreference
+        self.weight, self.bias = linear.weight, linear.bias
+        self._mm = _to_mxfp8_then_scaled_mm
+        self._args = (KernelPreference.EMULATED, ScaleCalculationMode(mode))
+
+    def forward(self, x):
+        y = self._mm(x, self.weight, *self._args)
+        return y if self.bias is None else y + self.bias
+
+
+def torchao_mx_layer(ref: nn.Linear, mode: str) -> nn.Module | None:
+    try:
+        return TorchaoMX(copy.deepcopy(ref), mode)
+    except ImportError:
+        return None
+
+
 def candidates(args, ref: nn.Linear):
     """(label, layer, preset name) for every selected preset, then torchao's."""
     out = [(name, T.LinearFP8.from_linear(ref, recipe=name), name) for name in args.recipes]
@@ -105,6 +133,10 @@ def candidates(args, ref: nn.Linear):
                 ao = torchao_layer(ref, TORCHAO_RECIPES[name])
                 if ao is not None:
                     out.append((f"torchao {TORCHAO_RECIPES[name]} (emulate)", ao, None))
+            if name in TORCHAO_MX_RECIPES and ref.weight.dtype == torch.float32:
+                ao = torchao_mx_layer(ref, TORCHAO_MX_RECIPES[name])
+                if ao is not None:
+                    out.append((f"torchao mxfp8 {TORCHAO_MX_RECIPES[name]} (emulated)", ao, None))
     return out
 
 
@@ -135,7 +167,8 @@ def bench_layer(args, tokens, k, n, dtype, compiled: bool, target: float | None,
         except Exception as e:  # noqa: BLE001 - a failing candidate is reported, not fatal
             rows.append(failed(label, e))
             continue
-        rows.append((label, tb, tc, ratio, target if preset else None))
+        rows.append((label, tb, tc, ratio, (target(preset) if callable(target) else target)
+                     if preset else None))
     return rows
 
 
@@ -151,7 +184,7 @@ def section_layers(args, bf16_ok: bool):
                 continue
             print(f"\n[{name}, {mode}] {stamp()}")
             print_rows(bench_layer(args, args.tokens, 1024, 4096, dtype, compiled,
-                                   TARGETS[f"layer {name}"]))
+                                   lambda preset, name=name: layer_target(preset, name)))
     print(f"  (end {stamp()})")
 
 
