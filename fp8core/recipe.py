@@ -36,6 +36,7 @@ import numpy as np
 from fp8core import _validation
 from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
+from fp8core import nvfp4 as _nvfp4
 from fp8core.codebooks import Codebook, resolve_codebook
 
 __all__ = [
@@ -152,7 +153,11 @@ def flat(size: int | None = None) -> Granularity:
 #: ``"mx_floor"``, ``"mx_ceil"``, ``"mx_even"``, ``"mx_rceil"``: OCP MX e8m0 block scales
 #: under torchao 0.18's four ``ScaleCalculationMode`` rules (§11, :mod:`fp8core.mx`); MX
 #: element formats and block / tile granularity only.
-SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES)
+#: ``"nvfp4"``, ``"nvfp4_te"``: NVFP4 (§13.5, :mod:`fp8core.nvfp4`) — an e4m3 scale per
+#: block from the block max and the tensor amax, torchao 0.18's and TransformerEngine's
+#: chain; float4_e2m1fn elements, block(16) or tile(16) only.
+SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES,
+                                *_nvfp4.ENGINE_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,11 +203,18 @@ class OperandRule:
             )
         if self.scale in _mx.MX_SCALE_RULES:
             _check_mx(cb, self.granularity, self.scale)
+        if self.scale in _nvfp4.ENGINE_RULES:
+            _nvfp4.check_engine_rule(cb.format.name, self.granularity, self.scale)
 
     @property
     def is_mx(self) -> bool:
         """Whether the scale is an MX e8m0 block scale (§11)."""
         return self.scale in _mx.MX_SCALE_RULES
+
+    @property
+    def is_nvfp4(self) -> bool:
+        """Whether the scale is an NVFP4 e4m3 block scale with a tensor scale (§13.5)."""
+        return self.scale in _nvfp4.ENGINE_RULES
 
     @property
     def codebook(self) -> Codebook:
@@ -449,6 +461,13 @@ def _check_amax_reduction(recipe: LinearRecipe) -> None:
             f"LinearRecipe.amax_reduction must be None, a mesh axis name or a tuple of them "
             f"(JAX), or a torch.distributed process group (torch), got "
             f"{type(v).__name__}: {v!r}")
+    nvfp4 = [s for s in SLOTS if isinstance(getattr(recipe, s), OperandRule)
+             and getattr(recipe, s).is_nvfp4]
+    if nvfp4:
+        raise ValueError(
+            f"LinearRecipe.amax_reduction={v!r}: the NVFP4 slots {', '.join(nvfp4)} have a "
+            f"tensor amax that is not all-reduced yet (only tensor() slots are); use "
+            f"amax_reduction=None with NVFP4 rules")
     if not _per_tensor_slots(recipe):
         raise ValueError(
             f"LinearRecipe.amax_reduction={v!r}: recipe {recipe.name} has no per-tensor "
