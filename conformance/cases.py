@@ -178,8 +178,12 @@ def _training_cases(seed: int, quick: bool) -> list[Case]:
 #: element formats of the operand cases: the presets' two, one more native format, and a
 #: bitsandbytes table (scale "fp32" only: the power-of-two rules need a native format)
 OPERAND_FORMATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "bnb_e4m3")
-#: the scale rules every granularity takes (the MX rules have their own cases)
-NON_MX_SCALE_RULES = tuple(s for s in R.SCALE_RULES if not s.startswith("mx_"))
+#: the scale rules every granularity takes (the MX and NVFP4 rules have their own cases)
+NON_MX_SCALE_RULES = tuple(s for s in R.SCALE_RULES
+                           if not s.startswith("mx_") and s not in fp8core.nvfp4.ENGINE_RULES)
+#: the NVFP4 rules (§13.5) and the granularities they take
+NVFP4_SCALE_RULES = tuple(fp8core.nvfp4.ENGINE_RULES)
+NVFP4_GRANULARITIES = (R.block(16), R.tile(16))
 OPERAND_GRANULARITIES = (R.tensor(), R.axiswise(), R.block(128), R.tile(128), R.flat())
 #: the MX rules' cases: every MX element format × scale mode on 1×32 blocks and 32×32 tiles
 MX_GRANULARITIES = (R.block(32), R.tile(32))
@@ -211,7 +215,8 @@ def preset_rules() -> tuple[R.OperandRule, ...]:
 
 @functools.lru_cache(maxsize=1)
 def operand_rules() -> tuple[R.OperandRule, ...]:
-    """The presets' rules, then formats × granularities × scale rules (tables: "fp32")."""
+    """The presets' rules, then formats × granularities × scale rules (tables: "fp32"),
+    then the NVFP4 rules (float4_e2m1fn only) in their two granularities."""
     out = list(preset_rules())
     for fmt in OPERAND_FORMATS:
         native = fp8core.resolve_codebook(fmt).is_native
@@ -226,6 +231,9 @@ def operand_rules() -> tuple[R.OperandRule, ...]:
                 rule = R.OperandRule(fmt, gran, scale)
                 if rule not in out:
                     out.append(rule)
+    for scale in NVFP4_SCALE_RULES:
+        for gran in NVFP4_GRANULARITIES:
+            out.append(R.OperandRule(fp8core.nvfp4.ELEMENT_FORMAT, gran, scale))
     return tuple(out)
 
 

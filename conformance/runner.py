@@ -18,7 +18,7 @@ import numpy as np
 
 import fp8core
 from fp8core import _kernel
-from fp8core.recipe import PRESETS
+from fp8core.recipe import PRESETS, SLOTS
 from conformance import compare
 from conformance.adapters import BACKENDS, CROSS_PAIRS, NumpyBackend, forget_oracle
 from conformance.cases import (
@@ -156,17 +156,30 @@ def _codebooks(case: Case):
     return tuple(fp8core.resolve_codebook(c) for c in (case.codebook, case.bw_codebook) if c)
 
 
+def _kernel_scale_rules(case: Case) -> bool:
+    """Whether the kernel executes a scale rule of the case (``fp8core._kernel.SCALE_RULE_CODES``;
+    the MX and NVFP4 rules run on the framework's ops on every path, so a forced-on path
+    does not reach the kernel — JAX still records its XLA decision for them)."""
+    if case.rule is not None:
+        return case.rule.scale in _kernel.SCALE_RULE_CODES
+    if case.recipe:
+        recipe = PRESETS[case.recipe]
+        return any(recipe.rule(s).scale in _kernel.SCALE_RULE_CODES for s in SLOTS if recipe.rule(s))
+    return True
+
+
 def path_problem(case: Case, name: str, probe) -> str | None:
     """Why ``probe`` shows that backend ``name`` did not run the path it was forced to, or None.
 
     A forced-off path must never reach the C kernel; a forced-on path must reach it at
     least once when the case has a codebook the kernel takes (tables are rounded by the
-    framework on every path). torch counts kernel calls, JAX records each kernel/XLA
+    framework on every path) and a scale rule it executes (:func:`_kernel_scale_rules`). torch counts kernel calls, JAX records each kernel/XLA
     decision (none at all would mean a trace cached across the flag: the path is unknown).
     """
     if probe.kernel is None:
         return None
-    native = any(_kernel.supports(cb) for cb in _codebooks(case))
+    native = (any(_kernel.supports(cb) for cb in _codebooks(case))
+              and _kernel_scale_rules(case))
     if name.startswith("torch"):
         if not probe.kernel and probe.kernel_calls:
             return f"{name} was forced off the C kernel but called it {probe.kernel_calls} times"

@@ -48,6 +48,9 @@ __all__ = [
     "scales_shape",
     "e2m1_round_table",
     "e4m3_values",
+    "ENGINE_RULES",
+    "check_engine_rule",
+    "engine_scales",
 ]
 
 #: Block sizes NVFP4 allows: 16 (1x16 blocks along ``axis``; torchao asserts 16, TE's 1D tiles)
@@ -153,3 +156,75 @@ def e2m1_round_table() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def e4m3_values() -> np.ndarray:
     """float32 value of each of the 256 e4m3 bytes (NaN for 0x7F and 0xFF)."""
     return np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+# ------------------------------------------------- the operand engine's rules (§13.5)
+#: Scale rules of :class:`fp8core.recipe.OperandRule` that are NVFP4 (§13.5), and the
+#: variant of the public functions' chain each one runs (always with the per-tensor scale).
+ENGINE_RULES: dict[str, str] = {"nvfp4": "torchao", "nvfp4_te": "te"}
+#: The granularities an engine rule takes: 1x16 blocks along the contraction axis, or 16x16
+#: tiles (orientation-free, for weights).
+ENGINE_GRANULARITIES: tuple[str, ...] = ("block(16)", "tile(16)")
+
+
+def check_engine_rule(format_name: str, granularity: Any, scale: str) -> None:
+    """ValueError unless ``format_name`` is float4_e2m1fn and ``granularity`` block(16) or
+    tile(16) (:class:`fp8core.recipe.OperandRule` calls this for the NVFP4 rules)."""
+    if format_name != ELEMENT_FORMAT:
+        raise ValueError(
+            f"OperandRule.scale={scale!r} is an NVFP4 block scale, but OperandRule.format is "
+            f"{format_name}; NVFP4 elements are {ELEMENT_FORMAT} only")
+    if granularity.kind not in ("block", "tile") or granularity.size != 16:
+        raise ValueError(
+            f"OperandRule.scale={scale!r} is an NVFP4 block scale: granularity must be "
+            f"{' or '.join(ENGINE_GRANULARITIES)} (1x16 blocks along the contraction axis, or "
+            f"16x16 tiles for weights), got {granularity}")
+
+
+def engine_scales(absmax: Any, variant: str
+                  ) -> tuple[np.float32, np.ndarray, np.ndarray, np.ndarray]:
+    """The NVFP4 scales of an operand from its absmax grid (§13.5): ``(t, block_bytes, r,
+    dscale)``.
+
+    ``absmax`` holds every block's (or tile's) ``max |x|`` of one operand — the engine's
+    §3.2 form: +0 for a float32-subnormal maximum, the canonical NaN for a NaN block. The
+    tensor amax is ``A = max(absmax)`` (NaN-propagating; 0 for an empty grid), then the
+    float32 chain of :func:`fp8core.reference.quantize_nvfp4` (``per_tensor_scale=True``)
+    for ``variant`` (``"torchao"`` / ``"te"``) step for step:
+
+    * ``t``: the float32 tensor scale (NaN as ``0x7FC00000``);
+    * ``block_bytes``: uint8 ``float8_e4m3fn`` byte of each block's scale ``s``
+      (0x7F for a NaN block), shaped like ``absmax``;
+    * ``r``: float32 per-block multiplier applied before rounding (``code = e2m1(clamp(
+      fl(x · r), −6, 6))``; a NaN product is stored as code 0); 0 in NaN blocks;
+    * ``dscale``: ``fl(t · s)``, the decode multiplier (canonical NaN in NaN blocks).
+
+    Pure numpy on float32, no flush; one rounding per step (round half to even).
+    """
+    m = np.asarray(absmax, np.float32)
+    one, f32max = np.float32(1), np.float32(np.finfo(np.float32).max)
+    e4m3 = ml_dtypes.float8_e4m3fn
+    nan32 = np.uint32(0x7FC00000).view(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        amax = np.float32(np.max(m)) if m.size else np.float32(0)
+        if variant == "torchao":
+            t = amax / TENSOR_SCALE_DIVISOR
+            t = one if t == 0 else t
+            s = np.clip((m / E2M1_MAX) / t, E4M3_TINY, E4M3_MAX).astype(e4m3)
+            r = (one / t) / s.astype(np.float32)
+        elif variant == "te":
+            S = np.minimum(TENSOR_SCALE_DIVISOR / amax, f32max)
+            S = one if S == 0 else S
+            t = one / S
+            d = np.minimum(m * (S * (one / E2M1_MAX)), f32max)
+            s = np.clip(d, -E4M3_MAX, E4M3_MAX).astype(e4m3)
+            r = np.minimum(one / (s.astype(np.float32) * t), f32max)
+        else:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+        sv = s.astype(np.float32)
+        nan_block = np.isnan(sv)
+        dscale = np.where(nan_block, nan32, np.float32(t) * sv).astype(np.float32)
+    block_bytes = np.where(nan_block, np.uint8(E4M3_NAN_BYTE), s.view(np.uint8)).astype(np.uint8)
+    r = np.where(nan_block, np.float32(0), r).astype(np.float32)
+    t = nan32 if np.isnan(t) else np.float32(t)
+    return t, block_bytes, r, dscale

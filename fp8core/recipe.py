@@ -37,6 +37,7 @@ from fp8core import _validation
 from fp8core import hadamard as _hadamard
 from fp8core import mx as _mx
 from fp8core import random as _random
+from fp8core import nvfp4 as _nvfp4
 from fp8core.codebooks import Codebook, resolve_codebook
 
 __all__ = [
@@ -156,7 +157,11 @@ def flat(size: int | None = None) -> Granularity:
 #: ``"mx_floor"``, ``"mx_ceil"``, ``"mx_even"``, ``"mx_rceil"``: OCP MX e8m0 block scales
 #: under torchao 0.18's four ``ScaleCalculationMode`` rules (§11, :mod:`fp8core.mx`); MX
 #: element formats and block / tile granularity only.
-SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES)
+#: ``"nvfp4"``, ``"nvfp4_te"``: NVFP4 (§13.5, :mod:`fp8core.nvfp4`) — an e4m3 scale per
+#: block from the block max and the tensor amax, torchao 0.18's and TransformerEngine's
+#: chain; float4_e2m1fn elements, block(16) or tile(16) only.
+SCALE_RULES: tuple[str, ...] = ("fp32", "pow2", "pow2_torchao", *_mx.MX_SCALE_RULES,
+                                *_nvfp4.ENGINE_RULES)
 
 #: Element rounding modes (§3.5 nearest, §14 stochastic).
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic")
@@ -213,6 +218,8 @@ class OperandRule:
             )
         if self.scale in _mx.MX_SCALE_RULES:
             _check_mx(cb, self.granularity, self.scale)
+        if self.scale in _nvfp4.ENGINE_RULES:
+            _nvfp4.check_engine_rule(cb.format.name, self.granularity, self.scale)
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"OperandRule.rounding must be one of {', '.join(ROUNDING_MODES)}, "
                              f"got {self.rounding!r}")
@@ -232,6 +239,11 @@ class OperandRule:
     def is_mx(self) -> bool:
         """Whether the scale is an MX e8m0 block scale (§11)."""
         return self.scale in _mx.MX_SCALE_RULES
+
+    @property
+    def is_nvfp4(self) -> bool:
+        """Whether the scale is an NVFP4 e4m3 block scale with a tensor scale (§13.5)."""
+        return self.scale in _nvfp4.ENGINE_RULES
 
     @property
     def codebook(self) -> Codebook:
@@ -408,7 +420,7 @@ class LinearRecipe:
                      and getattr(self, s).is_stochastic)
 
     def check_seed(self, seed: Any, stream: Any = 0, *, where: str = "matmul_fp8") -> None:
-        """§14.4: a recipe with a stochastic slot needs ``seed`` (ValueError naming it);
+        """§14.3: a recipe with a stochastic slot needs ``seed`` (ValueError naming it);
         ints are validated here, framework integer scalars by the backend."""
         if self.stochastic_slots and seed is None:
             raise ValueError(
@@ -516,6 +528,13 @@ def _check_amax_reduction(recipe: LinearRecipe) -> None:
             f"LinearRecipe.amax_reduction must be None, a mesh axis name or a tuple of them "
             f"(JAX), or a torch.distributed process group (torch), got "
             f"{type(v).__name__}: {v!r}")
+    nvfp4 = [s for s in SLOTS if isinstance(getattr(recipe, s), OperandRule)
+             and getattr(recipe, s).is_nvfp4]
+    if nvfp4:
+        raise ValueError(
+            f"LinearRecipe.amax_reduction={v!r}: the NVFP4 slots {', '.join(nvfp4)} have a "
+            f"tensor amax that is not all-reduced yet (only tensor() slots are); use "
+            f"amax_reduction=None with NVFP4 rules")
     if not _per_tensor_slots(recipe):
         raise ValueError(
             f"LinearRecipe.amax_reduction={v!r}: recipe {recipe.name} has no per-tensor "

@@ -97,6 +97,9 @@ def group_scales(absmax: np.ndarray, codebook: Codebook, scale: str = "fp32"
     get ``qscale = 0`` (unused) and ``dscale = NaN``.
     """
     absmax = np.asarray(absmax, dtype=np.float32)
+    if scale in _nvfp4.ENGINE_RULES:                                  # §13.5: the whole grid
+        _, block_bytes, r, dscale = _nvfp4.engine_scales(absmax, _nvfp4.ENGINE_RULES[scale])
+        return block_bytes != _nvfp4.E4M3_NAN_BYTE, r, dscale
     if scale in _mx.MX_SCALE_RULES:                                   # §11: e8m0 bytes
         return _mx.byte_scales(_mx.scale_bytes(absmax, codebook, _mx.mode_of(scale)),
                                _mx.mode_of(scale))
@@ -152,6 +155,8 @@ def _quantize_groups(groups: np.ndarray, codebook: Codebook, scale: str = "fp32"
     scaled = np.where(finite[:, None], scaled, _F32(0))
     codes = round_to_codes(scaled, codebook)                          # §3.5
     codes = np.where(finite[:, None], codes, np.uint8(codebook.fill_code))  # §3.6
+    if scale in _nvfp4.ENGINE_RULES:                                  # §13.5: fl(0 · inf) → 0
+        codes = np.where(np.isnan(scaled), np.uint8(0), codes)
     return codes.astype(np.uint8), absmax
 
 
@@ -160,7 +165,10 @@ def _dequantize_groups(codes: np.ndarray, absmax: np.ndarray, codebook: Codebook
     _, _, dscale = group_scales(absmax, codebook, scale)              # §4.1
     values = codebook.values256[codes]                                # §4.2
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf codes, NaN scales; MX inf blocks
-        return values * dscale[:, None]                               # §4.3 fl(v * dscale)
+        y = values * dscale[:, None]                                  # §4.3 fl(v * dscale)
+    if scale in _nvfp4.ENGINE_RULES:                                  # §13.5: NaN as 0x7FC00000
+        y = np.where(np.isnan(y), CANONICAL_NAN_BITS.view(np.float32), y)
+    return y
 
 
 #: A tensor smaller than one block is padded to at most this many elements (see below).

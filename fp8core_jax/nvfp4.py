@@ -36,6 +36,15 @@ _E2M1_VALUES = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astyp
 _CANON_NAN = np.uint32(0x7FC00000).view(np.float32)
 
 
+def _div(a: jax.Array, b: Any) -> jax.Array:
+    """``fl(a / b)``, a true division. XLA's simplifier rewrites a division by a constant or
+    by a broadcast scalar (``A / c``, ``A / broadcast(t)``) into a multiply by the rounded
+    reciprocal, which is off by an ulp for about a quarter of the inputs; a divisor of
+    ``a``'s full shape behind an optimization barrier stays a division."""
+    a = jnp.asarray(a, jnp.float32)
+    return a / lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape))
+
+
 def _round_e2m1(s: jax.Array) -> jax.Array:
     """Codes of float32 ``s`` in [−6, 6], half to even (:func:`fp8core.nvfp4.e2m1_round_table`);
     the sign bit (−0 included) as bit 3; NaN → 0."""
@@ -73,11 +82,11 @@ def _quantize(x, block_size, axis, per_tensor_scale, variant):
         m = jnp.zeros(blocks.shape[:-1], jnp.float32)
         amax = jnp.float32(0)
     if variant == "torchao":
-        b = m / _nv.E2M1_MAX
+        b = _div(m, _nv.E2M1_MAX)
         if per_tensor_scale:
-            ts = amax / _nv.TENSOR_SCALE_DIVISOR
+            ts = _div(amax, _nv.TENSOR_SCALE_DIVISOR)
             ts = jnp.where(ts == 0, one, ts)
-            s8 = jnp.clip(b / ts, _nv.E4M3_TINY, _nv.E4M3_MAX).astype(jnp.float8_e4m3fn)
+            s8 = jnp.clip(_div(b, ts), _nv.E4M3_TINY, _nv.E4M3_MAX).astype(jnp.float8_e4m3fn)
             r = (one / ts) / s8.astype(jnp.float32)
         else:
             ts = jnp.float32(1)
@@ -169,3 +178,55 @@ def dequantize_nvfp4(codes: Any, block_scales: Any, tensor_scale: Any, *, block_
         raise ValueError("codes must be float4_e2m1fn codes (0 … 15)")
     bs = tuple(block_size) if _nv.is_tiled(block_size) else int(block_size)
     return _dequantize(codes, block_scales, tensor_scale, bs, ax, name)
+
+
+# ------------------------------------------- the operand engine's NVFP4 rules (§13.5)
+def engine_scales(absmax: jax.Array, variant: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(finite, r, dscale)`` of :func:`fp8core.nvfp4.engine_scales` for one operand's
+    float32 absmax grid (the engine's §3.2 form: 0 or ≥ 2**-126, so no subnormal enters):
+    the tensor amax is the grid's max with NaN taken from an explicit ``isnan``, then the
+    same float32 steps; ``finite`` is False in NaN blocks. Under XLA:CPU's flushing the
+    bits equal the reference's for a tensor amax of 0 or ≥ 2**-100 (§13.4; TE's all-zero
+    tensor scale is subnormal, but every block's ``s`` is then 0, so neither ``r`` nor
+    ``dscale`` depends on it)."""
+    m = absmax.astype(jnp.float32)
+    one = _F32(1)
+    if m.size:
+        amax = jnp.where(jnp.any(jnp.isnan(m)), jnp.float32(np.nan), jnp.max(m))
+    else:
+        amax = jnp.float32(0)
+    if variant == "torchao":
+        ts = _div(amax, _nv.TENSOR_SCALE_DIVISOR)
+        ts = jnp.where(ts == 0, one, ts)
+        s8 = jnp.clip(_div(_div(m, _nv.E2M1_MAX), ts), _nv.E4M3_TINY, _nv.E4M3_MAX).astype(jnp.float8_e4m3fn)
+        r = (one / ts) / s8.astype(jnp.float32)
+    else:
+        S = jnp.minimum(_nv.TENSOR_SCALE_DIVISOR / amax, _F32MAX)
+        S = jnp.where(S == 0, one, S)
+        ts = one / S
+        d = jnp.minimum(m * (S * (one / _nv.E2M1_MAX)), _F32MAX)
+        s8 = jnp.clip(d, -_nv.E4M3_MAX, _nv.E4M3_MAX).astype(jnp.float8_e4m3fn)
+        r = jnp.minimum(one / (s8.astype(jnp.float32) * ts), _F32MAX)
+    sv = s8.astype(jnp.float32)
+    finite = ~jnp.isnan(sv)
+    return finite, jnp.where(finite, r, _F32(0)), jnp.where(finite, ts * sv, _CANON_NAN)
+
+
+def engine_quantize(x: jax.Array, r: jax.Array, finite: jax.Array) -> jax.Array:
+    """Codes of float32 ``x`` under multipliers ``r`` and block flags ``finite`` (both
+    broadcast against ``x``): ``e2m1(clamp(fl(x · r), −6, 6))``, code 0 for a NaN product
+    and in NaN blocks; a float32-subnormal ``x`` multiplied as ``(x · 2**64) · (r · 2**-64)``
+    (module docstring)."""
+    r = jnp.broadcast_to(r, x.shape)
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    lift = (bits != 0) & (bits < jnp.uint32(0x00800000)) & (r >= _F32(2.0 ** -62))
+    xs = jnp.where(lift, _mul_pow2(x, jnp.int32(64)), x)
+    rs = jnp.where(lift, r * _F32(2.0 ** -64), r)
+    codes = _round_e2m1(jnp.clip(xs * rs, -_nv.E2M1_MAX, _nv.E2M1_MAX))
+    return jnp.where(jnp.broadcast_to(finite, x.shape), codes, jnp.uint8(0))
+
+
+def engine_decode(codes: jax.Array, dscale: jax.Array) -> jax.Array:
+    """float32 ``fl(value[code] · dscale)``, NaN as the canonical NaN."""
+    y = jnp.asarray(_E2M1_VALUES)[codes.astype(jnp.int32)] * dscale
+    return jnp.where(jnp.isnan(y), _CANON_NAN, y)

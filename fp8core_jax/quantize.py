@@ -56,6 +56,7 @@ from jax import lax
 import fp8core
 import fp8core.mx
 import fp8core.random
+import fp8core.nvfp4
 import fp8core.recipe
 from fp8core.blocks import OperandPlan, TilePlan, operand_matrix, plan_operand, plan_tiles
 from fp8core import _kernel, _validation
@@ -335,6 +336,17 @@ def _mx_scales(absmax: jax.Array, c: _Constants, scale: str
     return b != fp8core.mx.E8M0_NAN, jnp.asarray(qexp)[b], jnp.asarray(dexp)[b]
 
 
+def _jnv():
+    """:mod:`fp8core_jax.nvfp4` (imported late: it imports this module)."""
+    from fp8core_jax import nvfp4
+    return nvfp4
+
+
+def _nvfp4_scales(absmax: jax.Array, scale: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(finite, r, dscale)`` of an NVFP4 rule over one operand's whole absmax grid."""
+    return _jnv().engine_scales(absmax, fp8core.nvfp4.ENGINE_RULES[scale])
+
+
 def _mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
     """``x · 2**k`` for float32 ``x`` and int32 ``k`` (broadcast), by integer arithmetic on
     the bits, so that float32 subnormals — which XLA:CPU flushes to zero as operands and as
@@ -459,6 +471,10 @@ def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
     elsewhere (a reduced amax, §10.2; a group spanning shards, fp8core_jax._partition)."""
     if absmax is None:
         absmax = _group_absmax(groups)                                 # §3.2
+    if scale in fp8core.nvfp4.ENGINE_RULES:                            # §13.5
+        finite, r, _ = _nvfp4_scales(absmax, scale)
+        return _jnv().engine_quantize(groups, _per_group(r, groups),
+                                      _per_group(finite, groups)), absmax
     finite, qscale, _ = _group_scales(absmax, c, scale)                # §3.3
     s = _scale_and_saturate(groups, qscale, c, scale)                  # §3.4
     s = jnp.where(_per_group(finite, groups), s, jnp.float32(0))
@@ -469,6 +485,9 @@ def _quantize_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
 
 def _dequantize_groups(codes: jax.Array, absmax: jax.Array, c: _Constants,
                        scale: str = "fp32") -> jax.Array:
+    if scale in fp8core.nvfp4.ENGINE_RULES:                            # §13.5
+        _, _, dscale = _nvfp4_scales(absmax, scale)
+        return _jnv().engine_decode(codes, _per_group(dscale, codes))
     finite, _, dscale = _group_scales(absmax, c, scale)                # §4.1
     return _unscale(_decode(codes, c), finite, dscale, scale)          # §4.2–4.3
 
@@ -482,6 +501,9 @@ def _fake_groups(groups: jax.Array, c: _Constants, scale: str = "fp32",
     """
     if absmax is None:
         absmax = _group_absmax(groups)
+    if scale in fp8core.nvfp4.ENGINE_RULES:                            # §13.5
+        codes, _ = _quantize_groups(groups, c, scale, absmax)
+        return _dequantize_groups(codes, absmax, c, scale)
     finite, qscale, dscale = _group_scales(absmax, c, scale)
     s = _scale_and_saturate(groups, qscale, c, scale)
     return _unscale(_round_to_values(s, c), finite, dscale, scale)
@@ -546,10 +568,12 @@ def _blockwise(fn, flat: jax.Array, plan: fp8core.BlockPlan, *per_group: jax.Arr
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-def _kernel_path(codebook: Codebook | None, *dtypes) -> bool:
-    """Use the C kernel: it is loaded, takes the codebook (None: any, for decoding)
-    and every dtype. Read at trace time (``FP8CORE_KERNEL=0`` / ``_kernel.ENABLED``)."""
-    return (all(jnp.dtype(d) in _KERNEL_DTYPES for d in dtypes)
+def _kernel_path(codebook: Codebook | None, *dtypes, scale: str = "fp32") -> bool:
+    """Use the C kernel: it is loaded, takes the codebook (None: any, for decoding),
+    every dtype and the scale rule (``fp8core._kernel.SCALE_RULE_CODES``: the MX and
+    NVFP4 rules run on XLA ops until the kernel's binding lists them). Read at trace time
+    (``FP8CORE_KERNEL=0`` / ``_kernel.ENABLED``)."""
+    return (scale in _kernel.SCALE_RULE_CODES and all(jnp.dtype(d) in _KERNEL_DTYPES for d in dtypes)
             and (codebook is None or _kernel.supports(codebook))
             and _ffi.available())
 
@@ -897,10 +921,12 @@ def _ffi_recipes() -> bool:
 def _operand_kernel(rule, lay: _Layout, codebook: Codebook | None, *dtypes) -> bool:
     """The C kernel serves this operand (decided outside the trace; ``codebook=None``:
     decoding, which takes any codebook). Only scale rules the kernel executes
-    (``fp8core._kernel.SCALE_RULE_CODES``, the MX rules included) go to it."""
-    if rule.scale not in _kernel.SCALE_RULE_CODES:
+    (``fp8core._kernel.SCALE_RULE_CODES``, the MX rules included) go to it; the NVFP4
+    rules run on XLA ops until the kernel's binding lists them (the decision is still
+    :func:`_kernel_path`'s, so a caller that records it sees XLA chosen)."""
+    if lay.plan.rows * lay.plan.cols == 0:
         return False
-    if lay.plan.rows * lay.plan.cols == 0 or not _kernel_path(codebook, *dtypes):
+    if not _kernel_path(codebook, *dtypes, scale=rule.scale):
         return False
     if rule.scale != "fp32" or (lay.plan.kind == "tiles" and lay.runs is None
                                 and lay.phys.grid != (1, 1)):

@@ -20,6 +20,11 @@ __all__ = ["quantize_nvfp4", "dequantize_nvfp4"]
 _F32MAX = float(np.finfo(np.float32).max)
 _E2M1_VALUES = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
 _E2M1_VALUES.setflags(write=False)
+#: made once at import: traced code (torch.compile) must not run numpy or ml_dtypes
+_E2M1_VALUES_T = torch.from_numpy(_E2M1_VALUES.copy())
+_SIX, _E4MAX, _TINY, _DIV = (float(v) for v in (_nv.E2M1_MAX, _nv.E4M3_MAX, _nv.E4M3_TINY,
+                                                  _nv.TENSOR_SCALE_DIVISOR))
+_ROUND_TABLE = tuple((float(m), bool(u)) for m, u in zip(*_nv.e2m1_round_table()[:2]))
 
 
 def _c(v: Any, device: torch.device) -> torch.Tensor:
@@ -29,12 +34,11 @@ def _c(v: Any, device: torch.device) -> torch.Tensor:
 def _round_e2m1(s: torch.Tensor) -> torch.Tensor:
     """Codes of float32 ``s`` in [−6, 6], half to even (:func:`fp8core.nvfp4.e2m1_round_table`),
     the sign bit (−0 included) as bit 3; NaN → 0."""
-    mid, tie_up, codes = _nv.e2m1_round_table()
     m = s.abs()
     idx = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
-    for j in range(mid.size):
-        mj = _c(mid[j], s.device)
-        idx += (m >= mj if tie_up[j] else m > mj).to(torch.uint8)
+    for mid, tie_up in _ROUND_TABLE:
+        mj = _c(mid, s.device)
+        idx += (m >= mj if tie_up else m > mj).to(torch.uint8)
     sign = torch.signbit(s).to(torch.uint8) << 3
     return torch.where(torch.isnan(s), torch.zeros_like(idx), idx | sign)
 
@@ -71,7 +75,7 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
             t = torch.nn.functional.pad(t, (0, nb * block_size - n))
         blocks = t.reshape(*t.shape[:-1], nb, block_size)
     one, f32max = _c(1, dev), _c(_F32MAX, dev)
-    six, e4max, tiny = _c(_nv.E2M1_MAX, dev), _c(_nv.E4M3_MAX, dev), _c(_nv.E4M3_TINY, dev)
+    six, e4max, tiny = _c(_SIX, dev), _c(_E4MAX, dev), _c(_TINY, dev)
     if blocks.numel():
         m = blocks.abs().amax(dim=-1)                      # NaN-propagating
         amax = x32.abs().max()
@@ -81,7 +85,7 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
     if variant == "torchao":
         b = torch.div(m, six)
         if per_tensor_scale:
-            ts = torch.div(amax, _c(_nv.TENSOR_SCALE_DIVISOR, dev))
+            ts = torch.div(amax, _c(_DIV, dev))
             ts = torch.where(ts == 0, one, ts)
             s8 = torch.clamp(torch.div(b, ts), tiny, e4max).to(torch.float8_e4m3fn)
             r = torch.div(torch.div(one, ts), s8.to(torch.float32))
@@ -92,7 +96,7 @@ def quantize_nvfp4(x: torch.Tensor, *, block_size: int = 16, axis: int = -1,
     else:
         S = one
         if per_tensor_scale:
-            S = torch.minimum(torch.div(_c(_nv.TENSOR_SCALE_DIVISOR, dev), amax), f32max)
+            S = torch.minimum(torch.div(_c(_DIV, dev), amax), f32max)
             S = torch.where(S == 0, one, S)
         ts = torch.div(one, S)
         mult = S * torch.div(one, six)
@@ -138,7 +142,51 @@ def dequantize_nvfp4(codes: torch.Tensor, block_scales: torch.Tensor, tensor_sca
         total = total[:codes.shape[0], :codes.shape[1]]
     else:
         total = total.repeat_interleave(block_size, dim=ax).narrow(ax, 0, codes.shape[ax])
-    vals = torch.from_numpy(_E2M1_VALUES.copy()).to(codes.device)[codes.to(torch.int64)]
+    vals = _E2M1_VALUES_T.to(codes.device)[codes.to(torch.int64)]
     y = vals * total
     # canonical NaN after the cast (torch's float32 → bfloat16 cast makes NaN 0xFFFF)
+    return y.to(dtype).masked_fill(torch.isnan(y), float("nan"))
+
+
+# ------------------------------------------- the operand engine's NVFP4 rules (§13.5)
+def engine_scales(absmax: torch.Tensor, variant: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(finite, r, dscale)`` of :func:`fp8core.nvfp4.engine_scales` for a float32 absmax
+    grid (one operand's blocks or tiles, any shape): the tensor amax is the grid's
+    NaN-propagating max, then the same float32 steps; ``finite`` is False in NaN blocks."""
+    dev = absmax.device
+    m = absmax.to(torch.float32)
+    one, f32max = _c(1, dev), _c(_F32MAX, dev)
+    six, e4max, tiny = _c(_SIX, dev), _c(_E4MAX, dev), _c(_TINY, dev)
+    amax = m.max() if m.numel() else _c(0, dev)          # NaN-propagating
+    if variant == "torchao":
+        ts = torch.div(amax, _c(_DIV, dev))
+        ts = torch.where(ts == 0, one, ts)
+        s = torch.clamp(torch.div(torch.div(m, six), ts), tiny, e4max).to(torch.float8_e4m3fn)
+        r = torch.div(torch.div(one, ts), s.to(torch.float32))
+    else:
+        S = torch.minimum(torch.div(_c(_DIV, dev), amax), f32max)
+        S = torch.where(S == 0, one, S)
+        ts = torch.div(one, S)
+        d = torch.minimum(m * (S * torch.div(one, six)), f32max)
+        s = torch.clamp(d, -e4max, e4max).to(torch.float8_e4m3fn)
+        r = torch.minimum(torch.div(one, s.to(torch.float32) * ts), f32max)
+    sv = s.to(torch.float32)
+    finite = ~torch.isnan(sv)
+    nan = _c(float("nan"), dev)
+    return finite, torch.where(finite, r, _c(0, dev)), torch.where(finite, ts * sv, nan)
+
+
+def engine_quantize(x: torch.Tensor, r: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Codes of float32 ``x`` under per-group multipliers ``r`` (broadcast against ``x``):
+    ``e2m1(clamp(fl(x · r), −6, 6))``, code 0 for a NaN product and in NaN blocks."""
+    six = _c(_SIX, x.device)
+    codes = _round_e2m1(torch.clamp(x * r, -six, six))
+    return codes.masked_fill(~finite, 0)
+
+
+def engine_decode(codes: torch.Tensor, dscale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fl(value[code] · dscale)`` cast once to ``dtype``, NaN as the canonical NaN."""
+    vals = _E2M1_VALUES_T.to(codes.device)[codes.to(torch.int64)]
+    y = vals * dscale
     return y.to(dtype).masked_fill(torch.isnan(y), float("nan"))

@@ -39,11 +39,13 @@ import torch
 import fp8core
 import fp8core.mx
 import fp8core.random
+import fp8core.nvfp4
 import fp8core.recipe
 from fp8core import _kernel as _fp8q
 from fp8core import _validation
 from fp8core.blocks import operand_matrix, plan_blocks, plan_operand, plan_tiles
 from fp8core_torch import _pool
+from fp8core_torch import nvfp4 as _tnv
 from fp8core_torch.config import (
     ARITH,
     CodebookTensors,
@@ -144,6 +146,8 @@ def _scales(absmax: torch.Tensor, spec: QuantSpec, scale: str = "fp32"
     q0 reaches the torchao threshold), dscale its exact reciprocal, both from the bits."""
     if scale in _MX_RULES:
         return _mx_scales(absmax, spec, fp8core.mx.mode_of(scale))
+    if scale in fp8core.nvfp4.ENGINE_RULES:                  # §13.5: the whole grid
+        return _tnv.engine_scales(absmax, fp8core.nvfp4.ENGINE_RULES[scale])
     finite = torch.isfinite(absmax)
     a = torch.where(finite, absmax, 1.0).clamp(spec.scale_floor, spec.scale_ceiling)
     # fl(M / a): a tensor/tensor division. `spec.max / a` would be reciprocal(a) * M.
@@ -707,7 +711,12 @@ def _qdq_tiles(p: torch.Tensor, spec: QuantSpec, tabs: CodebookTensors | None, t
     absmax = _absmax_tiles(x4)
     gr, gc = plan.grid
     fin, qs, ds = (t.view(gr, 1, gc, 1) for t in _scales(absmax, spec, scale))
-    v, c = _kernel(x4, qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
+    if scale in fp8core.nvfp4.ENGINE_RULES:                  # §13.5: e2m1 by compares
+        c = _tnv.engine_quantize(x4.to(torch.float32), qs, fin)
+        v = _tnv.engine_decode(c, ds, out_dtype) if out_dtype is not None else None
+        c = c if want_codes else None
+    else:
+        v, c = _kernel(x4, qs, ds, fin, spec, tabs, None, out_dtype, want_codes)
     return (None if v is None else _untiled(v, plan)), (None if c is None else _untiled(c, plan)), absmax
 
 
@@ -768,6 +777,9 @@ def _dequantize_tiles(codes: torch.Tensor, absmax: torch.Tensor, spec: QuantSpec
                                         dtype, scale)
     gr, gc = plan.grid
     _, _, dscale = _scales(absmax.reshape(gr, gc), spec, scale)
+    if scale in fp8core.nvfp4.ENGINE_RULES:                  # §13.5: canonical NaN
+        return _untiled(_tnv.engine_decode(_tiled(codes, plan), dscale.view(gr, 1, gc, 1), dtype),
+                        plan)
     y = _decode(_tiled(codes, plan), spec, tabs) * dscale.view(gr, 1, gc, 1)
     return _untiled(y, plan).to(dtype)
 

@@ -29,7 +29,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
     (lambda: OperandRule("e4m4"), ValueError, r"OperandRule.format: unknown format 'e4m4'"),
     (lambda: OperandRule(FR.TENSORWISE), TypeError, r"OperandRule.format must be a codebook .* got a LinearRecipe"),
     (lambda: OperandRule("e4m3", "axiswise"), TypeError, r"OperandRule.granularity must be a Granularity"),
-    (lambda: OperandRule("e4m3", scale="pow3"), ValueError, r"OperandRule.scale must be one of fp32, pow2, pow2_torchao, mx_floor, mx_ceil, mx_even, mx_rceil, got 'pow3'"),
+    (lambda: OperandRule("e4m3", scale="pow3"), ValueError, r"OperandRule.scale must be one of fp32, pow2, pow2_torchao, mx_floor, mx_ceil, mx_even, mx_rceil, nvfp4, nvfp4_te, got 'pow3'"),
     (lambda: OperandRule("bnb_e4m3", scale="pow2"), ValueError, r"needs a native format"),
     (lambda: FR.TENSORWISE.replace(input=FR.REUSE), ValueError, r"LinearRecipe.input='reuse': only the backward slots"),
     (lambda: FR.TENSORWISE.replace(weight=OperandRule("e4m3").format), TypeError, r"LinearRecipe.weight must be an OperandRule, None or 'reuse', got Codebook"),
