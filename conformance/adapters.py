@@ -38,6 +38,10 @@ from fp8core.recipe import LinearRecipe
 from conformance.inputs import NP_DTYPES
 
 
+#: The seed of every stochastically rounded slot (§14.3): matmul_fp8(seed=SEED, stream=0);
+#: layers LinearFP8(seed=SEED), whose call t (a training step) draws stream t.
+SEED = 0
+
 @dataclasses.dataclass
 class PathProbe:
     """What one backend path did during a case (filled in by :meth:`Backend.forced`).
@@ -176,11 +180,11 @@ class NumpyBackend:
         return self._product(self.recipe_operands(a, b, g, recipe), a.shape)
 
     @staticmethod
-    def linear_operands(layer, x, weight, fw):
+    def linear_operands(layer, x, weight, fw, stream: int = 0):
         """``(Q(x), Q(weight))`` of an FP8 linear layer (``layer``: "mixed", "global" or a
-        LinearRecipe), the weight in x's dtype; Q(x) has x's shape."""
+        LinearRecipe; a layer's call ``stream``), the weight in x's dtype; Q(x) has x's shape."""
         if isinstance(layer, LinearRecipe):
-            ops = ref.linear_operands(x, weight.T, None, layer)
+            ops = ref.linear_operands(x, weight.T, None, layer, seed=SEED, stream=stream)
             return ops["input"].reshape(x.shape), ops["weight"].T
         k = weight.shape[1]
         qx = fp8core.fake_quantize(x, fw, fp8core.select_block_size(k) if layer == "mixed" else None)
@@ -195,10 +199,10 @@ class NumpyBackend:
         numpy; ``layer``: "mixed", "global" or a LinearRecipe."""
         p = {k: v.astype(np.float32).copy() for k, v in params.items()}
         losses = []
-        for x, y in zip(batches, labels):
-            h_pre, cache1 = _np_linear(layer, x, p["w1"], p["b1"], fw)
+        for step, (x, y) in enumerate(zip(batches, labels)):   # step = each layer's stream
+            h_pre, cache1 = _np_linear(layer, x, p["w1"], p["b1"], fw, step)
             h = np.maximum(h_pre, 0)
-            logits, cache2 = _np_linear(layer, h, p["w2"], p["b2"], fw)
+            logits, cache2 = _np_linear(layer, h, p["w2"], p["b2"], fw, step)
             z = logits - logits.max(axis=1, keepdims=True)
             logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
             losses.append(-logp[np.arange(len(y)), y].mean())
@@ -229,7 +233,7 @@ def _operands(mode, a, b, g, fw, bw, bsz, bsz2):
 
 
 def _recipe_operands(a, b, g, recipe):
-    ops = ref.linear_operands(a, b, g, recipe)
+    ops = ref.linear_operands(a, b, g, recipe, seed=SEED)
     pairs = {"out": (ops["input"], ops["weight"])}
     if g is not None:
         pairs["grad_a"] = (ops["grad_output"], ops["weight_for_grad_input"].T)
@@ -256,15 +260,15 @@ def _last_call(fn, *args):
     return result
 
 
-def _np_linear(layer, x, w, b, fw):
-    qx, qw = NumpyBackend.linear_operands(layer, x, w, fw)
-    return qx @ qw.T + b, (x, qx, qw, w)
+def _np_linear(layer, x, w, b, fw, stream: int = 0):
+    qx, qw = NumpyBackend.linear_operands(layer, x, w, fw, stream)
+    return qx @ qw.T + b, (x, qx, qw, w, stream)
 
 
 def _np_linear_bwd(layer, g, cache, bw):
-    x, qx, qw, w = cache
+    x, qx, qw, w, stream = cache
     if isinstance(layer, LinearRecipe):
-        ops = ref.linear_operands(x, w.T, g, layer)
+        ops = ref.linear_operands(x, w.T, g, layer, seed=SEED, stream=stream)
         dx = ops["grad_output"] @ ops["weight_for_grad_input"].T
         dw = (ops["input_for_grad_weight"].T @ ops["grad_output_for_grad_weight"]).T
         return dx, dw, g.sum(axis=0)
@@ -387,14 +391,15 @@ class TorchBackend:
 
     def matmul_recipe(self, a, b, g, recipe):
         import fp8core_torch
-        return self._grads(lambda x, y: fp8core_torch.matmul_fp8(x, y, recipe=recipe), a, b, g)
+        return self._grads(lambda x, y: fp8core_torch.matmul_fp8(x, y, recipe=recipe, seed=SEED),
+                           a, b, g)
 
     def _layer(self, layer, weight, bias, fw, bw):
         import torch
         import fp8core_torch
         n, k = weight.shape
         if isinstance(layer, LinearRecipe):
-            module = fp8core_torch.LinearFP8(k, n, recipe=layer)
+            module = fp8core_torch.LinearFP8(k, n, recipe=layer, seed=SEED)
         else:
             cls = fp8core_torch.LinearFP8Mixed if layer == "mixed" else fp8core_torch.LinearFP8Global
             module = cls(k, n, fw_format=fw, bw_format=bw)
@@ -519,7 +524,8 @@ class JaxBackend:
 
     def matmul_recipe(self, a, b, g, recipe):
         import fp8core_jax
-        return self._grads(lambda x, y: fp8core_jax.matmul_fp8(x, y, recipe=recipe), a, b, g)
+        return self._grads(lambda x, y: fp8core_jax.matmul_fp8(x, y, recipe=recipe, seed=SEED),
+                           a, b, g)
 
     def _layer(self, layer, weight, bias, fw, bw):
         from flax import nnx
@@ -527,7 +533,7 @@ class JaxBackend:
         from fp8core_jax import transfer
         n, k = weight.shape
         if isinstance(layer, LinearRecipe):
-            module = fnn.LinearFP8(k, n, recipe=layer, rngs=nnx.Rngs(0))
+            module = fnn.LinearFP8(k, n, recipe=layer, rngs=nnx.Rngs(0), seed=SEED)
         else:
             cls = fnn.LinearFP8Mixed if layer == "mixed" else fnn.LinearFP8Global
             module = cls(k, n, rngs=nnx.Rngs(0), fw_format=fw, bw_format=bw)

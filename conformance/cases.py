@@ -233,7 +233,9 @@ def operand_rules() -> tuple[R.OperandRule, ...]:
                     out.append(rule)
     for scale in NVFP4_SCALE_RULES:
         for gran in NVFP4_GRANULARITIES:
-            out.append(R.OperandRule(fp8core.nvfp4.ELEMENT_FORMAT, gran, scale))
+            rule = R.OperandRule(fp8core.nvfp4.ELEMENT_FORMAT, gran, scale)
+            if rule not in out:
+                out.append(rule)
     return tuple(out)
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "MXFP8",
     "MXFP8_FLOOR",
     "MXFP4",
+    "NVFP4",
     "get_recipe",
     "bnb_recipe",
     "conversion",
@@ -663,10 +664,30 @@ MXFP8_FLOOR = _all(*(OperandRule("e4m3", block(32), "mx_floor"),) * 3, "MXFP8_FL
 #: contraction axis, e8m0 scales by the spec's FLOOR rule (torchao ``to_mx``'s default).
 MXFP4 = _all(*(OperandRule("float4_e2m1fn", block(32), "mx_floor"),) * 3, "MXFP4")
 
+
+
+def _nvfp4_rule(granularity: Granularity, stochastic: bool = False) -> OperandRule:
+    return OperandRule("float4_e2m1fn", granularity, "nvfp4_te",
+                       rounding="stochastic" if stochastic else "nearest")
+
+
+#: TransformerEngine ``NVFP4BlockScaling()`` (its defaults; NVFP4 paper arXiv:2509.25149):
+#: float4_e2m1fn elements with TE's two-level scale chain (e4m3 block scales, a float32
+#: tensor scale; §13) — 1×16 blocks for X and dY along each GEMM's contraction axis,
+#: 16×16 tiles for W (the same quantized weight in fprop and dgrad), stochastic rounding
+#: of dY in both backward GEMMs (``fp4_quant_bwd_grad``), and the 16-point random Hadamard
+#: transform of both wgrad operands (TE applies it to the columnwise X and dY).
+NVFP4 = LinearRecipe(
+    input=_nvfp4_rule(block(16)), weight=_nvfp4_rule(tile(16)),
+    grad_output=_nvfp4_rule(block(16), stochastic=True), weight_for_grad_input=REUSE,
+    input_for_grad_weight=_nvfp4_rule(block(16)),
+    grad_output_for_grad_weight=_nvfp4_rule(block(16), stochastic=True),
+    wgrad_transform="rht16", name="NVFP4")
+
 #: Every preset by name.
 PRESETS: dict[str, LinearRecipe] = {r.name: r for r in (
     BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128,
-    MXFP8, MXFP8_FLOOR, MXFP4)}
+    MXFP8, MXFP8_FLOOR, MXFP4, NVFP4)}
 
 
 def get_recipe(recipe: Any, *, argname: str = "recipe") -> LinearRecipe:

@@ -575,7 +575,7 @@ def linear_operands(A: Any, B: Any, g: Any, recipe: Any, *, seed: Any = None,
     dtype, exactly as the backends do; high-precision slots are the inputs themselves.
     With ``recipe.wgrad_transform`` the two wgrad operands are :func:`wgrad_rotated`
     (``(M', K)`` and ``(M', N)``, ``M'`` the tokens padded to a multiple of 16).
-    A stochastic slot (§14.4) rounds with ``seed`` and stream
+    A stochastic slot (§14.3) rounds with ``seed`` and stream
     ``fp8core.random.slot_stream(stream, j)`` (``j`` its index in ``SLOTS``), each element
     indexed row-major in the tensor as passed here: ``A2 (M, K)``, ``B (K, N)``,
     ``g2 (M, N)`` (or the rotated ``(M', ·)`` wgrad operands).

@@ -207,9 +207,12 @@ def operand_stats(x: Any, rule: Any, *, axis: int = -1) -> QuantStats:
       rule: an :class:`fp8core.recipe.OperandRule`.
 
     Elements that dequantize to a non-finite value are exactly those of groups whose
-    absmax is NaN or inf (§3.6, §11); they are counted in ``n_nonfinite``.
+    absmax is NaN or inf (§3.6, §11); they are counted in ``n_nonfinite``. A
+    stochastically rounded rule (§14) is measured as its round-to-nearest twin: the
+    same groups, absmax and scales (so the scale range and clamping are the slot's
+    own), with the error of nearest rounding — the expectation SR is unbiased around.
     """
-    rule = _recipe.check_rule(rule)
+    rule = _recipe.nearest_rule(_recipe.check_rule(rule))
     x = np.asarray(x)
     codes, absmax = _ref.quantize_operand(x, rule, axis=axis)
     y = _ref.dequantize_operand(codes, absmax, rule, axis=axis).reshape(-1)

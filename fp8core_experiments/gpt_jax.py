@@ -116,21 +116,26 @@ def train(recipe: str, cfg: GPTConfig, init, batches, val, *, eval_every: int,
         xs, ys = batches
         taps = jstats.zero_taps(model, jnp.asarray(xs[0]))
 
+        # ``rest`` (non-parameter state: the stochastic-rounding layers' streams, §14.3) is
+        # carried through every call, as the torch layers' buffers are: each forward (training
+        # step or evaluation batch) advances a layer's stream by one in both frameworks
         @jax.jit
-        def step_fn(params, opt_state, taps, x, y):
+        def step_fn(params, rest, opt_state, taps, x, y):
             def loss_of(p, t):
                 m = nnx.merge(graphdef, p, rest)
                 with jstats.tapped(m, t) as tap:
                     loss = cross_entropy(m(x), y)
-                return loss, tap.operands
-            (loss, ops), (grads, dys) = jax.value_and_grad(loss_of, argnums=(0, 1),
-                                                           has_aux=True)(params, taps)
+                return loss, (tap.operands, nnx.split(m, nnx.Param, ...)[2])
+            (loss, (ops, rest)), (grads, dys) = jax.value_and_grad(
+                loss_of, argnums=(0, 1), has_aux=True)(params, taps)
             updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, ops, dys
+            return optax.apply_updates(params, updates), rest, opt_state, loss, ops, dys
 
         @jax.jit
-        def eval_fn(params, x, y):
-            return cross_entropy(nnx.merge(graphdef, params, rest)(x), y)
+        def eval_fn(params, rest, x, y):
+            m = nnx.merge(graphdef, params, rest)
+            loss = cross_entropy(m(x), y)
+            return loss, nnx.split(m, nnx.Param, ...)[2]
 
         steps = xs.shape[0]
         rows, records = [], []
@@ -139,9 +144,9 @@ def train(recipe: str, cfg: GPTConfig, init, batches, val, *, eval_every: int,
             want = recipe not in ("fp32", "bf16") and (step == steps or (
                 stats_every > 0 and step % stats_every == 0))
             t0 = time.perf_counter()
-            params, opt_state, loss, ops, dys = step_fn(params, opt_state, taps,
-                                                        jnp.asarray(xs[step - 1]),
-                                                        jnp.asarray(ys[step - 1]))
+            params, rest, opt_state, loss, ops, dys = step_fn(params, rest, opt_state, taps,
+                                                              jnp.asarray(xs[step - 1]),
+                                                              jnp.asarray(ys[step - 1]))
             loss = float(loss)
             if want:
                 records.extend(jstats.records(model, jax.device_get(ops), jax.device_get(dys),
@@ -150,8 +155,11 @@ def train(recipe: str, cfg: GPTConfig, init, batches, val, *, eval_every: int,
             row = {"step": step, "train_loss": loss, "val_loss": None, "seconds": seconds,
                    "stats": want}
             if step % eval_every == 0 or step == steps:
-                row["val_loss"] = float(np.mean([float(eval_fn(params, jnp.asarray(val[0][i]),
-                                                               jnp.asarray(val[1][i])))
-                                                 for i in range(val[0].shape[0])]))
+                losses = []
+                for i in range(val[0].shape[0]):
+                    vloss, rest = eval_fn(params, rest, jnp.asarray(val[0][i]),
+                                          jnp.asarray(val[1][i]))
+                    losses.append(float(vloss))
+                row["val_loss"] = float(np.mean(losses))
             rows.append(row)
     return {"rows": rows, "records": records}

@@ -55,7 +55,7 @@ def _reduce(recipe: LinearRecipe, rule):
 
 
 def _stochastic(t: jax.Array, rule, axis: int, dtype: str, key, slot: int, reduce=None):
-    """§14.4: a stochastic slot's value in ``dtype`` — ``t`` in linear_operands' layout,
+    """§14.3: a stochastic slot's value in ``dtype`` — ``t`` in linear_operands' layout,
     seed ``key[0]``, stream ``slot_stream(key[1], slot)`` (uint32 wrapping), XLA ops."""
     absmax = None if reduce is None else _q._reduced_absmax(t, reduce)
     stream = key[1] * jnp.uint32(fp8core.random.SLOT_STREAMS) + jnp.uint32(slot)
@@ -287,7 +287,7 @@ def matmul_fp8(A: Any, B: Any, *, recipe: Any, bias: Any = None, seed: Any = Non
         (``fp8core.recipe.PRESETS``: ``"TENSORWISE"``, ``"ROWWISE"``, …). Static.
       bias: optional ``(N,)`` float array, added after the product's cast in the
         promoted dtype of output and bias, and cast back to the output's dtype.
-      seed, stream: the random bits of a recipe's stochastic slots (§14.4: required when
+      seed, stream: the random bits of a recipe's stochastic slots (§14.3: required when
         it has one; ints in ``[0, 2**32)`` or 0-d integer arrays, traced under jit); slot
         ``j`` draws from stream ``fp8core.random.slot_stream(stream, j)``.
 

@@ -34,6 +34,7 @@ from flax.nnx.nn import initializers
 
 import fp8core
 import fp8core.conversion as _conversion
+import fp8core.random
 import fp8core.recipe
 from fp8core import _validation
 from fp8core.conversion import REASONS, LayerRecord
@@ -58,7 +59,7 @@ class _Once:
 
 
 class SRStream(nnx.Variable):
-    """A stochastic-rounding layer's stream (§14.4): a uint32 counter, not a parameter
+    """A stochastic-rounding layer's stream (§14.3): a uint32 counter, not a parameter
     (optimizers over ``nnx.Param`` leave it alone; ``nnx.jit`` / ``nnx.grad`` carry its
     update). Advanced by one per call, as the torch layer's ``sr_stream`` buffer."""
 
@@ -77,8 +78,8 @@ class LinearFP8(nnx.Module):
         ``"TENSORWISE"``, torchao's default recipe); stored resolved as ``recipe``.
       use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as ``nnx.Linear``
         (see the module docstring for ``dtype=None``).
-      seed: for a recipe with stochastic slots (§14.4, required there): an int in
-        ``[0, 2**32)``; the stream is the :class:`SRStream` variable ``sr_stream``, advanced
+      seed: for a recipe with stochastic slots (§14.3): an int in ``[0, 2**32)``
+        (default 0); the stream is the :class:`SRStream` variable ``sr_stream``, advanced
         by one per call — the torch layer's bits for the same seed and step.
 
     A recipe with ``flat()`` blocks for the input or output gradient warns once per
@@ -102,7 +103,7 @@ class LinearFP8(nnx.Module):
         kernel_init: tp.Callable = default_kernel_init,
         bias_init: tp.Callable = default_bias_init,
         rngs: nnx.Rngs,
-        seed: int | None = None,
+        seed: int = 0,
     ):
         in_features = _validation.check_features(in_features, "in_features")
         out_features = _validation.check_features(out_features, "out_features")
@@ -110,7 +111,7 @@ class LinearFP8(nnx.Module):
             _validation.check_float_dtype(np.dtype(dtype).name, argname="dtype")
         _validation.check_float_dtype(np.dtype(param_dtype).name, argname="param_dtype")
         recipe = fp8core.recipe.get_recipe(recipe)
-        recipe.check_seed(seed, where=type(self).__name__)
+        fp8core.random.check_seed(seed)
         shape = (in_features, out_features)
         key = rngs.params()
         # an empty kernel has no values to draw (lecun_normal divides by fan_in = 0)
@@ -127,8 +128,8 @@ class LinearFP8(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.recipe = recipe          # static (frozen, hashable)
-        self.seed = None if seed is None else int(seed)
-        if recipe.stochastic_slots:   # §14.4: the stream, advanced by one per call
+        self.seed = int(seed)
+        if recipe.stochastic_slots:   # §14.3: the stream, advanced by one per call
             self.sr_stream = SRStream(jnp.zeros((), jnp.uint32))
         self._rows_warned = _Once()
 
@@ -163,7 +164,15 @@ class LinearFP8(nnx.Module):
         if not self.recipe.stochastic_slots:
             return None
         stream = self.sr_stream[...]
-        self.sr_stream[...] = stream + jnp.uint32(1)
+        nxt = stream + jnp.uint32(1)
+        if self.sr_stream._can_update:
+            self.sr_stream[...] = nxt
+        else:
+            # a module merged inside a plain jax transform (jax.value_and_grad over
+            # nnx.merge, as a functional training step does) holds Variables whose trace
+            # flax does not recognise as current; the new value belongs to this trace and
+            # leaves it through the caller's nnx.split, so it is set directly
+            object.__setattr__(self.sr_stream, "_raw_value", nxt)
         return jnp.stack([jnp.uint32(self.seed), stream])
 
     def _warn_rows(self, inputs: jax.Array) -> None:
@@ -279,7 +288,7 @@ def convert_to_fp8(
     bsz: int | None = None,
     bsz2: int | None = None,
     include_subclasses: bool = False,
-    seed: int | None = None,
+    seed: int = 0,
 ) -> nnx.Module:
     """Replace the matmul layers of ``model`` by FP8 layers, in place, and report it.
 
@@ -333,11 +342,10 @@ def convert_to_fp8(
     else:
         general_recipe = kwargs["recipe"]
     stochastic = kind == "recipe" and kwargs["recipe"].stochastic_slots
-    if stochastic:
-        kwargs["recipe"].check_seed(seed, where="convert_to_fp8")
+    fp8core.random.check_seed(seed)
 
     def seeded(fqn: str) -> dict:
-        """§14.4: the layer's seed from ``seed`` and its PyTorch module path."""
+        """§14.3: the layer's seed from ``seed`` and its PyTorch module path."""
         if not stochastic:
             return {}
         from fp8core_jax.transfer import _torch_prefix

@@ -289,6 +289,8 @@ def _group_scales(absmax: jax.Array, c: _Constants, scale: str = "fp32"
     """
     if scale in fp8core.mx.MX_SCALE_RULES:
         return _mx_scales(absmax, c, scale)
+    if scale in fp8core.nvfp4.ENGINE_RULES:        # §13.5: r, t·s over the whole grid
+        return _nvfp4_scales(absmax, scale)
     finite = jnp.isfinite(absmax)
     a = jnp.clip(jnp.where(finite, absmax, jnp.float32(1)), c.floor, c.ceiling)
     q0 = jnp.float32(c.m) / a

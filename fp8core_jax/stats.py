@@ -149,9 +149,14 @@ def zero_taps(model: nnx.Module, *args: Any, **kwargs: Any) -> dict[str, jax.Arr
     """Zeros shaped like each FP8 layer's output for ``model(*args, **kwargs)`` (by
     ``jax.eval_shape``: nothing is computed), keyed by layer name — the ``taps`` of
     :func:`tapped`."""
-    with tapped(model) as tap:       # one abstract trace; only shapes leave it
-        jax.eval_shape(lambda *a, **k: model(*a, **k), *args, **kwargs)
-        got = dict(tap.shapes)
+    def run(m, *a, **k):
+        with tapped(m) as tap:
+            m(*a, **k)
+            return {name: jnp.zeros(s.shape, s.dtype) for name, s in tap.shapes.items()}
+
+    # one abstract trace of a copy (nnx.eval_shape): only shapes leave it, and the
+    # model's own state — a stochastic layer's stream, §14.3 — is not advanced
+    got = nnx.eval_shape(run, model, *args, **kwargs)
     return {name: jnp.zeros(s.shape, s.dtype) for name, s in got.items()}
 
 

@@ -51,7 +51,7 @@ class Conv1DFP8(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.nf, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)  # Conv1D's init
         self.recipe = fp8core.recipe.get_recipe(recipe)
-        if self.recipe.stochastic_slots:   # no seed/stream plumbing here yet: say so (§14.4)
+        if self.recipe.stochastic_slots:   # no seed/stream plumbing here yet: say so (§14.3)
             raise ValueError(f"Conv1DFP8: recipe {self.recipe.name} rounds stochastically "
                              f"({', '.join(self.recipe.stochastic_slots)}); Conv1DFP8 takes no "
                              f"seed yet — keep Conv1D layers out (module_filter_fn) or use a "

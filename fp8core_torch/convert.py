@@ -51,7 +51,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
                    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
                    fw_format: Any = None, bw_format: Any = None,
                    bsz: int | None = None, bsz2: int | None = None,
-                   include_subclasses: bool = False, seed: int | None = None) -> nn.Module:
+                   include_subclasses: bool = False, seed: int = 0) -> nn.Module:
     """Replace the matmul layers of ``model`` by FP8 layers, in place, and report it.
 
     Converted: every ``nn.Linear`` (exact type) and, when transformers is imported,
@@ -81,7 +81,7 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
     logger, and a ``UserWarning`` names the modules when nothing was converted or a
     module that ``module_filter_fn`` did not exclude stays high precision.
 
-    ``seed`` (required for a recipe that rounds stochastically, §14.4): each converted
+    ``seed`` (default 0; used by a recipe that rounds stochastically, §14.3): each converted
     layer gets ``fp8core.random.layer_seed(seed, fqn)`` — from its module path, so
     fp8core_jax's convert_to_fp8 gives the same seeds to a twin model.
 
@@ -99,11 +99,10 @@ def convert_to_fp8(model: nn.Module, mode: str | None = None, *, recipe: Any = N
         kind, kw["fw_format"], kw["bw_format"], kw["bsz"], kw["bsz2"])
     Conv1D = _hf_conv1d()
     stochastic = kind == "recipe" and kw["recipe"].stochastic_slots
-    if stochastic:
-        kw["recipe"].check_seed(seed, where="convert_to_fp8")
+    fp8core.random.check_seed(seed)
 
     def seeded(fqn: str) -> dict:
-        """§14.4: each layer's seed from ``seed`` and its module path (as fp8core_jax's)."""
+        """§14.3: each layer's seed from ``seed`` and its module path (as fp8core_jax's)."""
         return {"seed": fp8core.random.layer_seed(seed, fqn)} if stochastic else {}
 
     converted: list[LayerRecord] = []

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fp8core
+import fp8core.random
 import fp8core.recipe
 from fp8core import _validation
 from fp8core_torch.config import QuantSpec, check_float_tensor
@@ -71,8 +72,8 @@ class LinearFP8(nn.Linear):
       in_features, out_features, bias, device, dtype: as ``nn.Linear``.
       recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name (default
         ``"TENSORWISE"``, torchao's default recipe).
-      seed: for a recipe with stochastic slots (§14.4, required there): an int in
-        ``[0, 2**32)``. The layer's stream is the buffer ``sr_stream`` (int64, not in the
+      seed: for a recipe with stochastic slots (§14.3): an int in ``[0, 2**32)``
+        (default 0). The layer's stream is the buffer ``sr_stream`` (int64, not in the
         state_dict: the keys stay nn.Linear's), advanced by one per call, so a run is
         reproducible and equals fp8core_jax's layer.
 
@@ -82,18 +83,18 @@ class LinearFP8(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
-                 dtype: Any = None, *, recipe: Any = "TENSORWISE", seed: int | None = None):
+                 dtype: Any = None, *, recipe: Any = "TENSORWISE", seed: int = 0):
         in_features = _validation.check_features(in_features, "in_features")
         out_features = _validation.check_features(out_features, "out_features")
         recipe = fp8core.recipe.get_recipe(recipe)
-        recipe.check_seed(seed, where=type(self).__name__)
+        fp8core.random.check_seed(seed)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._set_recipe(recipe, seed)
 
-    def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe, seed: int | None = None) -> None:
+    def _set_recipe(self, recipe: fp8core.recipe.LinearRecipe, seed: int = 0) -> None:
         _check_reduction(recipe)
         self.recipe = recipe
-        self.seed = None if seed is None else int(seed)
+        self.seed = int(seed)
         if recipe.stochastic_slots:
             self.register_buffer("sr_stream", torch.zeros((), dtype=torch.int64,
                                                           device=self.weight.device),
@@ -117,7 +118,7 @@ class LinearFP8(nn.Linear):
                              _layer_key(self))
 
     def extra_repr(self) -> str:
-        seed = "" if self.seed is None else f", seed={self.seed}"
+        seed = f", seed={self.seed}" if self.recipe.stochastic_slots else ""
         return f"{super().extra_repr()}, recipe={self.recipe.name}{seed}"
 
     @classmethod

@@ -207,7 +207,7 @@ def _program(recipe, need_a: bool, need_b: bool) -> tuple:
 
 #: The slots whose GEMM operand ``m`` is the transpose of the tensor as
 #: fp8core.reference.linear_operands passes it (W = Bᵀ in fprop, Xᵀ and dYᵀ in wgrad):
-#: stochastic rounding indexes elements in that tensor (§14.4).
+#: stochastic rounding indexes elements in that tensor (§14.3).
 _TRANSPOSED_SLOTS = (1, 4, 5)
 
 
@@ -229,7 +229,7 @@ def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want
 
 
 def _side_stochastic(m, rule, i: int, dtype, want_codes: bool, key, absmax):
-    """§14.4: a stochastic slot, quantized as the reference does — the tensor in
+    """§14.3: a stochastic slot, quantized as the reference does — the tensor in
     linear_operands' layout, stream ``slot_stream(stream, i)`` — on torch ops. What the
     backward reuses of it is its values (``how = ("values",)``), not codes."""
     t, axis = (m.t(), 0) if i in _TRANSPOSED_SLOTS else (m, -1)
@@ -435,7 +435,7 @@ def matmul_fp8(A: torch.Tensor, B: torch.Tensor, *, recipe: Any,
       recipe: a :class:`fp8core.recipe.LinearRecipe` or a preset name
         (``fp8core.recipe.PRESETS``).
       bias: optional (N,) bias added in the GEMM.
-      seed, stream: the random bits of a recipe's stochastic slots (§14.4: required when
+      seed, stream: the random bits of a recipe's stochastic slots (§14.3: required when
         it has one; ints in ``[0, 2**32)`` or 0-d integer tensors — a tensor stream does
         not recompile under ``torch.compile``); slot ``j`` draws from stream
         ``fp8core.random.slot_stream(stream, j)``.

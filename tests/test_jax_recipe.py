@@ -34,6 +34,8 @@ from _jax_testutil import (DTYPES, assert_bits_equal, assert_close_to_oracle, ja
 
 both_paths = pytest.mark.usefixtures("jax_path")
 slow = pytest.mark.slow
+#: the seed of every stochastic slot of the presets (NVFP4's dY); nearest rules ignore it
+SEED = 7
 
 
 def _diagonal(items, cases, ids, fast_items=None):
@@ -107,16 +109,16 @@ OPERAND_CASES = [
                          _diagonal(RULES, OPERAND_CASES, str, fast_items=PRESET_RULES))
 def test_operand_quantizers_bit_identical_to_reference(rule, shape, axis, dtype, special):
     x = _input(np.random.default_rng(len(shape) * 7 + axis), shape, dtype, special)
-    codes, absmax = ref.quantize_operand(x, rule, axis=axis)
-    jc, ja = quantize_operand(x, rule, axis=axis)
+    codes, absmax = ref.quantize_operand(x, rule, axis=axis, seed=SEED)
+    jc, ja = quantize_operand(x, rule, axis=axis, seed=SEED)
     what = f"{rule} {shape} axis={axis} {dtype}"
     assert_bits_equal(np.asarray(jc), codes, f"codes {what}")
     assert_bits_equal(np.asarray(ja), absmax, f"absmax {what}")
     assert_bits_equal(np.asarray(dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype)),
                       ref.dequantize_operand(codes, absmax, rule, axis=axis, dtype=x.dtype),
                       f"dequantize {what}")
-    assert_bits_equal(np.asarray(jax.jit(lambda v: fake_quantize_operand(v, rule, axis=axis))(x)),
-                      ref.fake_quantize_operand(x, rule, axis=axis), f"fake_quantize {what}")
+    assert_bits_equal(np.asarray(jax.jit(lambda v: fake_quantize_operand(v, rule, axis=axis, seed=SEED))(x)),
+                      ref.fake_quantize_operand(x, rule, axis=axis, seed=SEED), f"fake_quantize {what}")
 
 
 @pytest.mark.parametrize("jax_path", ["kernel"], indirect=True)
@@ -191,11 +193,11 @@ def test_products_within_accumulation_bound(preset, a_shape, n, dtype, b_dtype, 
     bv = rng.standard_normal(n).astype(np.float32) if bias else None
 
     def f(a, b, bb, g):
-        out, vjp = jax.vjp(lambda x, y, z: matmul_fp8(x, y, recipe=preset, bias=z), a, b, bb)
+        out, vjp = jax.vjp(lambda x, y, z: matmul_fp8(x, y, recipe=preset, bias=z, seed=SEED), a, b, bb)
         return (out,) + vjp(g)
 
     out, gA, gB, gb = (jax.jit(f) if jit else f)(A, B, bv, G)
-    ops = ref.linear_operands(A, B, G, recipe)
+    ops = ref.linear_operands(A, B, G, recipe, seed=SEED)
     m = int(np.prod(a_shape[:-1]))
     assert_close_to_oracle(np.asarray(out).reshape(m, n), ops["input"], ops["weight"], A.dtype,
                            f"{preset} out", bias=bv)
@@ -442,7 +444,7 @@ def test_recipe_api_matches_torch():
 
 
 # ------------------------------------------------------------- identity probes
-_PROBE_QUICK = {("BLOCKWISE_1x128", "float32")}  # tiles, blocks, re-quantized and reused slots
+_PROBE_QUICK = {("BLOCKWISE_1x128", "float32"), ("NVFP4", "float32")}  # tiles, blocks, re-quantized and reused slots
 
 
 @both_paths
@@ -468,7 +470,8 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
         return (v.astype(np.float32) + np.float32(0)).astype(v.dtype)
 
     def run(A, B, g):
-        out, vjp = jax.vjp(lambda a, b: matmul_fp8(a, b, recipe=recipe), jnp.asarray(A), jnp.asarray(B))
+        out, vjp = jax.vjp(lambda a, b: matmul_fp8(a, b, recipe=recipe, seed=SEED), jnp.asarray(A),
+                           jnp.asarray(B))
         ga, gb = vjp(jnp.asarray(g))
         return nz(out), nz(ga), nz(gb)
 
@@ -485,14 +488,15 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
         return x.astype(npdt)
 
     A, g = rand((2, 65, k)), rand((2, 65, k))
-    ops = ref.linear_operands(A, eye, g, recipe)
+    ops = ref.linear_operands(A, eye, g, recipe, seed=SEED)
     out, grad_a, _ = run(A, eye, g)
     assert_bits_equal(out.reshape(-1, k), times(ops["input"], diag(ops, "weight")), "out")
     assert_bits_equal(grad_a.reshape(-1, k),
                       times(ops["grad_output"], diag(ops, "weight_for_grad_input")), "grad_A")
     B, g = rand((k, 70)), rand((k, 70))
-    ops = ref.linear_operands(eye, B, g, recipe)
+    ops = ref.linear_operands(eye, B, g, recipe, seed=SEED)
     out, _, grad_b = run(eye, B, g)
     assert_bits_equal(out, times(ops["weight"], diag(ops, "input")), "out (A = I)")
-    assert_bits_equal(grad_b, times(ops["grad_output_for_grad_weight"],
-                                    diag(ops, "input_for_grad_weight")), "grad_B")
+    if recipe.wgrad_transform is None:   # a rotated identity is no probe: test_hadamard.py
+        assert_bits_equal(grad_b, times(ops["grad_output_for_grad_weight"],
+                                        diag(ops, "input_for_grad_weight")), "grad_B")

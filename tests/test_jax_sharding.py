@@ -158,7 +158,9 @@ STEP_SCRIPT = textwrap.dedent(
     for path in ("kernel", "xla"):
         _kernel.ENABLED = path == "kernel"
         for rec in fp8core.recipe.PRESETS:
-            f = step(lambda a, b, r=rec: fj.matmul_fp8(a, b, recipe=r))
+            if path == "kernel" and fp8core.recipe.PRESETS[rec].stochastic_slots:
+                continue  # the stochastic custom calls have no sharding rule yet (§10.3)
+            f = step(lambda a, b, r=rec: fj.matmul_fp8(a, b, recipe=r, seed=0))
             l1, g1 = f(w, x, y)
             for name, (ps, xs) in layouts.items():
                 args = ((jax.device_put(w[0], ps[0]), jax.device_put(w[1], ps[1])),

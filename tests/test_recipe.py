@@ -35,7 +35,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
     (lambda: FR.TENSORWISE.replace(weight=OperandRule("e4m3").format), TypeError, r"LinearRecipe.weight must be an OperandRule, None or 'reuse', got Codebook"),
     (lambda: FR.TENSORWISE.replace(grad_output=None), ValueError, r"the dgrad GEMM quantizes one operand and not the other"),
     (lambda: FR.LinearRecipe(None, None, None, FR.REUSE), ValueError, r"weight_for_grad_input='reuse' needs LinearRecipe.weight to be an OperandRule"),
-    (lambda: FR.get_recipe("blockwise"), ValueError, r"unknown recipe 'blockwise'; presets: BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128, MXFP8, MXFP8_FLOOR, MXFP4"),
+    (lambda: FR.get_recipe("blockwise"), ValueError, r"unknown recipe 'blockwise'; presets: BNB_MIXED, BNB_GLOBAL, TENSORWISE, ROWWISE, ROWWISE_WITH_GW_HP, BLOCKWISE_1x128, MXFP8, MXFP8_FLOOR, MXFP4, NVFP4"),
     (lambda: FR.get_recipe(fp8core.resolve_codebook("e4m3")), TypeError, r"got a Codebook; a codebook belongs in OperandRule"),
     (lambda: FR.get_recipe(3), TypeError, r"recipe must be a LinearRecipe or a preset name"),
     (lambda: fp8core.quantize_blockwise(np.ones(4, np.float32), FR.ROWWISE, 2), TypeError,
@@ -80,10 +80,18 @@ def test_presets_as_their_sources_define_them():
         "MXFP8_FLOOR": [(e4, "block(32)", "mx_floor")] * 6,
         # OCP MX v1.0 MXFP4: E2M1 elements, 32-element blocks, the spec's (FLOOR) shared exponent
         "MXFP4": [("float4_e2m1fn", "block(32)", "mx_floor")] * 6,
+        # TransformerEngine NVFP4BlockScaling(): fp4_quant_fwd_inp (1-D, RHT columnwise),
+        # fp4_quant_fwd_weight (2-D 16x16), fp4_quant_bwd_grad (1-D, SR, RHT columnwise)
+        "NVFP4": [("float4_e2m1fn", "block(16)", "nvfp4_te"), ("float4_e2m1fn", "tile(16)", "nvfp4_te"),
+                  ("float4_e2m1fn", "block(16)", "nvfp4_te"), "reuse",
+                  ("float4_e2m1fn", "block(16)", "nvfp4_te"), ("float4_e2m1fn", "block(16)", "nvfp4_te")],
     }
     assert set(want) == set(FR.PRESETS)
     for name, slots in want.items():
         assert [row(getattr(FR.PRESETS[name], s)) for s in FR.SLOTS] == slots, name
+    assert FR.NVFP4.stochastic_slots == ("grad_output", "grad_output_for_grad_weight")
+    assert FR.NVFP4.wgrad_transform == "rht16"
+    assert {n for n, r in FR.PRESETS.items() if r.wgrad_transform or r.stochastic_slots} == {"NVFP4"}
 
 
 def test_sources_and_saved_residuals():

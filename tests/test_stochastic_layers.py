@@ -1,4 +1,4 @@
-"""Stochastic rounding in the matmuls and layers (docs/numerics.md §14.4): every GEMM
+"""Stochastic rounding in the matmuls and layers (docs/numerics.md §14.3): every GEMM
 operand equals fp8core.reference.linear_operands with the same seed and stream (so the
 products are within the float32 accumulation bound of the reference operands' float64
 product), torch == JAX, the layers' streams advance per call, convert_to_fp8 gives the
@@ -101,12 +101,16 @@ def test_seed_required_and_validated():
             fn(a, b, recipe=SR_RECIPE, seed=1.5)
         with pytest.raises(ValueError, match=r"stream must be an int in \[0, 2\*\*32\), got -1"):
             fn(a, b, recipe=SR_RECIPE, seed=1, stream=-1)
-    with pytest.raises(ValueError, match="LinearFP8: recipe MXFP8_SR_DY .* seed is required"):
-        T.LinearFP8(8, 4, recipe=MX_SR)
-    with pytest.raises(ValueError, match="LinearFP8: recipe MXFP8_SR_DY .* seed is required"):
-        J.nn.LinearFP8(8, 4, recipe=MX_SR, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="convert_to_fp8: recipe MXFP8_SR_DY .* seed is required"):
-        T.convert_to_fp8(torch.nn.Sequential(torch.nn.Linear(8, 4)), recipe=MX_SR)
+    # the layers default to seed 0 (convert_to_fp8: per-layer seeds from seed 0)
+    assert T.LinearFP8(8, 4, recipe=MX_SR).seed == J.nn.LinearFP8(8, 4, recipe=MX_SR,
+                                                                  rngs=nnx.Rngs(0)).seed == 0
+    net = T.convert_to_fp8(torch.nn.Sequential(torch.nn.Linear(8, 4)), recipe=MX_SR)
+    assert net[0].seed == fp8core.random.layer_seed(0, "0")
+    for bad, exc in ((-1, ValueError), (1.0, TypeError)):
+        with pytest.raises(exc, match="seed must be an int in"):
+            T.LinearFP8(8, 4, recipe=MX_SR, seed=bad)
+        with pytest.raises(exc, match="seed must be an int in"):
+            J.nn.LinearFP8(8, 4, recipe=MX_SR, rngs=nnx.Rngs(0), seed=bad)
 
 
 def test_layer_seed_definition():

@@ -31,6 +31,9 @@ from _torch_helpers import (  # noqa: F401
     to_torch,
 )
 
+#: the seed of every stochastic slot of the presets (NVFP4's dY); nearest rules ignore it
+SEED = 7
+
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.usefixtures("quant_path")]
@@ -93,12 +96,12 @@ def _operand_cases(full: bool):
 def test_operand_quantizers_match_reference(rule, shape, axis, dtype):
     rng = np.random.default_rng(abs(hash((str(rule), shape, axis))) % 2**32)
     x = _specials(random_input(rng, shape, dtype, spread=3.0))
-    want_c, want_a = R.quantize_operand(x, rule, axis=axis)
-    codes, absmax = T.quantize_operand(to_torch(x), rule, axis=axis)
+    want_c, want_a = R.quantize_operand(x, rule, axis=axis, seed=SEED)
+    codes, absmax = T.quantize_operand(to_torch(x), rule, axis=axis, seed=SEED)
     assert_bits_equal(to_numpy(codes).view(np.uint8), want_c, "codes")
     assert_bits_equal(to_numpy(absmax), want_a, "absmax")
-    want_v = R.fake_quantize_operand(x, rule, axis=axis)
-    assert_bits_equal(to_numpy(T.fake_quantize_operand(to_torch(x), rule, axis=axis)), want_v,
+    want_v = R.fake_quantize_operand(x, rule, axis=axis, seed=SEED)
+    assert_bits_equal(to_numpy(T.fake_quantize_operand(to_torch(x), rule, axis=axis, seed=SEED)), want_v,
                       "fake_quantize_operand")
     for out in (torch.float32, torch.bfloat16):
         got = T.dequantize_operand(codes, absmax, rule, axis=axis, dtype=out)
@@ -136,7 +139,8 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
     ``out = fl(Q_input(A)·r)`` and ``grad_A = fl(Q_grad_output(g)·r')``; with A = I,
     ``out = fl(r''·Q_weight(B))`` and ``grad_B = fl(r'''·Q_grad_output_for_grad_weight(g))``.
     The expected values come from fp8core.reference.linear_operands (K = 130: partial
-    1x128 blocks and 128x128 tiles)."""
+    1x128 blocks and 128x128 tiles). With a wgrad transform (NVFP4) the rotated identity
+    is dense, so grad_B is checked by the product bound and tests/test_hadamard.py."""
     recipe = FR.PRESETS[preset]
     rng = np.random.default_rng(7)
     k = 130
@@ -145,7 +149,7 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
 
     def run(A, B, g):
         a, b = to_torch(A).requires_grad_(), to_torch(B).requires_grad_()
-        out = T.matmul_fp8(a, b, recipe=recipe)
+        out = T.matmul_fp8(a, b, recipe=recipe, seed=SEED)
         out.backward(to_torch(g))
         return (nz(to_numpy(t)) for t in (out, a.grad, b.grad))
 
@@ -157,7 +161,7 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
 
     A = random_input(rng, (2, 65, k), dtype, spread=2.0)
     g = random_input(rng, (2, 65, k), dtype, spread=2.0)
-    ops = R.linear_operands(A, eye, g, recipe)
+    ops = R.linear_operands(A, eye, g, recipe, seed=SEED)
     out, grad_a, _ = run(A, eye, g)
     assert_bits_equal(out.reshape(-1, k), times(ops["input"], _diag(ops, "weight"), npdt), "out")
     assert_bits_equal(grad_a.reshape(-1, k), times(
@@ -165,11 +169,12 @@ def test_every_gemm_operand_is_the_reference_bits(preset, dtype):
 
     B = random_input(rng, (k, 70), dtype, spread=2.0)
     g = random_input(rng, (k, 70), dtype, spread=2.0)
-    ops = R.linear_operands(eye, B, g, recipe)
+    ops = R.linear_operands(eye, B, g, recipe, seed=SEED)
     out, _, grad_b = run(eye, B, g)
     assert_bits_equal(out, times(ops["weight"], _diag(ops, "input"), npdt), "out (A = I)")
-    assert_bits_equal(grad_b, times(ops["grad_output_for_grad_weight"],
-                                    _diag(ops, "input_for_grad_weight"), npdt), "grad_B")
+    if recipe.wgrad_transform is None:   # a rotated identity is no probe: test_hadamard.py
+        assert_bits_equal(grad_b, times(ops["grad_output_for_grad_weight"],
+                                        _diag(ops, "input_for_grad_weight"), npdt), "grad_B")
 
 
 CASES = [((24, 96), 40), ((3, 8, 130), 200), ((5, 300), 129)]
@@ -201,10 +206,10 @@ def test_products_within_accumulation_bound(preset, a_shape, n, dtype, bias):
     B = random_input(rng, (k, n), dtype, spread=1.0)
     g = random_input(rng, (*a_shape[:-1], n), dtype, spread=1.0)
     bv = random_input(rng, (n,), dtype, spread=1.0) if bias else None
-    ops = {s: f64(v) for s, v in R.linear_operands(A, B, g, recipe).items()}
+    ops = {s: f64(v) for s, v in R.linear_operands(A, B, g, recipe, seed=SEED).items()}
     a, b = to_torch(A).requires_grad_(), to_torch(B).requires_grad_()
     bt = to_torch(bv).requires_grad_() if bias else None
-    out = T.matmul_fp8(a, b, recipe=recipe, bias=bt)
+    out = T.matmul_fp8(a, b, recipe=recipe, bias=bt, seed=SEED)
     out.backward(to_torch(g))
     want = ops["input"] @ ops["weight"] + (f64(bv) if bias else 0)
     bound = np.abs(ops["input"]) @ np.abs(ops["weight"]) + (np.abs(f64(bv)) if bias else 0)
