@@ -9,6 +9,8 @@ or an OpenMP team. 2-D tiles of a row-major matrix (:func:`quantize_tiles`: rows
 (``scale="fp32" | "pow2" | "pow2_torchao"``) and the MX rules of §11
 (``"mx_floor" | "mx_ceil" | "mx_even" | "mx_rceil"``: the e8m0 byte from the absmax bits
 in :func:`fp8core.mx.binade_table`, passed to the kernel) are supported by every entry point.
+Stochastic rounding (docs/numerics.md §14: :func:`quantize_sr`, :func:`quantize_tiles_sr` and
+``call("quantize_given_sr", ...)``) computes fp8core.random's generator in the element loop.
 It is built at install time when a C compiler is present (``pip install``; the
 extension is optional) and is used by the torch backend on CPU tensors. Table
 codebooks, other devices, and installs without the extension use each backend's

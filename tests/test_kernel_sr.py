@@ -100,7 +100,8 @@ def _cases():
     out = [pytest.param(*c, id=_id(c)) for c in QUICK]
     dtypes, bits = ("float32", "bfloat16", "float16"), (8, 3, 23, 1)
     keys = ((7, 3), (0, 0), (2**32 - 1, 12345))
-    for i, (fmt, gran, scale, axis) in enumerate(itertools.product(FORMATS, GRANS, SCALES, (-1, 0))):
+    cross = itertools.product(FORMATS, GRANS, SCALES, (-1, 0))
+    for i, (fmt, gran, scale, axis) in enumerate(cross):
         if _rule(fmt, gran, scale, 8) is None:
             continue
         c = (fmt, gran, scale, axis, dtypes[i % 3], bits[i % 4], *keys[i % 3])
@@ -146,8 +147,8 @@ def test_hand_worked_example():
     for seed, want in ((0, 0x3B), *((s, 0x3B if int(rnd.random_bits((1,), s, 0, 8)[0]) >= 154
                                      else 0x3A) for s in range(1, 40))):
         _kernel.quantize_sr(x.ctypes.data, "float32", 2, 2, rule.format, seed=seed, stream=0,
-                            sr_bits=8, rows=1, cols=2, transposed=False, codes_ptr=codes.ctypes.data,
-                            absmax_ptr=absmax.ctypes.data, nthreads=1)
+                            sr_bits=8, rows=1, cols=2, transposed=False,
+                            codes_ptr=codes.ctypes.data, absmax_ptr=absmax.ctypes.data, nthreads=1)
         assert codes[0] == want and codes[1] == 0x7E and absmax[0] == 448.0, (seed, codes)
     ups = sum(int(rnd.random_bits((1,), s, 0, 8)[0]) >= 154 for s in range(1, 40))
     assert 0 < ups < 39   # both neighbours occur
@@ -228,7 +229,8 @@ def _jax_check(jax, rule, x, axis, seed, streams, what):
     assert "fp8q_xla_quantize_sr" in compiled.as_text() or \
         "fp8q_xla_quantize_tiles_sr" in compiled.as_text(), f"{what}: no stochastic custom call"
     for s in streams:
-        _assert_same(compiled(xj, jnp.uint32(s)), _want(x, rule, axis, seed, s), f"{what} stream={s}")
+        _assert_same(compiled(xj, jnp.uint32(s)), _want(x, rule, axis, seed, s),
+                     f"{what} stream={s}")
 
 
 @pytest.mark.parametrize("fmt, gran, scale, axis, dtype, sr_bits, seed, stream", _cases())
@@ -248,7 +250,6 @@ def test_jax_eager_and_given_absmax(monkeypatch):
     import jax.numpy as jnp
     from fp8core_jax import quantize_operand
 
-    x = _special()
     rule = OperandRule("e4m3", block(32), "mx_even", rounding="stochastic")
     x = np.ascontiguousarray(_mx_blocks()[:40, :96])
     _assert_same(quantize_operand(jnp.asarray(x), rule, axis=0, seed=1, stream=2),
@@ -273,8 +274,8 @@ def test_ctypes_entry_points_and_threads(ftz):
     the index mapping."""
     x = _special((640, 1024), seed=3)
     cb = fp8core.resolve_codebook("e4m3")
-    for gran, axis, nt in (("tensor", -1, 4), ("block32", -1, 4), ("tile16", -1, 4),
-                           ("axiswise", 0, 4), ("block32", 0, 1)):
+    for gran, axis, nt in (("tensor", -1, 4), ("tensor", 0, 4), ("block32", -1, 4),
+                           ("tile16", -1, 4), ("axiswise", 0, 4), ("block32", 0, 1)):
         rule = _rule("e4m3", gran, "pow2", 6)
         want = _want(x, rule, axis, 21, 77)
         phys = np.ascontiguousarray(x.T if axis == 0 else x)   # the operand, contraction last

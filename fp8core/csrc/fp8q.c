@@ -562,55 +562,91 @@ INLINE uint32_t sr_code(float x, float qscale, int edge, int32_t qexp, uint32_t 
     return mag | (neg << k->sign_shift);
 }
 
-/* elements [start, start + len) of one group (any run of the row-major array) */
-HOT static void sr_run(const call_t *c, int64_t start, int64_t len, scales_t sc) {
+/* elements [start, start + len) of a run with element j's index base + j * step (a row
+ * segment: step 1, or the rows of a transposed array), not an MX edge block; one loop
+ * per input dtype so that it vectorizes */
+INLINE void sr_seg_loop(const call_t *c, int64_t start, int64_t len, float qscale, uint32_t base,
+                        uint32_t step, int dt) {
+    const sr_t k = *c->sr;        /* a local copy: the uint8_t stores may alias *c->sr */
+    const char *restrict x = (const char *)c->x;
+    uint8_t *restrict codes = c->codes + start;
+    for (int64_t j = 0; j < len; j++)
+        codes[j] = (uint8_t)sr_code(load(x, dt, start + j), qscale, 0, 0,
+                                    sr_rand(&k, base + (uint32_t)j * step), &k);
+}
+#define SR_SEG(DT)                                                                          \
+    HOT static void sr_seg_##DT(const call_t *c, int64_t s, int64_t n, float q, uint32_t b,   \
+                                uint32_t st) { sr_seg_loop(c, s, n, q, b, st, DT); }
+SR_SEG(DT_F32)
+SR_SEG(DT_F16)
+SR_SEG(DT_BF16)
+
+/* elements [start, start + len) of one group (any run of the row-major array): row
+ * segments of the vector loop, or (an MX edge block) scalar with mul_pow2 */
+static void sr_run(const call_t *c, int64_t start, int64_t len, scales_t sc) {
     const sr_t *k = c->sr;
     if (!sc.finite) {
         memset(c->codes + start, c->f->fill_code, (size_t)len);
         return;
     }
-    const char *restrict x = (const char *)c->x;
-    uint8_t *restrict codes = c->codes;
-    const int dt = c->in_dt;
-    const int64_t end = start + len;
-    if (!k->transposed) {
-        for (int64_t i = start; i < end; i++)
-            codes[i] = (uint8_t)sr_code(load(x, dt, i), sc.qscale, sc.edge, sc.qexp,
-                                        sr_rand(k, (uint32_t)i), k);
-        return;
-    }
-    int64_t row = start / k->cols, col = start - row * k->cols;
-    for (int64_t i = start; i < end; i++) {
-        const uint32_t idx = (uint32_t)(col * k->rows + row);
-        codes[i] = (uint8_t)sr_code(load(x, dt, i), sc.qscale, sc.edge, sc.qexp, sr_rand(k, idx), k);
-        if (++col == k->cols) {
-            col = 0;
-            row++;
+    const int64_t end = start + len, R = k->rows, C = k->cols;
+    int64_t i = start;
+    while (i < end) {
+        int64_t row = i / C, col = i - row * C, seg = C - col;
+        seg = seg < end - i ? seg : end - i;
+        uint32_t base = (uint32_t)i, step = 1;
+        if (!k->transposed) seg = end - i;                    /* indices are positions */
+        else base = (uint32_t)(col * R + row), step = (uint32_t)R;
+        if (sc.edge) {
+            for (int64_t j = 0; j < seg; j++)
+                c->codes[i + j] = (uint8_t)sr_code(load(c->x, c->in_dt, i + j), 0.0f, 1, sc.qexp,
+                                                   sr_rand(k, base + (uint32_t)j * step), k);
+        } else if (c->in_dt == DT_F32) {
+            sr_seg_DT_F32(c, i, seg, sc.qscale, base, step);
+        } else if (c->in_dt == DT_F16) {
+            sr_seg_DT_F16(c, i, seg, sc.qscale, base, step);
+        } else {
+            sr_seg_DT_BF16(c, i, seg, sc.qscale, base, step);
         }
+        i += seg;
     }
 }
 
 /* qdq_cols for stochastic rounding: `nrows` runs of `len` (run r at start + r * stride,
  * the first at row row0, column col0 of the array), element j scaled by qs[j], ok[j] = 0:
  * the fill code (non-finite and MX edge groups, the latter redone by sr_run) */
-HOT static void sr_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
-                        int64_t row0, int64_t col0, const float *restrict qs,
-                        const uint32_t *restrict ok) {
-    const sr_t *k = c->sr;
+INLINE void sr_cols_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows,
+                         int64_t stride, int64_t row0, int64_t col0, const float *restrict qs,
+                         const uint32_t *restrict ok, int dt) {
+    const sr_t k = *c->sr;
     const char *restrict x = (const char *)c->x;
     uint8_t *restrict codes = c->codes;
-    const int dt = c->in_dt;
     const uint32_t fill = (uint32_t)c->f->fill_code;
+    const uint32_t step = (uint32_t)(k.transposed ? k.rows : 1);
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t s0 = start + r * stride;
-        const uint32_t i0 = (uint32_t)(k->transposed ? col0 * k->rows + row0 + r : s0);
-        const uint32_t step = (uint32_t)(k->transposed ? k->rows : 1);
+        const uint32_t i0 = (uint32_t)(k.transposed ? col0 * k.rows + row0 + r : s0);
         for (int64_t j = 0; j < len; j++) {
             const uint32_t rc = sr_code(load(x, dt, s0 + j), qs[j], 0, 0,
-                                        sr_rand(k, i0 + (uint32_t)j * step), k);
+                                        sr_rand(&k, i0 + (uint32_t)j * step), &k);
             codes[s0 + j] = (uint8_t)((rc & ok[j]) | (fill & ~ok[j]));
         }
     }
+}
+#define SR_COLS(DT)                                                                          \
+    HOT static void sr_cols_##DT(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
+                                 int64_t r0, int64_t c0, const float *qs, const uint32_t *ok) { \
+        sr_cols_loop(c, s, n, nr, st, r0, c0, qs, ok, DT);                                  \
+    }
+SR_COLS(DT_F32)
+SR_COLS(DT_F16)
+SR_COLS(DT_BF16)
+
+static void sr_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                    int64_t row0, int64_t col0, const float *qs, const uint32_t *ok) {
+    if (c->in_dt == DT_F32) sr_cols_DT_F32(c, start, len, nrows, stride, row0, col0, qs, ok);
+    else if (c->in_dt == DT_F16) sr_cols_DT_F16(c, start, len, nrows, stride, row0, col0, qs, ok);
+    else sr_cols_DT_BF16(c, start, len, nrows, stride, row0, col0, qs, ok);
 }
 
 /* the call's sr_t from fp8q_sr; -1 for bad arguments (n: the call's element count) */
