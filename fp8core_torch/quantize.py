@@ -1279,7 +1279,7 @@ def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int, *,
         :class:`fp8core.Codebook`, or 256 code values (tensor or array).
       blocksize: elements per block; the last block may be partial.
       rounding, seed, stream, sr_bits: ``rounding="stochastic"`` rounds as §14 (native
-        formats; ``seed`` required), on torch ops.
+        formats; ``seed`` required), as :func:`quantize_operand` (the C kernel on CPU).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
