@@ -120,12 +120,14 @@ def info() -> dict[str, object]:
     path for CPU tensors — torch ``"kernel"`` or ``"torch-ops"``, JAX ``"ffi"`` (with
     the FFI ``library`` and its ``origin``: installed / cache) or ``"xla"`` — with
     the ``reason``; ``stochastic_rounding``: the path of ``rounding="stochastic"``
-    operands per framework (the framework ops, never the kernel). Importing torch or jax is never needed; JAX's FFI wrapper is
+    operands per framework (the ``paths`` entry: the kernel rounds stochastically too).
+    Importing torch or jax is never needed; JAX's FFI wrapper is
     loaded if usable but never compiled here.
     """
     from fp8core import __version__
 
     kernel = _kernel_info()
+    paths = {"torch": _torch_path(kernel), "jax": _jax_path()}
     return {
         "fp8core": __version__,
         "python": sys.version.split()[0],
@@ -133,16 +135,19 @@ def info() -> dict[str, object]:
         "versions": {name: _version(name) for name in _PACKAGES},
         "kernel": kernel,
         "env": _env.describe(),
-        "paths": {"torch": _torch_path(kernel), "jax": _jax_path()},
-        "stochastic_rounding": dict(_STOCHASTIC_PATHS),
+        "paths": paths,
+        "stochastic_rounding": _stochastic_paths(paths),
     }
 
 
-#: Where ``rounding="stochastic"`` (docs/numerics.md §14) runs: always the framework ops,
-#: whatever ``paths`` says, until the C kernel computes the generator.
-_STOCHASTIC_PATHS = {"torch": "torch-ops", "jax": "xla",
-                     "reason": "the C kernel and the FFI wrapper do not round stochastically "
-                               "yet; the framework ops compute the same bits"}
+def _stochastic_paths(paths: dict) -> dict[str, object]:
+    """Where ``rounding="stochastic"`` (docs/numerics.md §14) runs on CPU: the path of
+    ``paths`` — the C kernel computes the generator in its loop (fp8q_quantize_sr & co.,
+    the FFI wrapper's stochastic custom calls) — except a JAX operand with a given absmax
+    (§10.2), which takes XLA ops."""
+    return {"torch": paths["torch"]["cpu"], "jax": paths["jax"]["cpu"],
+            "reason": "same path as nearest rounding (the kernel computes the generator in its "
+                      "loop; JAX with a given absmax: XLA ops); every path gives the same bits"}
 
 
 def format_info(d: dict[str, object]) -> str:

@@ -9,6 +9,8 @@ or an OpenMP team. 2-D tiles of a row-major matrix (:func:`quantize_tiles`: rows
 (``scale="fp32" | "pow2" | "pow2_torchao"``) and the MX rules of §11
 (``"mx_floor" | "mx_ceil" | "mx_even" | "mx_rceil"``: the e8m0 byte from the absmax bits
 in :func:`fp8core.mx.binade_table`, passed to the kernel) are supported by every entry point.
+Stochastic rounding (docs/numerics.md §14: :func:`quantize_sr`, :func:`quantize_tiles_sr` and
+``call("quantize_given_sr", ...)``) computes fp8core.random's generator in the element loop.
 It is built at install time when a C compiler is present (``pip install``; the
 extension is optional) and is used by the torch backend on CPU tensors. Table
 codebooks, other devices, and installs without the extension use each backend's
@@ -34,10 +36,11 @@ from fp8core import _env
 from fp8core.codebooks import Codebook
 
 __all__ = ["available", "supports", "quantize", "dequantize", "quantize_tiles",
-           "dequantize_tiles", "call", "cast", "DTYPE_CODES", "SCALE_RULE_CODES"]
+           "dequantize_tiles", "quantize_sr", "quantize_tiles_sr", "sr_args", "call", "cast",
+           "DTYPE_CODES", "SCALE_RULE_CODES"]
 
 #: The ABI this binding was written for (``fp8q_abi_version()`` in the C file).
-ABI_VERSION = 5
+ABI_VERSION = 6
 #: dtype name -> the kernel's dtype code.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 #: scale rule (fp8core.recipe.SCALE_RULES) -> ``fp8q_format.scale_rule``.
@@ -66,6 +69,31 @@ class _Format(ctypes.Structure):
     ]
 
 
+class _SR(ctypes.Structure):
+    """``fp8q_sr`` in fp8q.c: one stochastically rounded call (docs/numerics.md §14) —
+    ``seed``, ``stream`` (uint32), ``sr_bits`` and the element-index mapping: the array the
+    kernel is given is row-major ``(rows, cols)``, its element ``p`` has the index
+    ``(p % cols) * rows + p // cols`` in the quantizer's input when ``transposed`` (the
+    kernel holds the input's transpose), else ``p``."""
+
+    _fields_ = [
+        ("seed", ctypes.c_uint32),
+        ("stream", ctypes.c_uint32),
+        ("sr_bits", ctypes.c_int32),
+        ("transposed", ctypes.c_int32),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
+
+
+def sr_args(seed: int, stream: int, sr_bits: int, rows: int, cols: int,
+            transposed: bool) -> _SR:
+    """The ``fp8q_sr`` of a call (pass ``ctypes.byref`` of it): ``seed``, ``stream`` ints in
+    ``[0, 2**32)`` (already validated), ``(rows, cols)`` the row-major array the kernel is
+    given, ``transposed`` whether it is the transpose of the quantizer's input."""
+    return _SR(seed, stream, sr_bits, int(bool(transposed)), rows, cols)
+
+
 def _load() -> ctypes.CDLL | None:
     try:
         from fp8core import _fp8q  # the compiled extension (optional at install)
@@ -92,6 +120,16 @@ def _load() -> ctypes.CDLL | None:
     lib.fp8q_dequantize_tiles.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.POINTER(_Format), p,
                                           i32, i32, i32]
     lib.fp8q_dequantize_tiles.restype = i32
+    sr = ctypes.POINTER(_SR)
+    lib.fp8q_quantize_sr.argtypes = [p, i32, i64, i64, ctypes.POINTER(_Format), sr, p, p, i32,
+                                     i32]
+    lib.fp8q_quantize_sr.restype = i32
+    lib.fp8q_quantize_given_sr.argtypes = [p, i32, i64, ctypes.POINTER(_Format), sr, p, p, i32,
+                                           i32]
+    lib.fp8q_quantize_given_sr.restype = i32
+    lib.fp8q_quantize_tiles_sr.argtypes = [p, i32, i64, i64, i64, i64, ctypes.POINTER(_Format),
+                                           sr, p, p, i32, i32]
+    lib.fp8q_quantize_tiles_sr.restype = i32
     lib.fp8q_cast.argtypes = [p, i32, p, i32, i64]
     lib.fp8q_cast.restype = i32
     return lib
@@ -100,7 +138,8 @@ def _load() -> ctypes.CDLL | None:
 _LIB = _load()
 _ENTRIES = {} if _LIB is None else {
     e: getattr(_LIB, f"fp8q_{e}") for e in ("quantize", "quantize_given", "dequantize",
-                                            "quantize_tiles", "dequantize_tiles")}
+                                            "quantize_tiles", "dequantize_tiles", "quantize_sr",
+                                            "quantize_given_sr", "quantize_tiles_sr")}
 #: Whether callers should use the kernel (only meaningful when :func:`available`).
 ENABLED: bool = _env.flag("FP8CORE_KERNEL", True)
 
@@ -275,9 +314,43 @@ def dequantize_tiles(codes_ptr: int, rows: int, cols: int, tile_rows: int, tile_
                          f"tile=({tile_rows}, {tile_cols}), out_dtype={out_dtype})")
 
 
+def quantize_sr(x_ptr: int, in_dtype: str, n: int, group: int, codebook: Codebook, *,
+                seed: int, stream: int, sr_bits: int, rows: int, cols: int, transposed: bool,
+                codes_ptr: int, absmax_ptr: int, nthreads: int, openmp: bool = False,
+                scale: str = "fp32") -> None:
+    """:func:`quantize` with stochastic rounding (docs/numerics.md §14): the same groups,
+    absmax and scales, each element rounded with the random bits of its index in the
+    quantizer's input (:func:`sr_args`: ``(rows, cols)`` with ``rows * cols == n``,
+    ``transposed``), computed in the kernel's loop. Writes codes and absmax only."""
+    rc = _LIB.fp8q_quantize_sr(x_ptr, DTYPE_CODES[in_dtype], n, group,
+                               ctypes.byref(_format_for(codebook, scale)),
+                               ctypes.byref(sr_args(seed, stream, sr_bits, rows, cols, transposed)),
+                               codes_ptr, absmax_ptr, nthreads, int(openmp))
+    if rc:
+        raise ValueError(f"fp8q_quantize_sr rejected its arguments (n={n}, group={group}, "
+                         f"shape=({rows}, {cols}), sr_bits={sr_bits}, codebook={codebook.name})")
+
+
+def quantize_tiles_sr(x_ptr: int, in_dtype: str, rows: int, cols: int, tile_rows: int,
+                      tile_cols: int, codebook: Codebook, *, seed: int, stream: int,
+                      sr_bits: int, transposed: bool, codes_ptr: int, absmax_ptr: int,
+                      nthreads: int, openmp: bool = False, scale: str = "fp32") -> None:
+    """:func:`quantize_tiles` with stochastic rounding (§14), as :func:`quantize_sr`."""
+    rc = _LIB.fp8q_quantize_tiles_sr(
+        x_ptr, DTYPE_CODES[in_dtype], rows, cols, tile_rows, tile_cols,
+        ctypes.byref(_format_for(codebook, scale)),
+        ctypes.byref(sr_args(seed, stream, sr_bits, rows, cols, transposed)), codes_ptr,
+        absmax_ptr, nthreads, int(openmp))
+    if rc:
+        raise ValueError(f"fp8q_quantize_tiles_sr rejected its arguments (shape=({rows}, {cols}), "
+                         f"tile=({tile_rows}, {tile_cols}), sr_bits={sr_bits}, "
+                         f"codebook={codebook.name})")
+
+
 def call(entry: str, *args) -> int:
     """``fp8q_<entry>(*args)`` with the C signature as it is (``entry``: ``"quantize"``,
-    ``"dequantize"``, ``"quantize_tiles"``, ``"dequantize_tiles"``); returns the C return
+    ``"dequantize"``, ``"quantize_tiles"``, ``"dequantize_tiles"``, and the stochastic
+    ``"quantize_sr"``, ``"quantize_given_sr"``, ``"quantize_tiles_sr"``); returns the C return
     code. For callers whose per-call Python cost matters more than keyword checking
     (fp8core_torch's eager operands on small layers); everyone else uses the functions
     above. Like them, it is one of the entry points the conformance suite counts."""

@@ -39,7 +39,7 @@ __all__ = ["FFI_ABI_VERSION", "split_compiler", "compile_library", "check", "exp
 
 #: The ABI of fp8q_xla.cc's exports that fp8core_jax/_ffi.py is written for
 #: (``FP8Q_XLA_ABI_VERSION`` in the C++ file, returned by ``fp8q_xla_abi()``).
-FFI_ABI_VERSION = 2
+FFI_ABI_VERSION = 3
 #: The installed library's name (in this package's directory) and a stamp's suffix.
 INSTALLED_NAME = "_fp8q_xla.so"
 STAMP_SUFFIX = ".json"

@@ -61,8 +61,9 @@ _LOCK = threading.Lock()
 # "ok": bool, "why": str (when not ok), "lib": CDLL, "path": Path, "origin": "installed" | "cache"
 _STATE: dict[str, object] = {}
 _TARGETS = ("fp8q_xla_quantize", "fp8q_xla_dequantize", "fp8q_xla_quantize_tiles",
-            "fp8q_xla_dequantize_tiles")
-_ENTRIES = ("fp8q_quantize", "fp8q_dequantize", "fp8q_quantize_tiles", "fp8q_dequantize_tiles")
+            "fp8q_xla_dequantize_tiles", "fp8q_xla_quantize_sr", "fp8q_xla_quantize_tiles_sr")
+_ENTRIES = ("fp8q_quantize", "fp8q_dequantize", "fp8q_quantize_tiles", "fp8q_dequantize_tiles",
+            "fp8q_quantize_sr", "fp8q_quantize_tiles_sr")
 
 
 class _Deferred(Exception):
@@ -344,3 +345,48 @@ def dequantize_tiles(codes: jax.Array, absmax: jax.Array, codebook: Codebook, ti
     y = call(codes, absmax.astype(jnp.float32), table, tile_rows=np.int64(tile_rows),
              tile_cols=np.int64(tile_cols), **_scale_attrs(codebook, scale))
     return _like((y,), _varying(codes, absmax))[0]
+
+
+def _keys(seed: jax.Array, stream: jax.Array) -> jax.Array:
+    """``[seed, stream]`` as the uint32[2] operand of the stochastic custom calls (traced:
+    a new stream reuses the compiled call)."""
+    return jnp.stack([jnp.asarray(seed).astype(jnp.uint32).reshape(()),
+                      jnp.asarray(stream).astype(jnp.uint32).reshape(())])
+
+
+def quantize_sr(x: jax.Array, codebook: Codebook, blocksize: int | None, *, seed: jax.Array,
+                stream: jax.Array, sr_bits: int, transposed: bool, scale: str = "fp32"
+                ) -> tuple[jax.Array, jax.Array]:
+    """Flat ``(uint8 codes, float32 absmax)`` of ``x`` (f32/f16/bf16, 2-D) with stochastic
+    rounding (docs/numerics.md §14) through the kernel; ``blocksize=None`` is global (0-d
+    absmax). ``transposed``: ``x`` is the transpose of the quantizer's input (element
+    indices follow the input). CPU lowering only."""
+    rows, cols = x.shape
+    n = x.size
+    nb = fp8core.plan_blocks(n, blocksize).n_blocks if blocksize else 1
+    shapes = (jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32))
+    call = jax.ffi.ffi_call("fp8q_xla_quantize_sr", shapes, vmap_method="sequential")
+    codes, absmax = _like(call(x.reshape(-1), _keys(seed, stream), group=np.int64(blocksize or 0),
+                               rows=np.int64(rows), cols=np.int64(cols),
+                               transposed=np.int32(bool(transposed)), sr_bits=np.int32(sr_bits),
+                               **_round_attrs(codebook), **_scale_attrs(codebook, scale)),
+                          _varying(x, seed, stream))
+    return codes, (absmax if blocksize else absmax.reshape(()))
+
+
+def quantize_tiles_sr(x: jax.Array, codebook: Codebook, tile_rows: int, tile_cols: int, *,
+                      seed: jax.Array, stream: jax.Array, sr_bits: int, transposed: bool = False,
+                      scale: str = "fp32") -> tuple[jax.Array, jax.Array]:
+    """``(uint8 codes (R, C), float32 absmax grid)`` of a 2-D row-major ``x`` in tiles with
+    stochastic rounding (§14), as :func:`quantize_tiles` and :func:`quantize_sr`."""
+    if x.ndim != 2:
+        raise ValueError(f"quantize_tiles_sr: x must be 2-D, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    grid = fp8core.plan_tiles(rows, cols, tile_rows, tile_cols).grid
+    shapes = (jax.ShapeDtypeStruct((rows, cols), jnp.uint8), jax.ShapeDtypeStruct(grid, jnp.float32))
+    call = jax.ffi.ffi_call("fp8q_xla_quantize_tiles_sr", shapes, vmap_method="sequential")
+    return _like(call(x, _keys(seed, stream), tile_rows=np.int64(tile_rows),
+                      tile_cols=np.int64(tile_cols), transposed=np.int32(bool(transposed)),
+                      sr_bits=np.int32(sr_bits), **_round_attrs(codebook),
+                      **_scale_attrs(codebook, scale)),
+                 _varying(x, seed, stream))

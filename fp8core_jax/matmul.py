@@ -56,10 +56,14 @@ def _reduce(recipe: LinearRecipe, rule):
 
 def _stochastic(t: jax.Array, rule, axis: int, dtype: str, key, slot: int, reduce=None):
     """§14.3: a stochastic slot's value in ``dtype`` — ``t`` in linear_operands' layout,
-    seed ``key[0]``, stream ``slot_stream(key[1], slot)`` (uint32 wrapping), XLA ops."""
+    seed ``key[0]``, stream ``slot_stream(key[1], slot)`` (uint32 wrapping); the C kernel's
+    stochastic custom call on CPU where it serves the operand, else XLA ops."""
     absmax = None if reduce is None else _q._reduced_absmax(t, reduce)
     stream = key[1] * jnp.uint32(fp8core.random.SLOT_STREAMS) + jnp.uint32(slot)
-    codes, a = _q._operand_sr_jit(t, key[0], stream, absmax, rule, axis)
+    kernel = absmax is None and _q._operand_kernel(
+        fp8core.recipe.nearest_rule(rule), _q._layout(tuple(t.shape), rule.granularity, axis),
+        rule.format, t.dtype)
+    codes, a = _q._operand_sr_jit(t, key[0], stream, absmax, rule, axis, kernel)
     return _q._dequantize_operand(codes, a, rule, axis, dtype)
 
 

@@ -1169,14 +1169,20 @@ def _stochastic_codes(s: jax.Array, rand: jax.Array, codebook: Codebook, sr_bits
     return codes.astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _operand_sr_jit(x, seed, stream, absmax, rule, axis: int):
-    """§14 on XLA ops (never the custom call): the nearest rule's absmax and scales, each
-    element scaled and saturated (§3.4) and rounded with the random bits of its
-    row-major index in ``x``. ``absmax``: None or a given 0-d amax (§10.2)."""
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _operand_sr_jit(x, seed, stream, absmax, rule, axis: int, kernel: bool = False):
+    """§14: the nearest rule's absmax and scales, each element scaled and saturated (§3.4)
+    and rounded with the random bits of its row-major index in ``x``. ``absmax``: None or
+    a given 0-d amax (§10.2; XLA ops). ``kernel``: the stochastic custom call on CPU (the
+    generator in the kernel's loop; ``seed`` / ``stream`` its traced operand), XLA ops
+    elsewhere; else XLA ops."""
     lay = _layout(tuple(x.shape), rule.granularity, axis)
     plan = lay.plan
     nearest = fp8core.recipe.nearest_rule(rule)
+    if kernel and absmax is None:
+        return _dispatch(True, (x, seed, stream), functools.partial(_operand_sr_fused, rule=rule,
+                                                                    lay=lay),
+                         lambda x, seed, stream: _operand_sr_jit(x, seed, stream, None, rule, axis))
     if absmax is not None:
         _, _, a = _operand_given_jit(x, absmax, nearest, None, True)
     else:
@@ -1198,6 +1204,26 @@ def _operand_sr_jit(x, seed, stream, absmax, rule, axis: int):
     codes = _stochastic_codes(s, rm.reshape(-1), rule.format, rule.sr_bits, tiny)
     codes = jnp.where(finite, codes, jnp.uint8(c.fill_code)).reshape(plan.rows, plan.cols)
     return (codes.T if lay.transposed else codes.reshape(x.shape)), a
+
+
+def _operand_sr_fused(x, seed, stream, *, rule, lay: _Layout):
+    """:func:`_operand_sr_jit` through the stochastic custom calls (the operand's groups as
+    :func:`_operand_jit`'s ``fused``; a transposed flat operand's elements indexed in ``x``)."""
+    plan, cb = lay.plan, rule.format
+    kw = dict(seed=seed, stream=stream, sr_bits=rule.sr_bits, scale=rule.scale)
+    tiles = lay.phys if plan.kind == "tiles" else _flat_as_tiles(lay)
+    if tiles is not None:  # x's own element order: indices are positions
+        codes, absmax = _ffi.quantize_tiles_sr(x.reshape(tiles.rows, tiles.cols), cb,
+                                               tiles.tile_rows, tiles.tile_cols, **kw)
+        codes = codes.reshape(x.shape)
+    elif lay.transposed:  # flat blocks of the transpose's flattening
+        codes, absmax = _ffi.quantize_sr(x.T, cb, plan.flat.blocksize, transposed=True, **kw)
+        codes = codes.reshape(x.shape[::-1]).T
+    else:
+        codes, absmax = _ffi.quantize_sr(x.reshape(plan.rows, plan.cols), cb, plan.flat.blocksize,
+                                         transposed=False, **kw)
+        codes = codes.reshape(x.shape)
+    return codes, _grid_of_groups(absmax.reshape(-1), lay).reshape(plan.scale_shape)
 
 
 def _check_nearest_keys(seed: Any, stream: Any) -> None:
@@ -1226,8 +1252,8 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None,
         returned as given.
       seed, stream: ints in ``[0, 2**32)`` or 0-d integer arrays (traced under jit: no
         recompilation per step) keying the random bits of a ``rounding="stochastic"``
-        rule (§14, ``seed`` required there). Stochastic rounding runs on XLA ops, never
-        the custom call.
+        rule (§14, ``seed`` required there). Stochastic rounding runs in the C kernel's
+        custom call on CPU where it is loaded (XLA ops elsewhere, and for a given ``absmax``).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -1257,8 +1283,11 @@ def quantize_operand(x: Any, rule: Any, *, axis: int = -1, absmax: Any = None,
         if seed is None:
             fp8core.random.check_seed(None)
         fp8core.random.check_elements(int(np.prod(x.shape, dtype=np.int64)))
+        lay = _layout(tuple(x.shape), rule.granularity, axis)
+        kernel = absmax is None and _operand_kernel(fp8core.recipe.nearest_rule(rule), lay,
+                                                    rule.format, x.dtype)
         return _operand_sr_jit(x, _key_array(seed, "seed"), _key_array(stream, "stream"),
-                               absmax, rule, axis)
+                               absmax, rule, axis, kernel)
     _check_nearest_keys(seed, stream)
     _, codes, absmax = _operand(x, rule, axis, None, True, absmax)
     return codes, absmax.reshape(_layout(tuple(x.shape), rule.granularity, axis).plan.scale_shape)

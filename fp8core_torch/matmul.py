@@ -230,7 +230,8 @@ def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want
 
 def _side_stochastic(m, rule, i: int, dtype, want_codes: bool, key, absmax):
     """§14.3: a stochastic slot, quantized as the reference does — the tensor in
-    linear_operands' layout, stream ``slot_stream(stream, i)`` — on torch ops. What the
+    linear_operands' layout, stream ``slot_stream(stream, i)`` — by _quantize_operand_sr
+    (the C kernel on CPU, torch ops elsewhere). What the
     backward reuses of it is its values (``how = ("values",)``), not codes."""
     t, axis = (m.t(), 0) if i in _TRANSPOSED_SLOTS else (m, -1)
     stream = torch.bitwise_and(key[1] * fp8core.random.SLOT_STREAMS + i, 0xFFFFFFFF)

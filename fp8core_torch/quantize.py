@@ -818,7 +818,8 @@ class QuantizedOperand(NamedTuple):
 
 def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | None, *,
              out_dtype: torch.dtype | None, want_codes: bool, absmax: torch.Tensor | None = None,
-             kernel: bool = True) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
+             kernel: bool = True, sr: tuple | None = None
+             ) -> tuple[torch.Tensor | None, QuantizedOperand | None]:
     """Quantize the GEMM operand ``m`` (2-D, contraction axis last) under ``rule``.
 
     Returns (dequantized values shaped like ``m`` in ``out_dtype`` or None, the
@@ -828,8 +829,12 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
     follow the logical row-major order (bitsandbytes), so they need ``m`` contiguous.
     ``absmax``: a 0-d float32 amax for a ``tensor()`` rule instead of ``m``'s own (§10.2,
     the recipe's ``amax_reduction``). ``kernel=False``: the torch ops even where the C
-    kernel could run (stochastic rounding, §14). A stochastic rule is rejected here: it
-    needs a seed (:func:`quantize_operand`)."""
+    kernel could run. A stochastic rule is rejected here: it needs a seed
+    (:func:`quantize_operand`). ``sr``: ``(seed, stream, sr_bits, transposed)`` (ints;
+    ``transposed``: ``m`` is the transpose of the quantizer's input) — the nearest
+    ``rule``'s groups and scales with §14's stochastic rounding on the C kernel, codes
+    only; ``(None, None)`` when the kernel cannot take ``m`` (the caller rounds on torch
+    ops)."""
     if rule.is_stochastic:
         raise ValueError(f"rule {rule} rounds stochastically: quantize it with "
                          f"quantize_operand(x, rule, seed=...) (or matmul_fp8(..., seed=))")
@@ -846,9 +851,15 @@ def _operand(m: torch.Tensor, rule, spec: QuantSpec, tabs: CodebookTensors | Non
         else:
             th, tw = plan.tiles.tile_rows, plan.tiles.tile_cols
             how = ("tiles", tw, th) if transposed else ("tiles", th, tw)
-    if (kernel and phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
-            and not torch.compiler.is_compiling() and rule.scale in _fp8q.SCALE_RULE_CODES
-            and _kernel_ok(phys, spec)):
+    use_kernel = (kernel and phys.numel() and (out_dtype is None or out_dtype in _KERNEL_DTYPES)
+                  and not torch.compiler.is_compiling() and rule.scale in _fp8q.SCALE_RULE_CODES
+                  and _kernel_ok(phys, spec))
+    if sr is not None:
+        if not use_kernel:
+            return None, None
+        c, a = _kernel_quantize_sr(phys, spec.codebook, how, rule.scale, sr, transposed, absmax)
+        return None, QuantizedOperand(c.view(phys.shape), a, how, transposed)
+    if use_kernel:
         # eager CPU: straight to the kernel (the generic wrappers cost ~2x the call itself
         # on small operands)
         v, c, a = _kernel_quantize(phys, spec.codebook, how, rule.scale, out_dtype, want_codes,
@@ -910,6 +921,35 @@ def _kernel_quantize(phys: torch.Tensor, codebook, how: tuple, scale: str,
         raise ValueError(f"the C kernel rejected an operand of shape ({rows}, {cols}) "
                          f"({phys.dtype}, {what}, {codebook.name}, scale={scale})")
     return vals, codes, absmax
+
+
+def _kernel_quantize_sr(phys: torch.Tensor, codebook, how: tuple, scale: str, sr: tuple,
+                        phys_transposed: bool, absmax_in: torch.Tensor | None = None):
+    """:func:`_kernel_quantize` with §14 stochastic rounding (``fp8q_quantize_sr`` /
+    ``_given_sr`` / ``_tiles_sr``): (flat codes, absmax). ``sr = (seed, stream, sr_bits,
+    transposed)``; ``phys`` is the transpose of the quantizer's input when exactly one of
+    ``transposed`` and ``phys_transposed`` holds (the kernel then maps each element's
+    position to its row-major index in the input)."""
+    rows, cols = phys.shape
+    n = rows * cols
+    seed, stream, sr_bits, transposed = sr
+    grid, entry, sizes = _eager_call(rows, cols, how)
+    codes = _pool.empty(n, torch.uint8)
+    fmt = _fp8q._format_for(codebook, scale)
+    args = _fp8q.sr_args(seed, stream, sr_bits, rows, cols, transposed != phys_transposed)
+    if absmax_in is not None:
+        absmax = absmax_in.to(torch.float32).contiguous().reshape(())
+        entry, sizes = "quantize_given_sr", (n,)
+    else:
+        absmax = torch.empty(grid, dtype=torch.float32)
+        entry = "quantize_tiles_sr" if entry == "tiles" else "quantize_sr"
+    rc = _fp8q.call(entry, phys.data_ptr(), _DT_CODES[phys.dtype], *sizes, ctypes.byref(fmt),
+                    ctypes.byref(args), codes.data_ptr(), absmax.data_ptr(),
+                    torch.get_num_threads(), 1)
+    if rc:
+        raise ValueError(f"the C kernel rejected a stochastic operand of shape ({rows}, {cols}) "
+                         f"({phys.dtype}, {how}, {codebook.name}, scale={scale})")
+    return codes, absmax
 
 
 def _kernel_dequantize(codes: torch.Tensor, absmax: torch.Tensor, codebook, how: tuple,
@@ -1044,17 +1084,31 @@ def _stochastic_codes(s: torch.Tensor, rand: torch.Tensor, spec: QuantSpec, sr_b
 
 def _quantize_operand_sr(x: torch.Tensor, rule, axis: int, absmax: torch.Tensor | None,
                          seed: Any, stream: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """§14 on torch ops (never the C kernel): the nearest rule's absmax and scales, each
-    element scaled and saturated (§3.4) and rounded with the random bits of its
-    row-major index in ``x``. Not differentiable: ``x`` is detached."""
+    """§14: the nearest rule's absmax and scales, each element scaled and saturated
+    (§3.4) and rounded with the random bits of its row-major index in ``x`` — in the C
+    kernel's loop on CPU where it is loaded (:func:`_kernel_quantize_sr`), else on torch
+    ops. Not differentiable: ``x`` is detached."""
     x = x.detach()
-    rand = random_bits(tuple(x.shape), seed, stream, rule.sr_bits, device=x.device)
+    seed_t = _key_tensor(seed, "seed", x.device)
+    stream_t = _key_tensor(stream, "stream", x.device)
     nearest = fp8core.recipe.nearest_rule(rule)
     m, transposed = _logical(x, axis)
     spec = resolve_spec(rule.format)
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
+    q = None
+    if x.device.type == "cpu" and x.numel() and _fp8q.available() \
+            and not torch.compiler.is_compiling():
+        sr = (int(seed_t), int(stream_t), rule.sr_bits, transposed)
+        _, q = _operand(m, nearest, spec, None, out_dtype=None, want_codes=True, absmax=absmax,
+                        sr=sr)
+    if q is not None:                    # the kernel rounded: codes in q's physical layout
+        a = q.absmax.t() if (q.transposed and q.how[0] == "tiles") else q.absmax
+        codes = q.codes.t() if q.transposed else q.codes                  # logical
+        codes = codes.t() if transposed else codes.reshape(x.shape)
+        return codes.contiguous(), a.reshape(plan.scale_shape).contiguous()
+    rand = random_bits(tuple(x.shape), seed_t, stream_t, rule.sr_bits, device=x.device)
     _, q = _operand(m, nearest, spec, _tables(spec, x.device), out_dtype=None, want_codes=True,
                     absmax=absmax, kernel=False)
-    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
     absmax = q.absmax.t() if (q.transposed and q.how[0] == "tiles") else q.absmax
     absmax = absmax.reshape(plan.scale_shape).contiguous()
     if x.numel() == 0:
@@ -1091,7 +1145,7 @@ def quantize_operand(x: torch.Tensor, rule: Any, *, axis: int = -1,
         returned as given.
       seed, stream: ints in ``[0, 2**32)`` (or 0-d integer tensors) keying the random
         bits of a ``rounding="stochastic"`` rule (§14, ``seed`` required there). Stochastic
-        rounding runs on torch ops, never the C kernel.
+        rounding runs in the C kernel on CPU where it is loaded, on torch ops elsewhere.
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape
@@ -1237,7 +1291,7 @@ def quantize_blockwise(x: torch.Tensor, codebook: Any, blocksize: int, *,
         :class:`fp8core.Codebook`, or 256 code values (tensor or array).
       blocksize: elements per block; the last block may be partial.
       rounding, seed, stream, sr_bits: ``rounding="stochastic"`` rounds as §14 (native
-        formats; ``seed`` required), on torch ops.
+        formats; ``seed`` required), as :func:`quantize_operand` (the C kernel on CPU).
 
     Returns:
       ``(codes, absmax)``: uint8 codes shaped like ``x``; float32 absmax of shape

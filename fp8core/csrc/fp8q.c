@@ -28,6 +28,11 @@
  * fp8core.mx.binade_table, powers of two as scales; see mx_scales). Every entry
  * point honours it.
  *
+ * Stochastic rounding (docs/numerics.md §14; fp8q_quantize_sr, fp8q_quantize_given_sr,
+ * fp8q_quantize_tiles_sr): the same absmax and scales, each element's random bits
+ * computed in the loop from (seed, stream, its index in the quantizer's input) by
+ * fp8core.random's counter-based hash (no random tensor), codes only.
+ *
  * Numerics are the contract's float32 operation sequence, IEEE binary32 with
  * round-to-nearest-even. This file must be compiled WITHOUT -ffast-math and
  * with -ffp-contract=off: `(|s| + K) - K` is a rounding, not a no-op, and no
@@ -43,7 +48,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define FP8Q_ABI_VERSION 5
+#define FP8Q_ABI_VERSION 6
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { SCALE_FP32 = 0, SCALE_POW2 = 1, SCALE_POW2_TORCHAO = 2,
@@ -68,6 +73,19 @@ typedef struct {
                                       base, step, qexp, dexp (SCALE_MX_* only, else may
                                       be NULL) */
 } fp8q_format;
+
+/* Stochastic rounding (§14) of one call, filled in by fp8core/_kernel.py. The array the
+ * kernel is given is row-major (rows, cols); its element p has the index
+ * i = transposed ? (p % cols) * rows + p / cols : p in the quantizer's input (the
+ * array as passed to quantize_operand: a transposed operand is its transpose), and
+ * gets the random bits rand(i) = mix32(mix32(i ^ k1) ^ k2) >> (32 - sr_bits) with
+ * k1 = mix32(seed ^ SEED_SALT), k2 = mix32(k1 ^ stream ^ STREAM_SALT) (fp8core.random). */
+typedef struct {
+    uint32_t seed, stream;
+    int32_t sr_bits;     /* 1..23 */
+    int32_t transposed;
+    int64_t rows, cols;  /* rows * cols = the call's element count */
+} fp8q_sr;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FP8Q_NO_CLONES)
 /* one build, vector code for the machine it runs on (resolved at load time) */
@@ -332,6 +350,7 @@ typedef struct {
     uint8_t *codes;      /* NULL: no codes */
     void *vals;          /* NULL: no values */
     const fp8q_format *f;
+    const struct sr_s *sr;   /* NULL: round to nearest; else §14 (codes only) */
 } call_t;
 
 /* The format's rounding constants (see round_bits) */
@@ -487,9 +506,172 @@ static void mx_edge_deq(const uint8_t *codes, const float *table, void *vals, in
         store(vals, out_dt, i, mul_pow2(table[codes[i]], dexp));
 }
 
+/* ------------------------------------------------------ §14: stochastic rounding */
+#define SR_MUL1 0x7FEB352Du   /* fp8core.random.MIX_MUL1, MIX_MUL2, SEED_SALT, STREAM_SALT */
+#define SR_MUL2 0x846CA68Bu
+#define SR_SEED_SALT 0x243F6A88u
+#define SR_STREAM_SALT 0x85A308D3u
+
+INLINE uint32_t mix32(uint32_t v) {                  /* lowbias32, modulo 2**32 */
+    v ^= v >> 16;
+    v *= SR_MUL1;
+    v ^= v >> 15;
+    v *= SR_MUL2;
+    v ^= v >> 16;
+    return v;
+}
+
+/* one call's keys, index mapping and the format's constants of the rounding rule */
+typedef struct sr_s {
+    uint32_t k1, k2, shift;   /* shift = 32 - sr_bits */
+    float two_r;              /* 2**sr_bits */
+    int transposed;
+    int64_t rows, cols;
+    float m;
+    int32_t mant, emin, negzero, sign_shift;
+} sr_t;
+
+INLINE uint32_t sr_rand(const sr_t *r, uint32_t i) { return mix32(mix32(i ^ r->k1) ^ r->k2) >> r->shift; }
+
+/* §14.2 for one element x of a finite group: s = clip(fl(x * qscale), -M, M) (an MX
+ * edge block: mul_pow2(x, qexp), as the nearest path), e' = max(e(|s|), emin),
+ * f = |s| * 2**(mant - e') (exact), n = floor(f), D = rint((f - n) * 2**r) (half to
+ * even), away from zero iff D + rand >= 2**r and x is not a float32 subnormal (read
+ * from its bits: a flush-to-zero / denormals-are-zero mode of the calling thread may
+ * zero a subnormal x or s -- then n = 0 and D = 0 as without it, since every float32
+ * subnormal scaled by a non-edge scale stays below the format's smallest subnormal);
+ * code = ((e' - emin) << mant) + n + up with s's sign (fnuz: only for a non-zero code). */
+INLINE uint32_t sr_code(float x, float qscale, int edge, int32_t qexp, uint32_t rand,
+                        const sr_t *k) {
+    const uint32_t xa = f2u(x) & 0x7FFFFFFFu;
+    float s = edge ? mul_pow2(x, qexp) : x * qscale;
+    s = s > k->m ? k->m : s;
+    s = s < -k->m ? -k->m : s;
+    const uint32_t b = f2u(s), a = b & 0x7FFFFFFFu;
+    int32_t e = (int32_t)(a >> 23) - 127;
+    e = e < k->emin ? k->emin : e;
+    const float inv_q = u2f((uint32_t)(k->mant - e + 127) << 23);
+    const float fr = u2f(a) * inv_q;
+    const float n = floorf(fr);
+    const float d = (fr - n) * k->two_r;
+    uint32_t up = (rintf(d) + (float)rand) >= k->two_r;
+    up &= xa >= 0x00800000u;
+    const uint32_t mag = ((uint32_t)(e - k->emin) << k->mant) + (uint32_t)(int32_t)n + up;
+    uint32_t neg = b >> 31;
+    if (!k->negzero) neg &= mag != 0;
+    return mag | (neg << k->sign_shift);
+}
+
+/* elements [start, start + len) of a run with element j's index base + j * step (a row
+ * segment: step 1, or the rows of a transposed array), not an MX edge block; one loop
+ * per input dtype so that it vectorizes */
+INLINE void sr_seg_loop(const call_t *c, int64_t start, int64_t len, float qscale, uint32_t base,
+                        uint32_t step, int dt) {
+    const sr_t k = *c->sr;        /* a local copy: the uint8_t stores may alias *c->sr */
+    const char *restrict x = (const char *)c->x;
+    uint8_t *restrict codes = c->codes + start;
+    for (int64_t j = 0; j < len; j++)
+        codes[j] = (uint8_t)sr_code(load(x, dt, start + j), qscale, 0, 0,
+                                    sr_rand(&k, base + (uint32_t)j * step), &k);
+}
+#define SR_SEG(DT)                                                                          \
+    HOT static void sr_seg_##DT(const call_t *c, int64_t s, int64_t n, float q, uint32_t b,   \
+                                uint32_t st) { sr_seg_loop(c, s, n, q, b, st, DT); }
+SR_SEG(DT_F32)
+SR_SEG(DT_F16)
+SR_SEG(DT_BF16)
+
+/* elements [start, start + len) of one group (any run of the row-major array): row
+ * segments of the vector loop, or (an MX edge block) scalar with mul_pow2 */
+static void sr_run(const call_t *c, int64_t start, int64_t len, scales_t sc) {
+    const sr_t *k = c->sr;
+    if (!sc.finite) {
+        memset(c->codes + start, c->f->fill_code, (size_t)len);
+        return;
+    }
+    const int64_t end = start + len, R = k->rows, C = k->cols;
+    int64_t i = start;
+    while (i < end) {
+        int64_t row = i / C, col = i - row * C, seg = C - col;
+        seg = seg < end - i ? seg : end - i;
+        uint32_t base = (uint32_t)i, step = 1;
+        if (!k->transposed) seg = end - i;                    /* indices are positions */
+        else base = (uint32_t)(col * R + row), step = (uint32_t)R;
+        if (sc.edge) {
+            for (int64_t j = 0; j < seg; j++)
+                c->codes[i + j] = (uint8_t)sr_code(load(c->x, c->in_dt, i + j), 0.0f, 1, sc.qexp,
+                                                   sr_rand(k, base + (uint32_t)j * step), k);
+        } else if (c->in_dt == DT_F32) {
+            sr_seg_DT_F32(c, i, seg, sc.qscale, base, step);
+        } else if (c->in_dt == DT_F16) {
+            sr_seg_DT_F16(c, i, seg, sc.qscale, base, step);
+        } else {
+            sr_seg_DT_BF16(c, i, seg, sc.qscale, base, step);
+        }
+        i += seg;
+    }
+}
+
+/* qdq_cols for stochastic rounding: `nrows` runs of `len` (run r at start + r * stride,
+ * the first at row row0, column col0 of the array), element j scaled by qs[j], ok[j] = 0:
+ * the fill code (non-finite and MX edge groups, the latter redone by sr_run) */
+INLINE void sr_cols_loop(const call_t *c, int64_t start, int64_t len, int64_t nrows,
+                         int64_t stride, int64_t row0, int64_t col0, const float *restrict qs,
+                         const uint32_t *restrict ok, int dt) {
+    const sr_t k = *c->sr;
+    const char *restrict x = (const char *)c->x;
+    uint8_t *restrict codes = c->codes;
+    const uint32_t fill = (uint32_t)c->f->fill_code;
+    const uint32_t step = (uint32_t)(k.transposed ? k.rows : 1);
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t s0 = start + r * stride;
+        const uint32_t i0 = (uint32_t)(k.transposed ? col0 * k.rows + row0 + r : s0);
+        for (int64_t j = 0; j < len; j++) {
+            const uint32_t rc = sr_code(load(x, dt, s0 + j), qs[j], 0, 0,
+                                        sr_rand(&k, i0 + (uint32_t)j * step), &k);
+            codes[s0 + j] = (uint8_t)((rc & ok[j]) | (fill & ~ok[j]));
+        }
+    }
+}
+#define SR_COLS(DT)                                                                          \
+    HOT static void sr_cols_##DT(const call_t *c, int64_t s, int64_t n, int64_t nr, int64_t st, \
+                                 int64_t r0, int64_t c0, const float *qs, const uint32_t *ok) { \
+        sr_cols_loop(c, s, n, nr, st, r0, c0, qs, ok, DT);                                  \
+    }
+SR_COLS(DT_F32)
+SR_COLS(DT_F16)
+SR_COLS(DT_BF16)
+
+static void sr_cols(const call_t *c, int64_t start, int64_t len, int64_t nrows, int64_t stride,
+                    int64_t row0, int64_t col0, const float *qs, const uint32_t *ok) {
+    if (c->in_dt == DT_F32) sr_cols_DT_F32(c, start, len, nrows, stride, row0, col0, qs, ok);
+    else if (c->in_dt == DT_F16) sr_cols_DT_F16(c, start, len, nrows, stride, row0, col0, qs, ok);
+    else sr_cols_DT_BF16(c, start, len, nrows, stride, row0, col0, qs, ok);
+}
+
+/* the call's sr_t from fp8q_sr; -1 for bad arguments (n: the call's element count) */
+static int sr_setup(const fp8q_sr *in, const fp8q_format *f, int64_t n, sr_t *k) {
+    if (!in || in->sr_bits < 1 || in->sr_bits > 23 || in->rows < 0 || in->cols < 0) return -1;
+    if (in->rows * in->cols != n || n > (int64_t)0xFFFFFFFFu) return -1;
+    k->k1 = mix32(in->seed ^ SR_SEED_SALT);
+    k->k2 = mix32(k->k1 ^ in->stream ^ SR_STREAM_SALT);
+    k->shift = (uint32_t)(32 - in->sr_bits);
+    k->two_r = (float)(1u << in->sr_bits);
+    k->transposed = in->transposed != 0;
+    k->rows = in->rows;
+    k->cols = in->cols;
+    k->m = f->m;
+    k->mant = f->mant;
+    k->emin = f->emin;
+    k->negzero = f->negzero;
+    k->sign_shift = f->bits - 1;
+    return 0;
+}
+
 /* one group's run of elements with its scales */
 static void qdq_group(const call_t *c, int64_t start, int64_t len, scales_t sc) {
-    if (sc.edge) mx_edge_run(c, start, len, sc);
+    if (c->sr) sr_run(c, start, len, sc);
+    else if (sc.edge) mx_edge_run(c, start, len, sc);
     else qdq_range(c, start, len, sc);
 }
 
@@ -663,12 +845,37 @@ int fp8q_cast(const void *in, int in_dt, void *out, int out_dt, int64_t n) {
  * absmax[ceil(n/group)], and codes[n] (uint8) and/or vals[n] (out_dt) when not
  * NULL. `openmp`: run on an OpenMP team (see the top). Returns 0, or -1 on bad
  * arguments. */
+static void quantize_run(const call_t *cp, int64_t n, int64_t group, float *absmax, int nthreads,
+                         int openmp);
+
 int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q_format *f,
                   uint8_t *codes, void *vals, int out_dt, float *absmax, int nthreads, int openmp) {
     if (n < 0 || group <= 0 || in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2) return -1;
     if (bad_format(f, 1)) return -1;
     if (n == 0) return 0;                              /* callers handle empty tensors */
-    call_t c = {x, in_dt, out_dt, codes, vals, f};
+    call_t c = {x, in_dt, out_dt, codes, vals, f, 0};
+    quantize_run(&c, n, group, absmax, nthreads, openmp);
+    return 0;
+}
+
+/* fp8q_quantize with §14 stochastic rounding (`sr`): the same groups, absmax and scales;
+ * codes[n] and absmax written (no values: decoding does not depend on the rounding).
+ * Returns 0, or -1 on bad arguments. */
+int fp8q_quantize_sr(const void *x, int in_dt, int64_t n, int64_t group, const fp8q_format *f,
+                     const fp8q_sr *sr, uint8_t *codes, float *absmax, int nthreads, int openmp) {
+    if (n < 0 || group <= 0 || in_dt < 0 || in_dt > 2 || !codes || bad_format(f, 1)) return -1;
+    sr_t k;
+    if (sr_setup(sr, f, n, &k)) return -1;
+    if (n == 0) return 0;
+    call_t c = {x, in_dt, DT_F32, codes, 0, f, &k};
+    quantize_run(&c, n, group, absmax, nthreads, openmp);
+    return 0;
+}
+
+static void quantize_run(const call_t *cp, int64_t n, int64_t group, float *absmax, int nthreads,
+                         int openmp) {
+    const call_t c = *cp;
+    const fp8q_format *f = c.f;
     job_t jobs[MAX_THREADS];
     if (group < n) {                                   /* blockwise */
         int64_t nb = (n + group - 1) / group;
@@ -679,7 +886,7 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
             jobs[t] = j;
         }
         run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
-        return 0;
+        return;
     }
     int nt = clamp_threads(nthreads, n);               /* global: two passes */
     for (int t = 0; t < nt; t++) {
@@ -694,29 +901,51 @@ int fp8q_quantize(const void *x, int in_dt, int64_t n, int64_t group, const fp8q
     scales_t sc = block_scales(a, f);
     for (int t = 0; t < nt; t++) { jobs[t].phase = 2; jobs[t].sc = sc; }
     run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
-    return 0;
 }
 
 /* Global quantization of n elements with a given absmax (docs/numerics.md §10.2: the
  * amax all-reduced across ranks, already in §3.2 form) instead of x's own: the second
  * pass of fp8q_quantize only. absmax_in[0] is read; nothing else is written to it.
  * Returns 0, or -1 on bad arguments. */
+static void given_run(const call_t *c, int64_t n, const float *absmax_in, int nthreads,
+                      int openmp);
+
 int fp8q_quantize_given(const void *x, int in_dt, int64_t n, const fp8q_format *f,
                         uint8_t *codes, void *vals, int out_dt, const float *absmax_in,
                         int nthreads, int openmp) {
     if (n < 0 || in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2 || !absmax_in) return -1;
     if (bad_format(f, 1)) return -1;
     if (n == 0) return 0;
-    call_t c = {x, in_dt, out_dt, codes, vals, f};
+    call_t c = {x, in_dt, out_dt, codes, vals, f, 0};
+    given_run(&c, n, absmax_in, nthreads, openmp);
+    return 0;
+}
+
+/* fp8q_quantize_given with §14 stochastic rounding (`sr`): codes[n] only. Returns 0, or
+ * -1 on bad arguments. */
+int fp8q_quantize_given_sr(const void *x, int in_dt, int64_t n, const fp8q_format *f,
+                           const fp8q_sr *sr, uint8_t *codes, const float *absmax_in,
+                           int nthreads, int openmp) {
+    if (n < 0 || in_dt < 0 || in_dt > 2 || !codes || !absmax_in || bad_format(f, 1)) return -1;
+    sr_t k;
+    if (sr_setup(sr, f, n, &k)) return -1;
+    if (n == 0) return 0;
+    call_t c = {x, in_dt, DT_F32, codes, 0, f, &k};
+    given_run(&c, n, absmax_in, nthreads, openmp);
+    return 0;
+}
+
+static void given_run(const call_t *c, int64_t n, const float *absmax_in, int nthreads,
+                      int openmp) {
+    const fp8q_format *f = c->f;
     job_t jobs[MAX_THREADS];
     scales_t sc = block_scales(absmax_in[0], f);
     int nt = clamp_threads(nthreads, n);
     for (int t = 0; t < nt; t++) {
-        job_t j = {&c, n, n, n * t / nt, n * (t + 1) / nt, NULL, sc, 0, 2};
+        job_t j = {c, n, n, n * t / nt, n * (t + 1) / nt, NULL, sc, 0, 2};
         jobs[t] = j;
     }
     run_parallel(run_job, jobs, sizeof(job_t), nt, openmp);
-    return 0;
 }
 
 /* ------------------------------------------------------------------ dequantize (§4) */
@@ -879,7 +1108,9 @@ HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, u
             ok[i] = sc.finite ? ~0u : 0u;
         }
     }
-    if (c) {
+    if (c && c->sr) {
+        sr_cols(c, r0 * C + c0, cw, nr, C, r0, c0, qs, ok);             /* sweep 2, §14 */
+    } else if (c) {
         qdq_cols(c, r0 * C + c0, cw, nr, C, qs, ds, ok);               /* sweep 2 */
     } else {
         char *v = (char *)j->vals;
@@ -894,7 +1125,8 @@ HOT static void tile_item(const tjob_t *j, int64_t item, float *qs, float *ds, u
         if (!sc.edge) continue;
         for (int64_t r = 0; r < nr; r++) {
             const int64_t s0 = (r0 + r) * C + c0 + g0;
-            if (c) mx_edge_run(c, s0, glen, sc);
+            if (c && c->sr) sr_run(c, s0, glen, sc);
+            else if (c) mx_edge_run(c, s0, glen, sc);
             else mx_edge_deq(j->codes, j->table, j->vals, j->out_dt, s0, glen, sc.dexp);
         }
     }
@@ -953,24 +1185,47 @@ static int run_tiles(tjob_t *j0, int nthreads, int openmp) {
  * NULL. Same bits as fp8core.reference.quantize_tiles with f's scale rule.
  * Returns 0, or -1 on bad arguments (or no memory for 16 bytes of scratch per
  * column of a chunk). */
+static int tiles_run(const call_t *c, int64_t rows, int64_t cols, int64_t tile_rows,
+                     int64_t tile_cols, float *absmax, int nthreads, int openmp) {
+    const int64_t th = tile_rows < rows ? tile_rows : rows, tw = tile_cols < cols ? tile_cols : cols;
+    /* tilings that are flat blocks of the row-major order (tw == cols: whole rows,
+     * contiguous; one tile of everything is global) */
+    if (tw == cols) {
+        quantize_run(c, rows * cols, th * cols, absmax, nthreads, openmp);
+        return 0;
+    }
+    if (th == 1 && cols % tw == 0) {
+        quantize_run(c, rows * cols, tw, absmax, nthreads, openmp);
+        return 0;
+    }
+    tjob_t j = {c, 0, 0, 0, 0, c->f, absmax, rows, cols, th, tw, 0, 0, 0, 0, 0, 0};
+    return run_tiles(&j, nthreads, openmp);
+}
+
 int fp8q_quantize_tiles(const void *x, int in_dt, int64_t rows, int64_t cols, int64_t tile_rows,
                         int64_t tile_cols, const fp8q_format *f, uint8_t *codes, void *vals,
                         int out_dt, float *absmax, int nthreads, int openmp) {
     if (rows < 0 || cols < 0 || tile_rows <= 0 || tile_cols <= 0) return -1;
     if (in_dt < 0 || in_dt > 2 || out_dt < 0 || out_dt > 2 || bad_format(f, 1)) return -1;
     if (rows == 0 || cols == 0) return 0;
-    const int64_t th = tile_rows < rows ? tile_rows : rows, tw = tile_cols < cols ? tile_cols : cols;
-    /* tilings that are flat blocks of the row-major order (tw == cols: whole rows,
-     * contiguous; one tile of everything is global) */
-    if (tw == cols)
-        return fp8q_quantize(x, in_dt, rows * cols, th * cols, f, codes, vals, out_dt, absmax,
-                             nthreads, openmp);
-    if (th == 1 && cols % tw == 0)
-        return fp8q_quantize(x, in_dt, rows * cols, tw, f, codes, vals, out_dt, absmax, nthreads,
-                             openmp);
-    call_t c = {x, in_dt, out_dt, codes, vals, f};
-    tjob_t j = {&c, 0, 0, 0, 0, f, absmax, rows, cols, th, tw, 0, 0, 0, 0, 0, 0};
-    return run_tiles(&j, nthreads, openmp);
+    call_t c = {x, in_dt, out_dt, codes, vals, f, 0};
+    return tiles_run(&c, rows, cols, tile_rows, tile_cols, absmax, nthreads, openmp);
+}
+
+/* fp8q_quantize_tiles with §14 stochastic rounding (`sr`, whose rows and cols are the
+ * array's): codes[rows*cols] and the absmax grid. Returns 0, or -1 on bad arguments
+ * (or no memory for the scratch). */
+int fp8q_quantize_tiles_sr(const void *x, int in_dt, int64_t rows, int64_t cols, int64_t tile_rows,
+                           int64_t tile_cols, const fp8q_format *f, const fp8q_sr *sr,
+                           uint8_t *codes, float *absmax, int nthreads, int openmp) {
+    if (rows < 0 || cols < 0 || tile_rows <= 0 || tile_cols <= 0) return -1;
+    if (in_dt < 0 || in_dt > 2 || !codes || bad_format(f, 1)) return -1;
+    if (!sr || sr->rows != rows || sr->cols != cols) return -1;
+    sr_t k;
+    if (sr_setup(sr, f, rows * cols, &k)) return -1;
+    if (rows == 0 || cols == 0) return 0;
+    call_t c = {x, in_dt, DT_F32, codes, 0, f, &k};
+    return tiles_run(&c, rows, cols, tile_rows, tile_cols, absmax, nthreads, openmp);
 }
 
 /* vals = fl(table[codes] * dscale(absmax of the element's tile)), cast once to

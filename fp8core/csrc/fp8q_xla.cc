@@ -2,7 +2,9 @@
 //
 // This file holds no numerics: it unpacks XLA buffers and attributes and calls
 // the kernel's fp8q_quantize / fp8q_dequantize / fp8q_quantize_tiles /
-// fp8q_dequantize_tiles through function pointers that fp8core_jax/_ffi.py binds
+// fp8q_dequantize_tiles (and the stochastic fp8q_quantize_sr / fp8q_quantize_tiles_sr,
+// whose seed and stream arrive as a uint32[2] operand: traced values, so a new stream
+// does not recompile) through function pointers that fp8core_jax/_ffi.py binds
 // at load time (the addresses of the functions in the installed fp8core._fp8q
 // extension), so there is one compiled copy of the quantizer. The codebook's
 // constants and the scale rule arrive as attributes (the pow2_torchao threshold
@@ -20,8 +22,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#define FP8Q_XLA_ABI_VERSION 2
-#define FP8Q_XLA_KERNEL_ABI 5
+#define FP8Q_XLA_ABI_VERSION 3
+#define FP8Q_XLA_KERNEL_ABI 6
 
 namespace ffi = xla::ffi;
 
@@ -34,6 +36,12 @@ typedef struct {
   const int32_t *mx_table;
 } fp8q_format;  // as in fp8q.c
 
+typedef struct {
+  uint32_t seed, stream;
+  int32_t sr_bits, transposed;
+  int64_t rows, cols;
+} fp8q_sr;  // as in fp8q.c
+
 typedef int (*quantize_fn)(const void *, int, int64_t, int64_t, const fp8q_format *, uint8_t *,
                            void *, int, float *, int, int);
 typedef int (*dequantize_fn)(const uint8_t *, int64_t, int64_t, const float *, const float *,
@@ -44,7 +52,15 @@ typedef int (*dequantize_tiles_fn)(const uint8_t *, int64_t, int64_t, int64_t, i
                                    const float *, const float *, const fp8q_format *, void *, int,
                                    int, int);
 
+typedef int (*quantize_sr_fn)(const void *, int, int64_t, int64_t, const fp8q_format *,
+                              const fp8q_sr *, uint8_t *, float *, int, int);
+typedef int (*quantize_tiles_sr_fn)(const void *, int, int64_t, int64_t, int64_t, int64_t,
+                                    const fp8q_format *, const fp8q_sr *, uint8_t *, float *, int,
+                                    int);
+
 static quantize_fn g_quantize = nullptr;
+static quantize_sr_fn g_quantize_sr = nullptr;
+static quantize_tiles_sr_fn g_quantize_tiles_sr = nullptr;
 static dequantize_fn g_dequantize = nullptr;
 static quantize_tiles_fn g_quantize_tiles = nullptr;
 static dequantize_tiles_fn g_dequantize_tiles = nullptr;
@@ -58,10 +74,12 @@ int fp8q_xla_kernel_abi(void) { return FP8Q_XLA_KERNEL_ABI; }
 // entry points. Returns 0, or -1 (nothing bound) for a kernel of another ABI or a
 // missing entry point.
 int fp8q_xla_bind(int kernel_abi, void *quantize, void *dequantize, void *quantize_tiles,
-                  void *dequantize_tiles) {
+                  void *dequantize_tiles, void *quantize_sr, void *quantize_tiles_sr) {
   if (kernel_abi != FP8Q_XLA_KERNEL_ABI || !quantize || !dequantize || !quantize_tiles ||
-      !dequantize_tiles)
+      !dequantize_tiles || !quantize_sr || !quantize_tiles_sr)
     return -1;
+  g_quantize_sr = reinterpret_cast<quantize_sr_fn>(quantize_sr);
+  g_quantize_tiles_sr = reinterpret_cast<quantize_tiles_sr_fn>(quantize_tiles_sr);
   g_quantize = reinterpret_cast<quantize_fn>(quantize);
   g_dequantize = reinterpret_cast<dequantize_fn>(dequantize);
   g_quantize_tiles = reinterpret_cast<quantize_tiles_fn>(quantize_tiles);
@@ -194,7 +212,106 @@ ffi::Error DequantizeTiles(ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> abs
   return ffi::Error::Success();
 }
 
+// Stochastic rounding (docs/numerics.md §14): x (flat, or 2-D for tiles) and keys =
+// uint32[2] {seed, stream} -> (uint8 codes like x, float32 absmax). `transposed`: x is
+// the transpose of the quantizer's input, whose (rows, cols) = x's shape read as
+// (rows, cols) attributes (flat) or x's dimensions (tiles), so element p has the index
+// (p % cols) * rows + p / cols there.
+ffi::Error QuantizeSr(ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys, ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                      ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t group, int64_t rows,
+                      int64_t cols, int32_t transposed, int32_t sr_bits, float m, float inv_m,
+                      float floor_, float ceiling, int32_t mant, int32_t emin, int32_t bits,
+                      int32_t negzero, int32_t fill_code, int32_t nthreads, int32_t scale_rule,
+                      ffi::Span<const float> pow2_thresholds, ffi::Span<const int32_t> mx_table) {
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  if (g_quantize_sr == nullptr) return Unbound();
+  if (keys.element_count() != 2) return Rejected("fp8q_quantize_sr (keys)");
+  if (n == 0) return ffi::Error::Success();
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table}, mant, emin,
+                               bits, negzero, fill_code);
+  const uint32_t *k = keys.typed_data();
+  const fp8q_sr sr{k[0], k[1], sr_bits, transposed, rows, cols};
+  const int rc = g_quantize_sr(x.untyped_data(), DtypeCode(x.element_type()), n, group > 0 ? group : n, &f,
+                               &sr, codes->typed_data(), absmax->typed_data(), nthreads, /*openmp=*/0);
+  if (rc != 0) return Rejected("fp8q_quantize_sr");
+  return ffi::Error::Success();
+}
+
+ffi::Error QuantizeTilesSr(ffi::AnyBuffer x, ffi::Buffer<ffi::U32> keys,
+                           ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                           ffi::Result<ffi::Buffer<ffi::F32>> absmax, int64_t tile_rows,
+                           int64_t tile_cols, int32_t transposed, int32_t sr_bits, float m,
+                           float inv_m, float floor_, float ceiling, int32_t mant, int32_t emin,
+                           int32_t bits, int32_t negzero, int32_t fill_code, int32_t nthreads,
+                           int32_t scale_rule, ffi::Span<const float> pow2_thresholds,
+                           ffi::Span<const int32_t> mx_table) {
+  if (g_quantize_tiles_sr == nullptr) return Unbound();
+  const auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fp8q_xla_quantize_tiles_sr: x must be 2-D");
+  if (keys.element_count() != 2) return Rejected("fp8q_quantize_tiles_sr (keys)");
+  const int64_t rows = dims[0], cols = dims[1];
+  if (rows * cols == 0) return ffi::Error::Success();
+  const fp8q_format f = Format({m, inv_m, floor_, ceiling, scale_rule, pow2_thresholds, mx_table}, mant, emin,
+                               bits, negzero, fill_code);
+  const uint32_t *k = keys.typed_data();
+  const fp8q_sr sr{k[0], k[1], sr_bits, transposed, rows, cols};
+  const int rc = g_quantize_tiles_sr(x.untyped_data(), DtypeCode(x.element_type()), rows, cols, tile_rows,
+                                     tile_cols, &f, &sr, codes->typed_data(), absmax->typed_data(),
+                                     nthreads, /*openmp=*/0);
+  if (rc != 0) return Rejected("fp8q_quantize_tiles_sr");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize_sr, QuantizeSr,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("sr_bits")
+                                  .Attr<float>("m")
+                                  .Attr<float>("inv_m")
+                                  .Attr<float>("floor")
+                                  .Attr<float>("ceiling")
+                                  .Attr<int32_t>("mant")
+                                  .Attr<int32_t>("emin")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("negzero")
+                                  .Attr<int32_t>("fill_code")
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize_tiles_sr, QuantizeTilesSr,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("tile_rows")
+                                  .Attr<int64_t>("tile_cols")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("sr_bits")
+                                  .Attr<float>("m")
+                                  .Attr<float>("inv_m")
+                                  .Attr<float>("floor")
+                                  .Attr<float>("ceiling")
+                                  .Attr<int32_t>("mant")
+                                  .Attr<int32_t>("emin")
+                                  .Attr<int32_t>("bits")
+                                  .Attr<int32_t>("negzero")
+                                  .Attr<int32_t>("fill_code")
+                                  .Attr<int32_t>("nthreads")
+                                  .Attr<int32_t>("scale_rule")
+                                  .Attr<ffi::Span<const float>>("pow2_thresholds")
+                                  .Attr<ffi::Span<const int32_t>>("mx_table"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fp8q_xla_quantize, Quantize,
                               ffi::Ffi::Bind()
