@@ -189,8 +189,10 @@ def _per_group(a: jax.Array, groups: jax.Array) -> jax.Array:
 
 
 # Inner chunk of a tile (rows, columns) that the one-pass variadic reduction covers in the
-# tile view; the chunks' partial maxima are reduced by one integer max (_tile_key).
-_TILE_CHUNK = (8, 128)
+# tile view; the chunks' partial maxima are reduced by one integer max (_tile_key). A shard
+# that is not a whole number of chunks regroups (all-gathers) the array: 32 columns keep a
+# tensor-parallel shard of 192 columns (qkv 768 / 4) local, which 128 did not.
+_TILE_CHUNK = (8, 32)
 _NAN_KEY = 0x7FFFFFFF  # above every |x| bit pattern, NaN's included
 
 
@@ -247,12 +249,12 @@ def _key(top: jax.Array, has_nan: jax.Array) -> jax.Array:
 
 def _tile_key(groups: jax.Array) -> jax.Array:
     """:func:`_key` per tile of the tile view ``(gr, gc, th, tw)``, shape ``(gr, gc)``: the
-    variadic reduction over chunks of at most 8 rows x 128 columns of each tile, then an
+    variadic reduction over chunks of at most 8 rows x 32 columns of each tile, then an
     integer max of the chunks' keys. A variadic reduction over a sharded axis is
     partitioned as an all-gather of the per-shard partials; a plain max becomes an
     all-reduce, so a tile that spans shards (per-tensor, per-column over sharded tokens)
     costs an all-reduce of one int32 per tile. Shards whose size is a multiple of the
-    chunk keep the first stage local; the second runs on 1/1024 of the data."""
+    chunk keep the first stage local; the second runs on 1/256 of the data."""
     gr, gc, th, tw = groups.shape
     thi, twi = np.gcd(th, _TILE_CHUNK[0]), np.gcd(tw, _TILE_CHUNK[1])
     v = groups.reshape(gr, gc, th // thi, thi, tw // twi, twi)
