@@ -13,7 +13,6 @@ compiled HLO). The oracle is fp8core.reference (and §14.2's hand-worked example
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import itertools
 
 import ml_dtypes
@@ -28,6 +27,7 @@ from fp8core import _kernel
 from fp8core import reference as ref
 from fp8core.recipe import OperandRule, axiswise, block, flat, tensor, tile
 
+import test_stochastic_layers as _layers_test
 from test_kernel_mx import _blocks as _mx_blocks
 from test_kernel_mx import _flush_denormal, kernel_calls  # noqa: F401 (fixture)
 
@@ -338,15 +338,8 @@ def test_ctypes_rejects_bad_sr_arguments():
 
 
 # ------------------------------------------------------------------ the matmuls
-def _sr(rule):
-    return dataclasses.replace(rule, rounding="stochastic")
-
-
-SR_RECIPE = R.LinearRecipe(
-    input=R.OperandRule("e4m3", R.block(32)), weight=_sr(R.OperandRule("e4m3", R.tile(32))),
-    grad_output=_sr(R.OperandRule("e5m2", R.block(32))), weight_for_grad_input=R.REUSE,
-    input_for_grad_weight=_sr(R.OperandRule("e4m3", R.block(32), sr_bits=3)),
-    grad_output_for_grad_weight=R.REUSE, name="SR_KERNEL_TEST")
+# the recipe of tests/test_stochastic_layers.py (stochastic W tiles, dY, re-quantized X)
+SR_RECIPE = _layers_test.SR_RECIPE.replace(name="SR_KERNEL_TEST")
 
 
 def test_matmuls_round_on_the_kernel(kernel_calls, monkeypatch):  # noqa: F811
