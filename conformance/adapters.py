@@ -38,8 +38,9 @@ from fp8core.recipe import LinearRecipe
 from conformance.inputs import NP_DTYPES
 
 
-#: The seed of every stochastically rounded slot (§14.3): matmul_fp8(seed=SEED, stream=0);
-#: layers LinearFP8(seed=SEED), whose call t (a training step) draws stream t.
+#: The seed of every stochastically rounded operand (§14): quantize_operand(seed=SEED,
+#: stream=0), matmul_fp8(seed=SEED, stream=0); layers LinearFP8(seed=SEED), whose call t (a
+#: training step) draws stream t (§14.3).
 SEED = 0
 
 @dataclasses.dataclass
@@ -143,13 +144,13 @@ class NumpyBackend:
         return fp8core.fake_quantize(x, codebook, blocksize)
 
     def quantize_operand(self, x, rule, axis):
-        return ref.quantize_operand(x, rule, axis=axis)
+        return ref.quantize_operand(x, rule, axis=axis, seed=SEED)
 
     def dequantize_operand(self, codes, absmax, rule, axis, dtype):
         return ref.dequantize_operand(codes, absmax, rule, axis=axis, dtype=NP_DTYPES[dtype])
 
     def fake_quantize_operand(self, x, rule, axis):
-        return ref.fake_quantize_operand(x, rule, axis=axis)
+        return ref.fake_quantize_operand(x, rule, axis=axis, seed=SEED)
 
     # the oracle ------------------------------------------------------------
     @staticmethod
@@ -364,7 +365,7 @@ class TorchBackend:
 
     def quantize_operand(self, x, rule, axis):
         import fp8core_torch
-        codes, absmax = fp8core_torch.quantize_operand(self._t(x), rule, axis=axis)
+        codes, absmax = fp8core_torch.quantize_operand(self._t(x), rule, axis=axis, seed=SEED)
         return self._np(codes), self._np(absmax)
 
     def dequantize_operand(self, codes, absmax, rule, axis, dtype):
@@ -374,7 +375,7 @@ class TorchBackend:
 
     def fake_quantize_operand(self, x, rule, axis):
         import fp8core_torch
-        return self._np(fp8core_torch.fake_quantize_operand(self._t(x), rule, axis=axis))
+        return self._np(fp8core_torch.fake_quantize_operand(self._t(x), rule, axis=axis, seed=SEED))
 
     def _grads(self, fn, a, b, g):
         ta = self._t(a).clone().requires_grad_(True)
@@ -498,7 +499,7 @@ class JaxBackend:
 
     def quantize_operand(self, x, rule, axis):
         import fp8core_jax
-        codes, absmax = fp8core_jax.quantize_operand(x, rule, axis=axis)
+        codes, absmax = fp8core_jax.quantize_operand(x, rule, axis=axis, seed=SEED)
         return self._np(codes), self._np(absmax)
 
     def dequantize_operand(self, codes, absmax, rule, axis, dtype):
@@ -507,7 +508,7 @@ class JaxBackend:
 
     def fake_quantize_operand(self, x, rule, axis):
         import fp8core_jax
-        return self._np(fp8core_jax.fake_quantize_operand(x, rule, axis=axis))
+        return self._np(fp8core_jax.fake_quantize_operand(x, rule, axis=axis, seed=SEED))
 
     def _grads(self, fn, a, b, g):
         import jax

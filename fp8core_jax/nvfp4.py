@@ -217,13 +217,20 @@ def engine_quantize(x: jax.Array, r: jax.Array, finite: jax.Array) -> jax.Array:
     broadcast against ``x``): ``e2m1(clamp(fl(x · r), −6, 6))``, code 0 for a NaN product
     and in NaN blocks; a float32-subnormal ``x`` multiplied as ``(x · 2**64) · (r · 2**-64)``
     (module docstring)."""
+    codes = _round_e2m1(engine_scaled(x, r))
+    return jnp.where(jnp.broadcast_to(finite, x.shape), codes, jnp.uint8(0))
+
+
+def engine_scaled(x: jax.Array, r: jax.Array) -> jax.Array:
+    """``clamp(fl(x · r), −6, 6)`` with a float32-subnormal ``x`` multiplied as
+    ``(x · 2**64) · (r · 2**-64)`` (XLA:CPU would read it as ±0; the product is the same
+    single rounding), ``r`` broadcast against ``x`` — also the stochastic path's scaling."""
     r = jnp.broadcast_to(r, x.shape)
     bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
     lift = (bits != 0) & (bits < jnp.uint32(0x00800000)) & (r >= _F32(2.0 ** -62))
     xs = jnp.where(lift, _mul_pow2(x, jnp.int32(64)), x)
     rs = jnp.where(lift, r * _F32(2.0 ** -64), r)
-    codes = _round_e2m1(jnp.clip(xs * rs, -_nv.E2M1_MAX, _nv.E2M1_MAX))
-    return jnp.where(jnp.broadcast_to(finite, x.shape), codes, jnp.uint8(0))
+    return jnp.clip(xs * rs, -_nv.E2M1_MAX, _nv.E2M1_MAX)
 
 
 def engine_decode(codes: jax.Array, dscale: jax.Array) -> jax.Array:

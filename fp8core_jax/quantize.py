@@ -1198,7 +1198,10 @@ def _operand_sr_jit(x, seed, stream, absmax, rule, axis: int, kernel: bool = Fal
              else (x.reshape(plan.rows, plan.cols), rand.reshape(plan.rows, plan.cols)))
     finite, qscale, _ = _group_scales(_expand_to_elements(a, plan).reshape(-1), c, rule.scale)
     x32 = m.astype(jnp.float32).reshape(-1, 1)
-    s = _scale_and_saturate(x32, qscale, c, rule.scale).reshape(-1)          # §3.4
+    if rule.is_nvfp4:                                   # §13.5: subnormal x lifted, as nearest
+        s = _jnv().engine_scaled(x32.reshape(-1), qscale)
+    else:
+        s = _scale_and_saturate(x32, qscale, c, rule.scale).reshape(-1)      # §3.4
     s = jnp.where(finite, s, jnp.float32(0))
     # float32 subnormal inputs never round away (XLA:CPU reads them as ±0): by the bits
     tiny = (lax.bitcast_convert_type(x32.reshape(-1), jnp.int32) & jnp.int32(0x7FFFFFFF)) \
