@@ -53,9 +53,9 @@ from fp8core_torch.quantize import (
     _decode_operand,
     _key_tensor,
     _operand,
+    _dequantize_logical,
     _quantize_operand_sr,
     _upcast,
-    dequantize_operand,
 )
 
 __all__ = ["matmul_fp8", "matmul_fp8_mixed", "matmul_fp8_global"]
@@ -223,20 +223,20 @@ def _side(m: torch.Tensor, recipe, i: int, specs, tabs, dtype: torch.dtype, want
     if recipe.amax_reduction is not None and rule.granularity.kind == "tensor":
         absmax = _reduced_absmax(m, recipe.amax_reduction)
     if rule.is_stochastic:
-        return _side_stochastic(m, rule, i, dtype, want_codes, key, absmax)
+        return _side_stochastic(m, rule, i, dtype, want_codes, key, absmax, specs[i], tabs[i])
     return _operand(m, rule, specs[i], tabs[i], out_dtype=dtype, want_codes=want_codes,
                     absmax=absmax)
 
 
-def _side_stochastic(m, rule, i: int, dtype, want_codes: bool, key, absmax):
+def _side_stochastic(m, rule, i: int, dtype, want_codes: bool, key, absmax, spec, tabs):
     """§14.3: a stochastic slot, quantized as the reference does — the tensor in
     linear_operands' layout, stream ``slot_stream(stream, i)`` — by _quantize_operand_sr
     (the C kernel on CPU, torch ops elsewhere). What the
     backward reuses of it is its values (``how = ("values",)``), not codes."""
     t, axis = (m.t(), 0) if i in _TRANSPOSED_SLOTS else (m, -1)
     stream = torch.bitwise_and(key[1] * fp8core.random.SLOT_STREAMS + i, 0xFFFFFFFF)
-    codes, am = _quantize_operand_sr(t, rule, axis, absmax, key[0], stream)
-    vals = dequantize_operand(codes, am, rule, axis=axis, dtype=dtype)
+    codes, am = _quantize_operand_sr(t, rule, axis, absmax, key[0], stream, spec)
+    vals = _dequantize_logical(codes, am, rule, axis, dtype, spec, tabs)
     vals = vals.t() if i in _TRANSPOSED_SLOTS else vals
     q = QuantizedOperand(vals, vals.new_empty(0, dtype=torch.float32), ("values",), False)
     return vals, (q if want_codes else None)

@@ -1083,7 +1083,8 @@ def _stochastic_codes(s: torch.Tensor, rand: torch.Tensor, spec: QuantSpec, sr_b
 
 
 def _quantize_operand_sr(x: torch.Tensor, rule, axis: int, absmax: torch.Tensor | None,
-                         seed: Any, stream: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: Any, stream: Any, spec: QuantSpec | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """§14: the nearest rule's absmax and scales, each element scaled and saturated
     (§3.4) and rounded with the random bits of its row-major index in ``x`` — in the C
     kernel's loop on CPU where it is loaded (:func:`_kernel_quantize_sr`), else on torch
@@ -1093,8 +1094,8 @@ def _quantize_operand_sr(x: torch.Tensor, rule, axis: int, absmax: torch.Tensor 
     stream_t = _key_tensor(stream, "stream", x.device)
     nearest = fp8core.recipe.nearest_rule(rule)
     m, transposed = _logical(x, axis)
-    spec = resolve_spec(rule.format)
-    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
+    spec = resolve_spec(rule.format) if spec is None else spec   # (the matmul passes its own:
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)  # traced code resolves none)
     q = None
     if x.device.type == "cpu" and x.numel() and _fp8q.available() \
             and not torch.compiler.is_compiling():
@@ -1187,7 +1188,14 @@ def dequantize_operand(codes: torch.Tensor, absmax: torch.Tensor, rule: Any, *, 
     plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
     _check_absmax_tensor(absmax, plan.scale_shape)
     spec = resolve_spec(rule.format)
-    tabs = _tables(spec, codes.device)
+    return _dequantize_logical(codes, absmax, rule, axis, dtype, spec, _tables(spec, codes.device))
+
+
+def _dequantize_logical(codes, absmax, rule, axis: int, dtype: torch.dtype, spec: QuantSpec,
+                        tabs: CodebookTensors | None) -> torch.Tensor:
+    """:func:`dequantize_operand` after its checks, with the spec and tables given."""
+    m, transposed = _logical(codes, axis)
+    plan = plan_operand(m.shape[0], m.shape[1], rule.granularity)
     if plan.kind == "flat":
         q = QuantizedOperand(m.contiguous(), absmax, ("flat", plan.flat.blocksize), False)
     elif plan.is_global:

@@ -149,6 +149,8 @@ def assert_compiled_equals_eager(layer, x_np: np.ndarray, g_np: np.ndarray, *,
     results = []
     for fn in (layer, torch.compile(layer, fullgraph=fullgraph)):
         layer.zero_grad(set_to_none=True)
+        if hasattr(layer, "sr_stream"):      # a stochastic recipe: both runs draw stream 0
+            layer.sr_stream.zero_()
         x = to_torch(x_np).requires_grad_()
         out = fn(x)
         out.backward(g)
