@@ -85,8 +85,14 @@ def _check(convert_kwargs: dict) -> None:
                                    f"max |d| = {(a - b).abs().max()}")
 
 
+#: docs/numerics.md §14.3: torch.compile of a stochastic recipe does not give eager's bits yet
+_SR_COMPILE_BUG = pytest.mark.xfail(strict=True, reason="known bug: NVFP4's stochastic dY under "
+                                    "torch.compile differs from eager (grad_x) — open")
+
+
 def _preset_params():
-    return [pytest.param(p, marks=() if p == QUICK_PRESET else pytest.mark.slow, id=p)
+    return [pytest.param(p, marks=(() if p == QUICK_PRESET else (pytest.mark.slow,))
+                         + ((_SR_COMPILE_BUG,) if FR.PRESETS[p].stochastic_slots else ()), id=p)
             for p in FR.PRESETS]
 
 
