@@ -166,24 +166,30 @@ def quantization_stats(x: Any, codebook: Any, blocksize: int | None = None) -> Q
     x32 = x.astype(np.float32).reshape(-1)
     y = y.reshape(-1)
     codes = codes.reshape(-1)
-    finite_group = np.isfinite(absmax)
-    ok = finite_group[group_of]                      # elements of finite groups
+    ok = np.isfinite(absmax)[group_of]               # elements of finite groups
+    return _stats_of(x32, y, codes, ok, absmax, cb, "fp32")
+
+
+def _stats_of(x32: np.ndarray, y: np.ndarray, codes: np.ndarray, ok: np.ndarray,
+              absmax: np.ndarray, cb: Codebook, scale: str) -> QuantStats:
+    """The record of flat float32 inputs ``x32``, their dequantized ``y`` and ``codes``,
+    ``ok`` the elements of finite groups, ``absmax`` the flat group absmax."""
     xs, ys = x32[ok].astype(np.float64), y[ok].astype(np.float64)
     nonzero = xs != 0
     at_max = np.abs(cb.values256[codes[ok]]) == cb.max
-    finite_absmax = absmax[finite_group]
+    fin = absmax[np.isfinite(absmax)]
     return QuantStats(
-        numel=int(x.size),
-        n_nonfinite=int(x.size - np.count_nonzero(ok)),
+        numel=int(x32.size),
+        n_nonfinite=int(x32.size - np.count_nonzero(ok)),
         n_nonzero=int(np.count_nonzero(nonzero)),
         n_underflow=int(np.count_nonzero(nonzero & (ys == 0))),
         n_saturated=int(np.count_nonzero(at_max)),
         signal_energy=float(np.sum(xs * xs)),
         noise_energy=float(np.sum((xs - ys) ** 2)),
         n_groups=int(absmax.size),
-        absmax_min=float(finite_absmax.min()) if finite_absmax.size else math.nan,
-        absmax_max=float(finite_absmax.max()) if finite_absmax.size else math.nan,
-        n_scale_clamped=_n_scale_clamped(absmax, cb, "fp32"),
+        absmax_min=float(fin.min()) if fin.size else math.nan,
+        absmax_max=float(fin.max()) if fin.size else math.nan,
+        n_scale_clamped=_n_scale_clamped(absmax, cb, scale),
     )
 
 
@@ -216,27 +222,9 @@ def operand_stats(x: Any, rule: Any, *, axis: int = -1) -> QuantStats:
     x = np.asarray(x)
     codes, absmax = _ref.quantize_operand(x, rule, axis=axis)
     y = _ref.dequantize_operand(codes, absmax, rule, axis=axis).reshape(-1)
-    cb = rule.format
     x32 = x.astype(np.float32).reshape(-1)
-    ok = np.isfinite(y)
-    xs, ys = x32[ok].astype(np.float64), y[ok].astype(np.float64)
-    nonzero = xs != 0
-    at_max = np.abs(cb.values256[codes.reshape(-1)[ok]]) == cb.max
-    absmax = absmax.reshape(-1)
-    fin = absmax[np.isfinite(absmax)]
-    return QuantStats(
-        numel=int(x.size),
-        n_nonfinite=int(x.size - np.count_nonzero(ok)),
-        n_nonzero=int(np.count_nonzero(nonzero)),
-        n_underflow=int(np.count_nonzero(nonzero & (ys == 0))),
-        n_saturated=int(np.count_nonzero(at_max)),
-        signal_energy=float(np.sum(xs * xs)),
-        noise_energy=float(np.sum((xs - ys) ** 2)),
-        n_groups=int(absmax.size),
-        absmax_min=float(fin.min()) if fin.size else math.nan,
-        absmax_max=float(fin.max()) if fin.size else math.nan,
-        n_scale_clamped=_n_scale_clamped(absmax, cb, rule.scale),
-    )
+    return _stats_of(x32, y, codes.reshape(-1), np.isfinite(y), absmax.reshape(-1),
+                     rule.format, rule.scale)
 
 
 def slot_operand(recipe: Any, slot: str, X: Any, B: Any, dY: Any = None
