@@ -208,22 +208,26 @@ def not_head(module, fqn: str) -> bool:
     return fqn != "head"
 
 
+def adamw_step(graphdef, rest, tx):
+    """``step(params, opt_state, idx, tgt) -> (params, opt_state, loss)``: one optimizer
+    step of the LM's mean token cross-entropy (unjitted; bench_sharded shards it)."""
+    def step(params, opt_state, idx, tgt):
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params, rest)(idx)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
+
 class TrainStep:
     """A jitted AdamW step carrying (params, optimizer state) from call to call, donated."""
 
     def __init__(self, model: nnx.Module, idx, tgt):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = optax.adamw(1e-4)
-
-        def step(params, opt_state, idx, tgt):
-            def loss_fn(params):
-                logits = nnx.merge(graphdef, params, rest)(idx)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        self.fn = jax.jit(step, donate_argnums=(0, 1))
+        self.fn = jax.jit(adamw_step(graphdef, rest, tx), donate_argnums=(0, 1))
         self.state = (params, tx.init(params))
         self.data = (idx, tgt)
 

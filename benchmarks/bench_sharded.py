@@ -60,6 +60,7 @@ class ShardedStep:
     compiled step), parameters and optimizer state donated."""
 
     def __init__(self, model, idx, tgt, mesh, layout: str):
+        import bench_jax as bj
         import jax
         import optax
         from flax import nnx
@@ -80,15 +81,8 @@ class ShardedStep:
         o_shard = jax.tree.map(lambda a: a.sharding, opt_state)
         data = NamedSharding(mesh, P("d") if layout == "dp" else P())
 
-        def step(params, opt_state, idx, tgt):
-            def loss_fn(params):
-                logits = nnx.merge(graphdef, params, rest)(idx)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        self.fn = jax.jit(step, donate_argnums=(0, 1), out_shardings=(p_shard, o_shard, repl))
+        self.fn = jax.jit(bj.adamw_step(graphdef, rest, tx), donate_argnums=(0, 1),
+                          out_shardings=(p_shard, o_shard, repl))
         self.state = (params, opt_state)
         self.data = (jax.device_put(idx, data), jax.device_put(tgt, data))
         self.p_shard = p_shard
